@@ -1,0 +1,1 @@
+"""Backends turn an optimized IR graph into something that runs it."""

@@ -1,0 +1,62 @@
+"""The pass pipeline: a literal list, read top to bottom.
+
+Each entry is a named pass (`graph -> changed`, rewriting in place). With
+`verify=True` (tests, or QNNJIT_VERIFY=1) the IR verifier runs after every
+pass; an error inside a pass names the pass and the ones that ran before it.
+QNNJIT_DUMP_IR=dir writes the printed IR after each pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import QnnjitError
+from ..ir.graph import Graph
+from ..ir.verifier import verify as verify_graph
+from .passes.dce import dead_code_elimination
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[Graph], bool]
+
+
+PIPELINE: list[Pass] = [
+    Pass("dead_code_elimination", dead_code_elimination),
+]
+
+
+def run_pipeline(graph: Graph, passes: list[Pass] | None = None, *, verify: bool | None = None):
+    """Run `passes` (default: PIPELINE) over `graph` in place; returns the names
+    of the passes that changed it."""
+    passes = PIPELINE if passes is None else passes
+    if verify is None:
+        verify = os.environ.get("QNNJIT_VERIFY", "") not in ("", "0")
+    dump_dir = os.environ.get("QNNJIT_DUMP_IR")
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        Path(dump_dir, "00_input.ir").write_text(str(graph))
+    if verify:
+        verify_graph(graph, context="frontend output")
+    changed_by = []
+    for index, step in enumerate(passes):
+        try:
+            changed = step.run(graph)
+        except QnnjitError:
+            raise
+        except Exception as exc:
+            before = ", ".join(p.name for p in passes[:index]) or "none"
+            raise QnnjitError(
+                f"compiler pass {step.name!r} failed (after passes: {before}): {exc}"
+            ) from exc
+        if changed:
+            changed_by.append(step.name)
+        if verify:
+            verify_graph(graph, context=f"after pass {step.name!r}")
+        if dump_dir:
+            Path(dump_dir, f"{index + 1:02d}_{step.name}.ir").write_text(str(graph))
+    return changed_by

@@ -1,0 +1,1 @@
+"""Frontends lower source models into the qnnjit IR; they know nothing of backends."""

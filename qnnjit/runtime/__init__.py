@@ -1,0 +1,5 @@
+"""Runtime: the compiled model users call."""
+
+from .compiled_model import CompiledModel
+
+__all__ = ["CompiledModel"]
