@@ -14,6 +14,16 @@ class ModelError(QnnjitError, ValueError):
     """The model is malformed or inconsistent (names the node or value)."""
 
 
+class NonConstantInputError(ModelError):
+    """An operand qnnjit needs at compile time (a shape, axes, pads...) is a graph
+    input. `input_name` names it, so a caller that knows its value (the ONNX
+    backend does, at run time) can bind it as a constant and compile again."""
+
+    def __init__(self, message: str, input_name: str):
+        super().__init__(message)
+        self.input_name = input_name
+
+
 class UnsupportedModelError(QnnjitError):
     """The model uses ops qnnjit cannot compile; lists every one of them at once."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...errors import ModelError, QnnjitError, UnsupportedModelError
+from ...errors import ModelError, NonConstantInputError, QnnjitError, UnsupportedModelError
 from ...ir import dtypes, ops
 from ...ir.graph import Graph, Value
 from ...ir.types import TensorType
@@ -135,10 +135,13 @@ class ConvertContext:
     def const(self, index: int, what: str) -> np.ndarray:
         value = self.input(index)
         if value is None or not value.is_constant:
-            raise ModelError(
+            message = (
                 f"node {self.name!r} ({self.node.op_type}): input {index} ({what}) must be a "
                 "constant (an initializer or computable at compile time)"
             )
+            if value is not None and value.producer is None:
+                raise NonConstantInputError(f"{message}; it is graph input {value.name!r}", value.name)
+            raise ModelError(message)
         return value.const
 
     def optional_const(self, index: int, what: str):
