@@ -131,7 +131,8 @@ class Graph:
         node = Node(op, node_name, inputs, [], attrs, next(self._counter))
         names = list(output_names or [])
         for index, type in enumerate(output_types):
-            hint = names[index] if index < len(names) and names[index] else f"{node_name}_{index}"
+            default = node_name if len(output_types) == 1 else f"{node_name}_{index}"
+            hint = names[index] if index < len(names) and names[index] else default
             value = Value(self._fresh_name(hint), type, producer=node)
             node.outputs.append(self._register(value))
         self._dag.add_node(node)

@@ -1,0 +1,116 @@
+"""The IR core: validated types, the graph API, the printer and the verifier."""
+
+import numpy as np
+import pytest
+
+from qnnjit.errors import VerificationError
+from qnnjit.ir import Accumulator, Graph, QuantParams, TensorType, dtypes
+from qnnjit.ir.verifier import verify
+
+
+def test_dtype_ranges():
+    assert (dtypes.int4.qmin, dtypes.int4.qmax) == (-8, 7)
+    assert (dtypes.uint2.qmin, dtypes.uint2.qmax) == (0, 3)
+    assert (dtypes.int16.qmin, dtypes.uint16.qmax) == (-32768, 65535)
+    assert dtypes.float8e4m3fn.max_finite == 448.0
+    assert dtypes.float8e5m2.max_finite == 57344.0
+    assert dtypes.float4e2m1.max_finite == 6.0
+    assert dtypes.from_numpy(np.int8) is dtypes.int8
+    with pytest.raises(TypeError, match="not an integer type"):
+        dtypes.float32.qmin
+
+
+def test_quant_params_are_validated_values():
+    a = QuantParams(0.5, 3, dtypes.uint8)
+    assert a == QuantParams(np.float32(0.5), np.int64(3), dtypes.uint8)
+    assert hash(a) == hash(QuantParams(0.5, 3, dtypes.uint8))
+    assert a != QuantParams(0.5, 4, dtypes.uint8)
+    assert str(a) == "q<uint8:float32, 0.5:3>"
+    per_axis = QuantParams([0.1, 0.2], [0, 0], dtypes.int8, axis=0)
+    assert not per_axis.per_tensor
+    with pytest.raises(ValueError, match="outside the range"):
+        QuantParams(0.5, 300, dtypes.uint8)
+    with pytest.raises(ValueError, match="finite and positive"):
+        QuantParams(0.0, 0, dtypes.int8)
+    with pytest.raises(ValueError, match="per-tensor"):
+        QuantParams([0.1, 0.2], [0, 0], dtypes.int8)
+    with pytest.raises(ValueError, match="not a quantized storage type"):
+        QuantParams(1.0, 0, dtypes.float32)
+    with pytest.raises(ValueError):
+        a.scale[()] = 2.0  # frozen arrays
+
+
+def test_tensor_and_accumulator_types():
+    t = TensorType(dtypes.uint8, ("N", 3, 8, 8), QuantParams(0.5, 3, dtypes.uint8))
+    assert str(t) == "uint8[Nx3x8x8] q<uint8:float32, 0.5:3>"
+    assert not t.is_static and t.rank == 4
+    acc = TensorType(dtypes.int32, (2, 4), accumulator=Accumulator(32, -100, 200))
+    assert str(acc) == "int32[2x4] acc<i32, range=[-100, 200]>"
+    with pytest.raises(ValueError):
+        Accumulator(24)
+    with pytest.raises(ValueError):
+        Accumulator(32, 5, 1)
+    with pytest.raises(ValueError, match="cannot carry"):
+        TensorType(dtypes.int8, (1,), QuantParams(0.5, 3, dtypes.uint8))
+
+
+def _small_graph():
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.float32, ("N", 4)))
+    w = g.constant(np.ones((4,), np.float32), "w")
+    a = g.add_node("add", [x, w], name="a").outputs[0]
+    b = g.add_node("mul", [a, a], name="b").outputs[0]
+    dead = g.add_node("sub", [a, w], name="dead")
+    g.set_outputs([b])
+    return g, x, w, a, b, dead
+
+
+def test_graph_api_users_replace_and_dce():
+    g, x, w, a, b, dead = _small_graph()
+    assert g.producer(a).name == "a"
+    assert [n.name for n in g.users(a)] == ["b", "dead"]
+    assert [n.name for n in g.nodes] == ["a", "b", "dead"]
+    assert g.dead_code_elimination()
+    assert [n.name for n in g.nodes] == ["a", "b"]
+    assert not g.dead_code_elimination()
+    g.replace_all_uses(a, x)
+    assert g.users(a) == []
+    assert g.dead_code_elimination()
+    assert [n.name for n in g.nodes] == ["b"]
+    assert g.nodes[0].inputs == [x, x]
+    verify(g)
+
+
+def test_type_inference_broadcasts_symbolic_dims():
+    g, *_ = _small_graph()
+    assert str(g.nodes[0].outputs[0].type) == "float32[Nx4]"
+
+
+def test_type_inference_error_names_the_node():
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.float32, (3,)))
+    y = g.add_input("y", TensorType(dtypes.float32, (4,)))
+    with pytest.raises(ValueError, match="'bad'.*do not broadcast"):
+        g.add_node("add", [x, y], name="bad")
+
+
+def test_printer_is_deterministic():
+    g, *_ = _small_graph()
+    text = str(g)
+    assert text == str(g)
+    assert "%a = add(%x, %w=[1.,1.,1.,1.]) : float32[Nx4]" in text
+    assert text.startswith("graph main(%x: float32[Nx4]) -> (%b) {")
+
+
+def test_verifier_catches_a_wrong_type():
+    g, x, w, a, b, dead = _small_graph()
+    a.type = TensorType(dtypes.float32, (5,))
+    with pytest.raises(VerificationError, match="typed float32"):
+        verify(g)
+
+
+def test_unknown_op_is_a_clear_error():
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.float32, (3,)))
+    with pytest.raises(NotImplementedError, match="no op 'frobnicate'"):
+        g.add_node("frobnicate", [x])
