@@ -17,6 +17,7 @@ from ..errors import QnnjitError
 from ..ir.graph import Graph
 from ..ir.verifier import verify as verify_graph
 from .passes.dce import dead_code_elimination
+from .passes.qdq_to_integer import qdq_to_integer
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Pass:
 
 
 PIPELINE: list[Pass] = [
+    Pass("dead_code_elimination", dead_code_elimination),
+    Pass("qdq_to_integer", qdq_to_integer),
     Pass("dead_code_elimination", dead_code_elimination),
 ]
 

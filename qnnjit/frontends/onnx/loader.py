@@ -19,13 +19,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import ModelError, NonConstantInputError, QnnjitError, UnsupportedModelError
-from ...ir import dtypes, ops
+from ...ir import builder, dtypes
 from ...ir.graph import Graph, Value
 from ...ir.types import TensorType
 from . import converters
-
-# Ops the loader never folds at compile time even with constant inputs.
-NOT_FOLDED = {"dequantize"}
 
 ONNX_TO_DTYPE = {
     onnx.TensorProto.FLOAT: dtypes.float32,
@@ -153,16 +150,9 @@ class ConvertContext:
     def constant(self, array, name: str = "c") -> Value:
         return self.graph.constant(array, f"{self.name}_{name}")
 
-    def emit(self, op: str, inputs, attrs=None, *, num_outputs: int | None = None) -> list[Value]:
+    def emit(self, op: str, inputs, attrs=None) -> list[Value]:
         """Add one IR node for this ONNX node (folded when all inputs are constant)."""
-        inputs = list(inputs)
-        attrs = dict(attrs or {})
-        present = [v for v in inputs if v is not None]
-        if op not in NOT_FOLDED and present and all(v.is_constant for v in present):
-            results = ops.evaluate(op, [v.const if v is not None else None for v in inputs], attrs)
-            outputs = [self.constant(np.asarray(r), "folded") for r in results]
-        else:
-            outputs = self.graph.add_node(op, inputs, attrs, name=self.name).outputs
+        outputs = builder.emit(self.graph, op, inputs, attrs, name=self.name)
         self.created += outputs
         return outputs
 
