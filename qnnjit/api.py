@@ -54,6 +54,12 @@ def _report(before: dict, graph) -> str:
     lines = ["node counts (frontend -> optimized):"]
     for op in sorted(set(before) | set(after)):
         lines.append(f"  {op:28s} {before.get(op, 0):5d} -> {after.get(op, 0):5d}")
+    log = graph.metadata.get("qdq_log")
+    if log is not None:
+        lines += ["", f"QDQ units rewritten to integer ops ({len(log.applied)}):"]
+        lines += [f"  {entry}" for entry in log.applied]
+        lines += ["", f"quantize nodes kept ({len(log.kept)}), with the reason no rule applied:"]
+        lines += [f"  {anchor}: {why}" for anchor, why in sorted(log.kept.items())]
     lines += ["", "optimized graph:", str(graph)]
     return "\n".join(lines)
 

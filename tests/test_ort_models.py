@@ -76,6 +76,8 @@ def test_reference_matches_onnxruntime(model_zoo, model_name, variant):
     assert diffs.max() <= allowed_lsb(variant), (
         f"{model_name} {variant}: max {diffs.max()} LSB, exact on {exact:.2%} of outputs"
     )
+    # Even where ORT runs float kernels, a mismatch must stay a rare tie effect.
+    assert exact >= 0.99, f"{model_name} {variant}: exact on only {exact:.2%} of outputs"
 
 
 @pytest.mark.parametrize("model_name", ["resnet_style", "mlp_attention"])

@@ -19,7 +19,9 @@ class ReferenceExecutor:
         self.schedule = graph.nodes
         self.opdefs = [ops.get(node.op) for node in self.schedule]
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, arrays: list[np.ndarray], observe=None) -> list[np.ndarray]:
+        """Run the graph. `observe(node, args, results)`, if given, sees every
+        node's operands and results (for tools that study the numerics)."""
         env: dict[int, np.ndarray] = {}
         for value, array in zip(self.graph.inputs, arrays):
             env[id(value)] = array
@@ -41,6 +43,8 @@ class ReferenceExecutor:
                 raise QnnjitError(
                     f"reference evaluation of node {node.name!r} ({node.op}) failed: {exc}"
                 ) from exc
+            if observe is not None:
+                observe(node, args, results)
             for value, result in zip(node.outputs, results):
                 result = np.asarray(result)
                 if result.dtype != value.type.dtype.numpy:
