@@ -26,6 +26,8 @@ here and the deviations are listed where they apply (`quantize`,
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 from .ir import dtypes
@@ -607,3 +609,57 @@ def dynamic_quantize_uint8(x, *, zero_range_scale: float = 1.0):
     zp = np.uint8(round_half_even(np.clip(initial_zp, np.float32(0), np.float32(255))))
     y = quantize(xf, scale, zp, dtypes.uint8)
     return y, np.float32(scale), zp
+
+
+# ---- x86 float arithmetic that ONNX Runtime's MLAS kernels rely on ------------
+
+
+def cvtps2dq(v: np.ndarray) -> np.ndarray:
+    """x86 `cvtps2dq` (default MXCSR): round half to even to int32; values
+    outside [-2^31, 2^31) and NaN give INT32_MIN ("integer indefinite").
+    Returned as int64."""
+    v = np.asarray(v, dtype=np.float32)
+    r = round_half_even(v).astype(np.float64)
+    bad = ~((r >= -(2.0**31)) & (r < 2.0**31))
+    return np.where(bad, -(1 << 31), np.where(bad, 0, r).astype(np.int64))
+
+
+def _round_fraction_to_f32(value: Fraction) -> np.float32:
+    """Correctly rounded (half to even) float32 of an exact rational."""
+    guess = np.float32(float(value))  # may be off by one ulp (double rounding)
+    best = None
+    for cand in (
+        np.nextafter(guess, np.float32(-np.inf)),
+        guess,
+        np.nextafter(guess, np.float32(np.inf)),
+    ):
+        if not np.isfinite(cand):
+            continue
+        err = abs(Fraction(float(cand)) - value)
+        key = (err, int(cand.view(np.uint32)) & 1)  # ties: even mantissa
+        if best is None or key < best[0]:
+            best = (key, cand)
+    return best[1]
+
+
+def fma_f32(a, b, c) -> np.ndarray:
+    """float32 fused multiply-add `round32(a * b + c)`, one rounding.
+
+    float32 products are exact in float64 (24 + 24 bits); the float64 sum is
+    exact whenever its error term (TwoSum) is zero, and then one rounding to
+    float32 is the fused result. Elements whose float64 sum was inexact are
+    recomputed with exact rationals."""
+    a, b, c = (np.asarray(v, dtype=np.float32) for v in (a, b, c))
+    shape = np.broadcast_shapes(a.shape, b.shape, c.shape)
+    a, b, c = (np.atleast_1d(v) for v in np.broadcast_arrays(a, b, c))
+    p = a.astype(np.float64) * b.astype(np.float64)
+    cc = c.astype(np.float64)
+    s = p + cc
+    bb = s - p
+    err = (p - (s - bb)) + (cc - bb)
+    out = s.astype(np.float32)
+    inexact = np.nonzero((err != 0) & np.isfinite(s))
+    for idx in zip(*inexact, strict=True):
+        exact = Fraction(float(a[idx])) * Fraction(float(b[idx])) + Fraction(float(c[idx]))
+        out[idx] = _round_fraction_to_f32(exact)
+    return out.reshape(shape)
