@@ -73,6 +73,8 @@ class QnnjitRep(BackendRep):
             if isinstance(inputs, np.ndarray):
                 inputs = [inputs]
             feeds = dict(zip(self.input_names, inputs))
+        # ONNX's test runner passes 0-d inputs as NumPy scalars.
+        feeds = {name: np.asarray(value) for name, value in feeds.items()}
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise InputError(f"missing input(s) {missing}; the model's inputs are {self.input_names}")

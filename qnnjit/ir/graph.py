@@ -181,6 +181,9 @@ class Graph:
         """Nodes in a deterministic topological order."""
         return list(nx.lexicographical_topological_sort(self._dag, key=lambda n: n.order))
 
+    def contains(self, node: Node) -> bool:
+        return self._dag.has_node(node)
+
     def __len__(self) -> int:
         return self._dag.number_of_nodes()
 

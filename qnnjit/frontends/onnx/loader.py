@@ -47,6 +47,7 @@ ONNX_TO_DTYPE = {
     onnx.TensorProto.FLOAT4E2M1: dtypes.float4e2m1,
     onnx.TensorProto.UINT2: dtypes.uint2,
     onnx.TensorProto.INT2: dtypes.int2,
+    onnx.TensorProto.FLOAT8E8M0: dtypes.float8e8m0,
 }
 
 

@@ -19,6 +19,15 @@ from dataclasses import dataclass
 
 MIN_ONNX_OPSET = 13
 
+# Default-domain ops whose opset 11 and 12 schemas differ from opset 13 only by
+# the element types they admit (checked against onnx.defs): their older nodes
+# convert with the same converter. ONNX's expanded DynamicQuantizeLinear tests
+# are opset-11 graphs of exactly these ops.
+OPSET_11_COMPATIBLE = frozenset(
+    {"Cast", "Clip", "Constant", "Div", "Identity", "Max", "Min", "ReduceMax", "ReduceMin",
+     "Round", "Sub", "Add", "Mul", "QuantizeLinear", "DequantizeLinear"}
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Converter:
@@ -64,8 +73,11 @@ def unsupported_reason(domain: str, op_type: str, opset: int) -> str | None:
     entry = TABLE.get((_normalize_domain(domain), op_type))
     if entry is None:
         return "no converter"
-    if opset < entry.since:
-        return f"supported from opset {entry.since}"
+    first = entry.since
+    if entry.domain == "" and op_type in OPSET_11_COMPATIBLE:
+        first = min(first, 11)
+    if opset < first:
+        return f"supported from opset {first}"
     return None
 
 
