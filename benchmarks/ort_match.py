@@ -22,14 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import modelzoo  # noqa: E402
 
 import qnnjit  # noqa: E402
-from qnnjit.ir import dtypes  # noqa: E402
 
 
 def count_ties(counter: dict):
     """An observer counting exact .5 ties before rounding."""
 
     def observe(node, args, results):
-        if node.op == "quantize" and node.outputs[0].type.dtype.is_int and node.attrs.get("axis") in (None, 1):
+        if (
+            node.op == "quantize"
+            and node.outputs[0].type.dtype.is_int
+            and node.attrs.get("axis") in (None, 1)
+        ):
             scale = np.asarray(args[1], np.float32)
             if scale.size == 1:
                 pre = np.asarray(args[0], np.float32) / scale.reshape(())
@@ -81,7 +84,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         zoo = modelzoo.set_default_zoo(modelzoo.ModelZoo(tmp))
-        print(f"{'model':18s} {'variant':24s} {'exact':>8s} {'max LSB':>8s} {'ties':>8s} {'rounded':>10s}")
+        header = ("model", "variant", "exact", "max LSB", "ties", "rounded")
+        print("{:18s} {:24s} {:>8s} {:>8s} {:>8s} {:>10s}".format(*header))
         for model_name in modelzoo.MODEL_NAMES:
             for variant in modelzoo.all_variants():
                 row = measure(zoo, model_name, variant, args.seeds)

@@ -44,9 +44,10 @@ def run_demo(target: str | None = None, out=print) -> dict:
         test = np.load(path)
         images, labels = test["images"], test["labels"]
         meta = json.loads(str(test["meta"]))
-    with resources.as_file(DATA / "digits_int8.onnx") as int8_path, resources.as_file(
-        DATA / "digits_float.onnx"
-    ) as float_path:
+    with (
+        resources.as_file(DATA / "digits_int8.onnx") as int8_path,
+        resources.as_file(DATA / "digits_float.onnx") as float_path,
+    ):
         start = time.perf_counter()
         int8_model = api.compile(str(int8_path), target=target)
         compile_s = time.perf_counter() - start

@@ -36,8 +36,10 @@ class QnnjitRep(BackendRep):
     def _try_compile(self, feeds: dict):
         """Compile with the bound inputs taken from `feeds`; None if another input
         must be bound first (that input is then added to the bound set)."""
-        key = tuple((name, feeds[name].dtype.str, feeds[name].shape, feeds[name].tobytes())
-                    for name in self._bound_names)
+        key = tuple(
+            (name, feeds[name].dtype.str, feeds[name].shape, feeds[name].tobytes())
+            for name in self._bound_names
+        )
         if key in self._compiled:
             return self._compiled[key]
         model = self._bind(feeds)
@@ -77,7 +79,9 @@ class QnnjitRep(BackendRep):
         feeds = {name: np.asarray(value) for name, value in feeds.items()}
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
-            raise InputError(f"missing input(s) {missing}; the model's inputs are {self.input_names}")
+            raise InputError(
+                f"missing input(s) {missing}; the model's inputs are {self.input_names}"
+            )
         compiled = self._try_compile(feeds)
         run_feeds = {name: feeds[name] for name in compiled.input_names}
         results = compiled.run(run_feeds)

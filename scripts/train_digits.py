@@ -117,9 +117,7 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     generator = torch.Generator().manual_seed(SEED)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = (len(xt) + BATCH_SIZE - 1) // BATCH_SIZE
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=LEARNING_RATE, total_steps=EPOCHS * steps_per_epoch
@@ -180,9 +178,7 @@ class _Calibration(CalibrationDataReader):
     """Feeds the calibration images to ORT in batches of 50."""
 
     def __init__(self, images: np.ndarray, batch: int = 50) -> None:
-        self._batches = iter(
-            [images[i : i + batch] for i in range(0, len(images), batch)]
-        )
+        self._batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -246,9 +242,7 @@ def main() -> None:
     int8_path = out / "digits_int8.onnx"
     export_float(model, float_path)
 
-    calib_idx = np.random.default_rng(SEED).choice(
-        len(x_train), CALIBRATION_IMAGES, replace=False
-    )
+    calib_idx = np.random.default_rng(SEED).choice(len(x_train), CALIBRATION_IMAGES, replace=False)
     quantize(float_path, int8_path, x_train[np.sort(calib_idx)])
 
     float_acc = accuracy(ort_logits(float_path, x_test), y_test)

@@ -17,7 +17,7 @@ def test_dtype_ranges():
     assert dtypes.float4e2m1.max_finite == 6.0
     assert dtypes.from_numpy(np.int8) is dtypes.int8
     with pytest.raises(TypeError, match="not an integer type"):
-        dtypes.float32.qmin
+        _ = dtypes.float32.qmin
 
 
 def test_quant_params_are_validated_values():

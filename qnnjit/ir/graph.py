@@ -191,9 +191,7 @@ class Graph:
     def constants(self) -> list[Value]:
         used = {v for n in self._dag.nodes for v in n.inputs if v is not None}
         used.update(self.outputs)
-        return sorted(
-            (v for v in used if v.is_constant), key=lambda v: v.name
-        )
+        return sorted((v for v in used if v.is_constant), key=lambda v: v.name)
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

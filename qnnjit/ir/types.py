@@ -90,7 +90,8 @@ class QuantParams:
 
     def __str__(self) -> str:
         if self.per_tensor:
-            params = f"{float(self.scale):.6g}:{int(self.zero_point) if self.dtype.is_int else float(self.zero_point)}"
+            zero_point = int(self.zero_point) if self.dtype.is_int else float(self.zero_point)
+            params = f"{float(self.scale):.6g}:{zero_point}"
         else:
             params = f"axis={self.axis}"
             if self.block_size:

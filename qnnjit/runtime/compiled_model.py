@@ -32,10 +32,14 @@ class CompiledModel:
             raise InputError(f"run() takes a dict of input arrays, got {type(inputs).__name__}")
         unknown = sorted(set(inputs) - set(self.input_names))
         if unknown:
-            raise InputError(f"unknown input name(s) {unknown}; the model's inputs are {self.input_names}")
+            raise InputError(
+                f"unknown input name(s) {unknown}; the model's inputs are {self.input_names}"
+            )
         missing = [name for name in self.input_names if name not in inputs]
         if missing:
-            raise InputError(f"missing input(s) {missing}; the model's inputs are {self.input_names}")
+            raise InputError(
+                f"missing input(s) {missing}; the model's inputs are {self.input_names}"
+            )
         arrays = self._check_inputs([inputs[name] for name in self.input_names])
         outputs = self._executor.run(arrays)
         return dict(zip(self.output_names, outputs))

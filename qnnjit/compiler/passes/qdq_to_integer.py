@@ -224,7 +224,9 @@ def fuse_compute_unit(m: Matcher, q_node: Node) -> None:
         if unit.qop not in ("QLinearConv", "QLinearMatMul", "QGemm") or o is operands[0]:
             m.check(o.scale.const.size == 1, f"{o.node.name} is not per-tensor")
     bias = _bias(m, op, unit, operands)
-    attrs = {onnx_name: op.attrs[ir_name] for onnx_name, ir_name in unit.attrs if ir_name in op.attrs}
+    attrs = {
+        onnx_name: op.attrs[ir_name] for onnx_name, ir_name in unit.attrs if ir_name in op.attrs
+    }
     attrs.update(unit.fixed_attrs)
     if op.op == "gemm":
         m.check(op.attrs.get("beta", 1.0) == 1.0 or bias is None, "gemm with beta != 1 and a bias")

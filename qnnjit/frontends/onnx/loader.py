@@ -118,7 +118,9 @@ class ConvertContext:
         self.opset = opset
         self.name = node.name or f"{node.op_type}_{node.output[0]}"
         self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        self.inputs: list[Value | None] = [loader.lookup(n, self.name) if n else None for n in node.input]
+        self.inputs: list[Value | None] = [
+            loader.lookup(n, self.name) if n else None for n in node.input
+        ]
         self.created: list[Value] = []  # values this conversion made, renamable
 
     def input(self, index: int) -> Value | None:
@@ -138,7 +140,9 @@ class ConvertContext:
                 "constant (an initializer or computable at compile time)"
             )
             if value is not None and value.producer is None:
-                raise NonConstantInputError(f"{message}; it is graph input {value.name!r}", value.name)
+                raise NonConstantInputError(
+                    f"{message}; it is graph input {value.name!r}", value.name
+                )
             raise ModelError(message)
         return value.const
 

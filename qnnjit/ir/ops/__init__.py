@@ -137,7 +137,9 @@ def broadcast_shapes(ctx: InferContext, *shapes) -> tuple | None:
         dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0}
         dims.discard(1)
         if len(dims) > 1:
-            raise ctx.error(f"shapes {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+            raise ctx.error(
+                f"shapes {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast"
+            )
         result.append(dims.pop() if dims else 1)
     return tuple(result)
 
@@ -192,8 +194,10 @@ def infer_by_evaluation(ctx: InferContext, evaluate: Callable) -> list[TensorTyp
                 if a != b:
                     symbol = symbols[0] if len(symbols) == 1 and (a, b) == (2, 3) else None
                     if symbol is None:
-                        raise ctx.error("output shape depends on a symbolic dimension in a way "
-                                        "qnnjit cannot express; give the input a static shape")
+                        raise ctx.error(
+                            "output shape depends on a symbolic dimension in a way "
+                            "qnnjit cannot express; give the input a static shape"
+                        )
                     shape[axis] = symbol
         types.append(TensorType(dtypes.from_numpy(out.dtype), tuple(shape)))
     return types

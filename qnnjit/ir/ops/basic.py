@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import op, same_type
+from . import op
 
 
 @op("identity", summary="y = x (keeps x's type, quantization included)")
