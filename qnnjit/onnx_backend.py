@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
 from .api import compile as qnnjit_compile
-from .errors import InputError, NonConstantInputError
+from .errors import InputError, ModelError, NonConstantInputError
 
 TARGET = "reference"
 
@@ -114,20 +114,36 @@ class QnnjitBackend(Backend):
             for name, array in zip(node.input, arrays)
             if name
         ]
-        graph_outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
-        graph = helper.make_graph([node], "run_node", graph_inputs, graph_outputs)
         opset = kwargs.get("opset_version", onnx.defs.onnx_opset_version())
         domain = node.domain or ""
         imports = [helper.make_opsetid("", opset)]
         if domain not in ("", "ai.onnx"):
             imports.append(helper.make_opsetid(domain, 1))
-        model = helper.make_model(graph, opset_imports=imports)
+        model = _single_node_model(node, graph_inputs, imports)
         feeds = {name: array for name, array in zip(node.input, arrays) if name}
         return cls.prepare(model, device).run(feeds)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:
         return str(device).upper().startswith("CPU")
+
+
+def _single_node_model(node, graph_inputs, imports) -> onnx.ModelProto:
+    """A model around one node; output types come from ONNX shape inference
+    (the checker requires typed graph outputs)."""
+    probe = helper.make_model(
+        helper.make_graph([node], "run_node", graph_inputs, []), opset_imports=imports
+    )
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(probe).graph.value_info}
+    outputs = []
+    for name in node.output:
+        if not name:
+            continue
+        if name not in inferred:
+            raise ModelError(f"run_node: the type of output {name!r} cannot be inferred")
+        outputs.append(inferred[name])
+    graph = helper.make_graph([node], "run_node", graph_inputs, outputs)
+    return helper.make_model(graph, opset_imports=imports)
 
 
 prepare = QnnjitBackend.prepare

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests run the IR verifier after every compiler pass (qnnjit/compiler/pipeline.py).
+os.environ.setdefault("QNNJIT_VERIFY", "1")
+
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
