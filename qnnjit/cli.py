@@ -50,6 +50,20 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    bench_main(
+        args.model,
+        target=args.target,
+        batches=tuple(args.batch),
+        threads=tuple(args.threads),
+        repeats=args.repeats,
+        json_path=args.json,
+    )
+    return 0
+
+
 def _not_built(name: str, issue: str):
     def command(args) -> int:
         print(f"qnnjit {name}: not built yet ({issue})", file=sys.stderr)
@@ -75,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs", help=".npz of input arrays keyed by input name")
     run.add_argument("--batch", type=int, default=1, help="size of symbolic dimensions")
     add("inspect", _cmd_inspect, "show what the compiler did (report)")
-    add("bench", _not_built("bench", "the CPU backend and benchmark harness"), "benchmark vs ORT")
+    bench = add("bench", _cmd_bench, "latency vs ONNX Runtime, same inputs and threads")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1])
+    bench.add_argument("--threads", type=int, nargs="+", default=[1])
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--json", help="write the measurements as JSON here")
     add("tune", _not_built("tune", "the autotuner"), "autotune kernel tile sizes")
     add("demo", _cmd_demo, "run the embedded int8 digits classifier", model=False)
     return parser
