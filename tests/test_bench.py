@@ -18,7 +18,9 @@ def _conv_model(path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 5, 5])],
         [w],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # what ONNX Runtime 1.31 reads
+    onnx.save(model, path)
     return path
 
 
