@@ -1,8 +1,23 @@
 """qnnjit: a JIT compiler for quantized neural networks."""
 
 from .api import compile
-from .errors import InputError, ModelError, QnnjitError, UnsupportedModelError
+from .errors import (
+    AccumulatorOverflowError,
+    AccumulatorOverflowWarning,
+    InputError,
+    ModelError,
+    QnnjitError,
+    UnsupportedModelError,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "ModelError", "QnnjitError", "UnsupportedModelError", "compile"]
+__all__ = [
+    "AccumulatorOverflowError",
+    "AccumulatorOverflowWarning",
+    "InputError",
+    "ModelError",
+    "QnnjitError",
+    "UnsupportedModelError",
+    "compile",
+]

@@ -10,6 +10,7 @@ from .runtime import CompiledModel
 
 TARGETS = ("reference", "cpu", "cuda")
 # Targets whose backend exists today, best first; `target=None` takes the first.
+# "cpu" needs Numba (a dependency; checked without importing it).
 AVAILABLE_TARGETS = ("reference",)
 
 
@@ -25,11 +26,23 @@ def load_graph(model, example_inputs=None):
     return load_onnx(model)
 
 
-def compile(model, target: str | None = None, *, example_inputs=None, num_threads=None):
+def compile(
+    model,
+    target: str | None = None,
+    *,
+    example_inputs=None,
+    num_threads=None,
+    strict_ranges: bool | None = None,
+):
     """Compile `model` (path to .onnx, onnx.ModelProto or bytes) for `target`.
 
     target: "reference" (the NumPy interpreter that defines the numerics),
     "cpu" or "cuda"; None picks the best target available in this build.
+    num_threads: threads the compiled model runs on (cpu target); None reads
+    QNNJIT_NUM_THREADS, else every core.
+    strict_ranges: an accumulator that may overflow int32 is an error
+    (`AccumulatorOverflowError`) instead of a warning; None reads
+    QNNJIT_STRICT_RANGES (1 = strict).
     """
     if target is None:
         target = AVAILABLE_TARGETS[0]
@@ -41,27 +54,90 @@ def compile(model, target: str | None = None, *, example_inputs=None, num_thread
             "(target=None picks the best one)"
         )
     graph = load_graph(model, example_inputs)
+    if strict_ranges is None:
+        strict_ranges = os.environ.get("QNNJIT_STRICT_RANGES", "") not in ("", "0")
+    graph.metadata["strict_ranges"] = bool(strict_ranges)
     before = graph.op_counts()
+    before_ir = str(graph)
     run_pipeline(graph)
-    from .backends.reference import ReferenceExecutor
+    report = _report(before, before_ir, graph)
+    if target == "cpu":
+        from .backends.cpu.executor import CpuExecutor
 
-    report = _report(before, graph)
-    return CompiledModel(graph, ReferenceExecutor(graph), target=target, report=report)
+        executor = CpuExecutor(graph, num_threads=num_threads)
+        report += "\n\n" + executor.describe()
+    else:
+        from .backends.reference import ReferenceExecutor
+
+        executor = ReferenceExecutor(graph)
+    return CompiledModel(graph, executor, target=target, report=report)
 
 
-def _report(before: dict, graph) -> str:
+def _report(before: dict, before_ir: str, graph) -> str:
+    """What the compiler did, section by section: node counts, fused groups,
+    QDQ units rewritten or kept (with reasons), accumulator widths, the IR
+    before and after."""
     after = graph.op_counts()
-    lines = ["node counts (frontend -> optimized):"]
+    groups = [node for node in graph.nodes if node.op == "fused"]
+    inner: dict[str, int] = {}
+    for node in groups:
+        for op, count in node.attrs["body"].op_counts().items():
+            inner[op] = inner.get(op, 0) + count
+    lines = [
+        f"node counts (frontend -> optimized), {sum(before.values())} -> {sum(after.values())}:"
+    ]
     for op in sorted(set(before) | set(after)):
         lines.append(f"  {op:28s} {before.get(op, 0):5d} -> {after.get(op, 0):5d}")
+    if inner:
+        held = ", ".join(f"{op} {count}" for op, count in sorted(inner.items()))
+        lines.append(f"  (inside the fused groups: {held})")
+
+    lines += ["", f"fused groups ({len(groups)}):"]
+    for node in groups:
+        ops = " -> ".join(n.op for n in node.attrs["body"].nodes)
+        lines.append(f"  {node.name}: {node.attrs['kind']} ({ops})")
+    fusion = graph.metadata.get("fusion_log")
+    if fusion is not None and fusion.kept:
+        lines.append(f"  not fused ({len(fusion.kept)}):")
+        lines += [f"    {anchor}: {why}" for anchor, why in sorted(fusion.kept.items())]
+
     log = graph.metadata.get("qdq_log")
     if log is not None:
         lines += ["", f"QDQ units rewritten to integer ops ({len(log.applied)}):"]
         lines += [f"  {entry}" for entry in log.applied]
         lines += ["", f"quantize nodes kept ({len(log.kept)}), with the reason no rule applied:"]
         lines += [f"  {anchor}: {why}" for anchor, why in sorted(log.kept.items())]
-    lines += ["", "optimized graph:", str(graph)]
+
+    accumulators = list(_accumulators(graph))
+    narrow = sum(1 for _, _, acc, _ in accumulators if acc.bits == 16)
+    lines += [
+        "",
+        f"accumulators ({len(accumulators)}, {narrow} provably 16-bit safe; "
+        "pairs = u8*s8 vpmaddubsw pair sums, any two taps):",
+    ]
+    for name, op, acc, pairs in accumulators:
+        bounds = "range unknown" if acc.lo is None else f"[{acc.lo}, {acc.hi}]"
+        if acc.lo is not None and (acc.lo < -(1 << 31) or acc.hi >= 1 << 31):
+            bounds += " OVERFLOWS int32"
+        extra = f"  {pairs}" if pairs is not None else ""
+        lines.append(f"  {name} ({op}): i{acc.bits} {bounds}{extra}")
+
+    lines += ["", "IR before (frontend output):", before_ir]
+    lines += ["", "IR after (optimized):", str(graph)]
     return "\n".join(lines)
+
+
+def _accumulators(graph, group: str = ""):
+    """(node name, op, Accumulator, i16_pairs) of every accumulator, through
+    fused bodies (a node in a group is named `group: node` unless they agree)."""
+    for node in graph.nodes:
+        if node.op == "fused":
+            yield from _accumulators(node.attrs["body"], node.name)
+            continue
+        for value in node.outputs:
+            if value.type.accumulator is not None:
+                name = node.name if group in ("", node.name) else f"{group}: {node.name}"
+                yield name, node.op, value.type.accumulator, node.attrs.get("i16_pairs")
 
 
 def _is_torch_model(model) -> bool:

@@ -41,3 +41,11 @@ class UnsupportedModelError(QnnjitError):
 
 class VerificationError(QnnjitError):
     """The IR broke one of its invariants (a compiler bug, or a bad rewrite)."""
+
+
+class AccumulatorOverflowWarning(UserWarning):
+    """An accumulator's proven range leaves int32: its results may wrap."""
+
+
+class AccumulatorOverflowError(QnnjitError):
+    """An accumulator may overflow int32 and ranges are checked strictly."""

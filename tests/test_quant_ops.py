@@ -677,6 +677,9 @@ def test_qlinear_conv_lowers_to_qconv_and_requantize():
         "QLinearConv", {"x": x}, consts, {"_order": ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]}
     )
     graph = qnnjit.compile(model, target="reference").graph
+    (group,) = graph.nodes  # one fused conv+requantize group: look inside
+    assert group.op == "fused" and group.attrs["kind"] == "conv+requantize"
+    graph = group.attrs["body"]
     ops = [node.op for node in graph.nodes]
     assert "qconv" in ops and "requantize" in ops
     requant = next(node for node in graph.nodes if node.op == "requantize")

@@ -16,8 +16,16 @@ from pathlib import Path
 from ..errors import QnnjitError
 from ..ir.graph import Graph
 from ..ir.verifier import verify as verify_graph
+from .passes.accumulator_ranges import accumulator_ranges
+from .passes.constant_folding import constant_folding, constant_folding_with_dequantize
+from .passes.cse import cse
 from .passes.dce import dead_code_elimination
+from .passes.fold_batchnorm import fold_batchnorm
+from .passes.fold_zero_points import fold_zero_points
+from .passes.fuse_activation import fuse_activation
+from .passes.fuse_epilogues import fuse_epilogues
 from .passes.qdq_to_integer import qdq_to_integer
+from .passes.requantize_pairs import requantize_pairs
 
 
 @dataclass(frozen=True)
@@ -27,9 +35,19 @@ class Pass:
 
 
 PIPELINE: list[Pass] = [
+    Pass("constant_folding", constant_folding),
+    Pass("cse", cse),
     Pass("dead_code_elimination", dead_code_elimination),
+    Pass("fold_batchnorm", fold_batchnorm),
     Pass("qdq_to_integer", qdq_to_integer),
+    Pass("fold_zero_points", fold_zero_points),
+    Pass("fuse_activation", fuse_activation),
+    Pass("requantize_pairs", requantize_pairs),
+    Pass("constant_folding_with_dequantize", constant_folding_with_dequantize),
     Pass("dead_code_elimination", dead_code_elimination),
+    # Group kernels, then prove accumulator widths (through the groups' bodies).
+    Pass("fuse_epilogues", fuse_epilogues),
+    Pass("accumulator_ranges", accumulator_ranges),
 ]
 
 

@@ -40,6 +40,9 @@ def verify(graph: Graph, *, context: str = "") -> None:
         for value, expected in zip(node.outputs, inferred):
             if value.type.dtype != expected.dtype or not _shapes_agree(value.type, expected):
                 fail(f"{value.name!r} is typed {value.type}, but {node.op} gives {expected}")
+        for key, body in sorted(node.attrs.items()):
+            if isinstance(body, Graph):  # a fused group's body: verified like any graph
+                verify(body, context=f"{context + ': ' if context else ''}{key} of {node.name!r}")
     for value in graph.outputs:
         if id(value) not in defined and not value.is_constant:
             fail(f"graph output {value.name!r} is not defined")

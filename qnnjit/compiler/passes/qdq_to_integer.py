@@ -109,6 +109,7 @@ def quantize_params(m: Matcher, q_node: Node) -> tuple[Value, Value | None]:
         m.constant(zero_point, f"zero point of {q_node.name}")
     m.check(q_node.outputs[0].type.dtype in (dtypes.uint8, dtypes.int8), "not an 8-bit quantize")
     m.check(not q_node.attrs.get("block_size"), "blocked quantization")
+    m.check(q_node.attrs.get("clamp") is None, "quantize carries a clamp (activation fused)")
     return scale, zero_point
 
 
@@ -216,13 +217,23 @@ def fuse_compute_unit(m: Matcher, q_node: Node) -> None:
             operands.append(operand)
     if unit.qop in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
                     "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax",
-                    "QLinearConcat", "QLinearMatMul"):  # fmt: skip
+                    "QLinearConcat"):  # fmt: skip
         m.check(
             all(o.q.type.dtype == out_dtype for o in operands), "operand and output types differ"
         )
+    elif unit.qop == "QLinearMatMul":
+        # ORT's MatMul selector: the activation and the output share a type; the
+        # second operand may differ (u8 activations times s8 weights).
+        m.check(operands[0].q.type.dtype == out_dtype, "operand and output types differ")
     for o in operands:
         if unit.qop not in ("QLinearConv", "QLinearMatMul", "QGemm") or o is operands[0]:
             m.check(o.scale.const.size == 1, f"{o.node.name} is not per-tensor")
+        elif o.scale.const.size > 1:
+            axis = _output_channel_axis(op, o.q.type.rank)
+            m.check(
+                o.node.attrs.get("axis", 1) == axis,
+                f"{o.node.name} is per-channel along an axis other than the output channels",
+            )
     bias = _bias(m, op, unit, operands)
     attrs = {
         onnx_name: op.attrs[ir_name] for onnx_name, ir_name in unit.attrs if ir_name in op.attrs
@@ -256,6 +267,17 @@ def fuse_compute_unit(m: Matcher, q_node: Node) -> None:
         inputs = [a.q, a.scale, zp(a), y_scale, y_zp]
     result = lower_as(graph, unit, op.name, inputs, attrs)
     graph.replace_all_uses(q_node.outputs[0], result)
+
+
+def _output_channel_axis(op: Node, rank: int | None) -> int | None:
+    """The weight axis that indexes output channels: the axis a per-channel
+    weight scale must run along for the integer kernel to apply it per output
+    channel (conv: M of [M, C/g, k...]; matmul: the columns of b; gemm: N)."""
+    if op.op == "conv":
+        return 0
+    if op.op == "gemm":
+        return 0 if op.attrs.get("trans_b") else 1
+    return None if rank is None else rank - 1
 
 
 def _bias(m: Matcher, op: Node, unit: ComputeUnit, operands) -> Value | None:

@@ -11,6 +11,10 @@
   in an attribute (never guessed): `half_even_float` (ONNX Runtime / MLAS:
   float32 multiply, round half to even), `fixed_point_double` (gemmlowp /
   classic TFLite) and `fixed_point_single` (TFLite single rounding).
+- Fused forms that compiler passes create, each an optional attribute whose
+  absence is the plain op: `clamp=(lo, hi)` on `requantize` / `quantize` (a
+  relu/clip folded into the saturation), `pad_value` on `qconv` (the stored
+  value the padding stands for once the x zero point is folded into the bias).
 
 Integer semantics of the accumulator ops: every product and sum is computed
 exactly in int64, then the result is wrapped to int32 (two's complement),
@@ -103,6 +107,29 @@ def _accumulator(shape) -> TensorType:
     return TensorType(dtypes.int32, shape, accumulator=Accumulator(32))
 
 
+def check_clamp(ctx, dtype) -> None:
+    """Validate the optional `clamp=(lo, hi)` attribute of an op storing `dtype`:
+    two integers with qmin <= lo <= hi <= qmax."""
+    clamp = ctx.attrs.get("clamp")
+    if clamp is None:
+        return
+    if not dtype.is_int:
+        raise ctx.error(f"clamp needs integer storage, got {dtype}")
+    if len(clamp) != 2 or not all(isinstance(b, (int, np.integer)) for b in clamp):
+        raise ctx.error(f"clamp must be two integers (lo, hi), got {clamp!r}")
+    lo, hi = (int(b) for b in clamp)
+    if not dtype.qmin <= lo <= hi <= dtype.qmax:
+        raise ctx.error(f"clamp ({lo}, {hi}) is not an interval of {dtype}'s range")
+
+
+def apply_clamp(y: np.ndarray, clamp) -> np.ndarray:
+    """`min(max(y, lo), hi)` in y's dtype; `clamp=None` leaves y unchanged."""
+    if clamp is None:
+        return y
+    lo, hi = (int(b) for b in clamp)
+    return np.clip(y, lo, hi).astype(y.dtype, copy=False)
+
+
 def _check_int_operand(ctx, index, what):
     t = ctx.type(index)
     if not t.dtype.is_int or t.dtype.bits > 16:
@@ -117,7 +144,18 @@ def _check_int_operand(ctx, index, what):
 class Quantize:
     """Inputs: x (float), scale, zero_point (optional). Attributes: `dtype` (the
     storage DType), `axis`, `block_size`, `saturate` (float8 only), `precision`
-    (the float type of the division; float32 is what ONNX Runtime does)."""
+    (the float type of the division; float32 is what ONNX Runtime does), and
+    `clamp` (optional, integer storage only): `(lo, hi)` with
+    qmin <= lo <= hi <= qmax, then
+
+        y = min(max(quantize(x), lo), hi)    for every x that is not NaN,
+        y = qmin                             for NaN x (as without a clamp).
+
+    The clamp is a float relu/clip moved past the quantize
+    (compiler/passes/fuse_activation.py): quantize is monotone, so
+    quantize(clip(x, a, b)) == min(max(quantize(x), quantize(a)), quantize(b));
+    the float clip passes NaN through, and quantize(NaN) is qmin, hence the NaN
+    case."""
 
     def infer(ctx):
         x, scale = ctx.type(0), ctx.type(1)
@@ -128,6 +166,7 @@ class Quantize:
             raise ctx.error(f"{dtype} is not a quantized storage type")
         if ctx.has(2) and ctx.type(2).dtype != dtype:
             raise ctx.error(f"zero point is {ctx.type(2).dtype}, output is {dtype}")
+        check_clamp(ctx, dtype)
         quant = None
         if _const(ctx, 1) is not None and (not ctx.has(2) or _const(ctx, 2) is not None):
             quant = quant_params(
@@ -143,18 +182,19 @@ class Quantize:
     def evaluate(inputs, attrs):
         x, scale = inputs[0], inputs[1]
         zero_point = inputs[2] if len(inputs) > 2 else None
-        return [
-            numerics.quantize(
-                x,
-                scale,
-                zero_point,
-                attrs["dtype"],
-                axis=attrs.get("axis", 1),
-                block_size=attrs.get("block_size", 0),
-                saturate=attrs.get("saturate", True),
-                precision=attrs.get("precision", dtypes.float32),
-            )
-        ]
+        y = numerics.quantize(
+            x,
+            scale,
+            zero_point,
+            attrs["dtype"],
+            axis=attrs.get("axis", 1),
+            block_size=attrs.get("block_size", 0),
+            saturate=attrs.get("saturate", True),
+            precision=attrs.get("precision", dtypes.float32),
+        )
+        if attrs.get("clamp") is not None:
+            y = np.where(np.isnan(x), y, apply_clamp(y, attrs["clamp"]))
+        return [y]
 
 
 @op("dequantize", summary="(q - zero_point) * scale as float `dtype` (ONNX DequantizeLinear)")
@@ -238,9 +278,12 @@ class QConv:
     """Inputs: x [N, C, ...], w [M, C/group, ...] (8/16-bit integers),
     x_zero_point (per-tensor), w_zero_point (per-tensor or one per output
     channel M), bias (int32 [M]); the last three optional. Attributes:
-    `strides`, `pads` (explicit, [begins..., ends...]), `dilations`, `group`.
-    Padding contributes 0 (it stands for x_zero_point). Exact in int64, then
-    wrapped to int32."""
+    `strides`, `pads` (explicit, [begins..., ends...]), `dilations`, `group`,
+    and `pad_value` (optional): the stored x value the padding stands for,
+    contributing (pad_value - x_zp) * (w - w_zp). By default it is x_zp
+    (padding contributes 0, as in QLinearConv / ConvInteger); zero-point
+    folding (compiler/passes/fold_zero_points.py) drops x_zp and sets
+    pad_value to the old x_zp. Exact in int64, then wrapped to int32."""
 
     def infer(ctx):
         x = _check_int_operand(ctx, 0, "x")
@@ -261,6 +304,12 @@ class QConv:
             raise ctx.error(f"{m} output channels are not divisible by group {group}")
         if ctx.has(4) and ctx.type(4).dtype != dtypes.int32:
             raise ctx.error(f"bias must be int32, got {ctx.type(4).dtype}")
+        pad_value = ctx.attrs.get("pad_value")
+        if pad_value is not None and (
+            not isinstance(pad_value, (int, np.integer))
+            or not x.dtype.qmin <= pad_value <= x.dtype.qmax
+        ):
+            raise ctx.error(f"pad_value {pad_value!r} is not a {x.dtype} value")
         spatial = _conv_spatial(ctx, x.shape, w.shape[2:], ctx.attrs)
         return [_accumulator((x.shape[0], m, *spatial))]
 
@@ -269,13 +318,16 @@ class QConv:
         x, w, x_zp, w_zp, bias = inputs
         n, group = w.ndim - 2, attrs["group"]
         m, kernel = w.shape[0], w.shape[2:]
-        xs = x.astype(np.int64) - _zero_point(x_zp).reshape(())
+        x_zp = _zero_point(x_zp).reshape(())
+        xs = x.astype(np.int64) - x_zp
+        pad_value = attrs.get("pad_value")
+        shifted_pad = 0 if pad_value is None else int(pad_value) - int(x_zp)
         w_zp = _zero_point(w_zp)
         w_zp = w_zp.reshape((-1,) + (1,) * (n + 1)) if w_zp.size > 1 else w_zp.reshape(())
         ws = w.astype(np.int64) - w_zp
         pads = attrs["pads"]
         widths = [(0, 0), (0, 0)] + [(pads[i], pads[n + i]) for i in range(n)]
-        xs = np.pad(xs, widths)  # zeros: the zero-point-shifted padding value
+        xs = np.pad(xs, widths, constant_values=shifted_pad)  # pad_value - x_zp
         spans = [d * (k - 1) + 1 for k, d in zip(kernel, attrs["dilations"], strict=True)]
         view = sliding_window_view(xs, spans, axis=tuple(range(2, 2 + n)))
         index = (slice(None), slice(None))
@@ -382,6 +434,13 @@ class Requantize:
       `numerics.quantize_multiplier` into an int32 multiplier and shift, then
       gemmlowp's two roundings or TFLite's single rounding
       (`numerics.requantize_fixed_point`).
+
+    `clamp` (optional): `(lo, hi)` with qmin <= lo <= hi <= qmax; the result
+    is then `min(max(y, lo), hi)`, i.e. saturation to [lo, hi] instead of the
+    storage range (a fused relu/clip: compiler/passes/fuse_activation.py).
+    Every rounding computes `y = clamp(rounded + zp, qmin, qmax)` with
+    `rounded` independent of zp, so with the clamp the result is
+    `clamp(rounded + zp, lo, hi)`.
     """
 
     def infer(ctx):
@@ -397,6 +456,7 @@ class Requantize:
             raise ctx.error(f"cannot requantize to {dtype}")
         if ctx.has(2) and ctx.type(2).dtype != dtype:
             raise ctx.error(f"zero point is {ctx.type(2).dtype}, output is {dtype}")
+        check_clamp(ctx, dtype)
         quant = None
         if _const(ctx, 3) is not None and (not ctx.has(2) or _const(ctx, 2) is not None):
             quant = quant_params(
@@ -409,14 +469,14 @@ class Requantize:
         zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else 0
         dtype, rounding, axis = attrs["dtype"], attrs["rounding"], attrs.get("axis")
         if rounding == "half_even_float":
-            return [numerics.requantize_float(acc, multiplier, zero_point, dtype, axis=axis)]
-        single = rounding == "fixed_point_single"
-        m, shift = numerics.quantize_multiplier(multiplier, single_rounding=single)
-        return [
-            numerics.requantize_fixed_point(
+            y = numerics.requantize_float(acc, multiplier, zero_point, dtype, axis=axis)
+        else:
+            single = rounding == "fixed_point_single"
+            m, shift = numerics.quantize_multiplier(multiplier, single_rounding=single)
+            y = numerics.requantize_fixed_point(
                 acc, m, shift, zero_point, dtype, double_rounding=not single, axis=axis
             )
-        ]
+        return [apply_clamp(y, attrs.get("clamp"))]
 
 
 # ---- table lookup ---------------------------------------------------------------
