@@ -625,7 +625,8 @@ def cvtps2dq(v: np.ndarray) -> np.ndarray:
 
 
 def _round_fraction_to_f32(value: Fraction) -> np.float32:
-    """Correctly rounded (half to even) float32 of an exact rational."""
+    """Correctly rounded (half to even) float32 of an exact rational (the
+    reference the FMA emulation is tested against)."""
     guess = np.float32(float(value))  # may be off by one ulp (double rounding)
     best = None
     for cand in (
@@ -645,21 +646,30 @@ def _round_fraction_to_f32(value: Fraction) -> np.float32:
 def fma_f32(a, b, c) -> np.ndarray:
     """float32 fused multiply-add `round32(a * b + c)`, one rounding.
 
-    float32 products are exact in float64 (24 + 24 bits); the float64 sum is
-    exact whenever its error term (TwoSum) is zero, and then one rounding to
-    float32 is the fused result. Elements whose float64 sum was inexact are
-    recomputed with exact rationals."""
+    float32 products are exact in float64 (24 + 24 bits), so `s = f64(p + c)`
+    carries one rounding and TwoSum gives its exact error `err`. Rounding `s`
+    to float32 is the fused result except when `s` lies exactly halfway
+    between two float32 values while `err != 0` (double rounding): a float32
+    midpoint is itself a float64, so no other rounding boundary can separate
+    `s` from the exact sum. There the sign of `err` says on which side the
+    exact sum lies, and that neighbour is the result."""
     a, b, c = (np.asarray(v, dtype=np.float32) for v in (a, b, c))
     shape = np.broadcast_shapes(a.shape, b.shape, c.shape)
-    a, b, c = (np.atleast_1d(v) for v in np.broadcast_arrays(a, b, c))
     p = a.astype(np.float64) * b.astype(np.float64)
     cc = c.astype(np.float64)
     s = p + cc
-    bb = s - p
-    err = (p - (s - bb)) + (cc - bb)
-    out = s.astype(np.float32)
-    inexact = np.nonzero((err != 0) & np.isfinite(s))
-    for idx in zip(*inexact, strict=True):
-        exact = Fraction(float(a[idx])) * Fraction(float(b[idx])) + Fraction(float(c[idx]))
-        out[idx] = _round_fraction_to_f32(exact)
-    return out.reshape(shape)
+    out = np.asarray(s.astype(np.float32))
+    with np.errstate(invalid="ignore", over="ignore"):
+        bb = s - p
+        err = (p - (s - bb)) + (cc - bb)
+        finite = np.isfinite(s) & np.isfinite(out)
+        rounded = out.astype(np.float64)
+        toward = np.nextafter(out, np.where(s > rounded, np.inf, -np.inf).astype(np.float32))
+        midpoint = finite & (rounded != s) & ((rounded + toward.astype(np.float64)) * 0.5 == s)
+        fix = midpoint & (err != 0)
+        if np.any(fix):
+            # The exact sum is s + err: take the neighbour on err's side of s.
+            up = np.maximum(out, toward)
+            down = np.minimum(out, toward)
+            out = np.where(fix, np.where(err > 0, up, down), out)
+    return np.broadcast_to(out, shape).astype(np.float32).reshape(shape)

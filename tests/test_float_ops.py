@@ -828,3 +828,103 @@ def test_symbolic_auto_pad_with_stride_needs_static_dims():
                         shapes={"x": ["N", 2, "H", "W"]})  # fmt: skip
     with pytest.raises(ModelError, match="static spatial size"):
         qnnjit.compile(model, target="reference")
+
+
+# ---- ONNX Runtime's float32 kernels, bit for bit ------------------------------------
+# Float islands of quantized models (LayerNorm, GELU's Erf, ReduceMean between a
+# DequantizeLinear and a QuantizeLinear) feed a rounding step: their last bits
+# decide quantized values, so the ONNX frontend selects ORT's own arithmetic.
+
+
+@pytest.mark.parametrize("size", [8, 11, 12, 13, 16, 21, 36, 64, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_is_ort_bit_exact(size, bias):
+    scale = rand(size, low=0.5, high=1.5)
+    consts = {"scale": scale, "bias": rand(size)} if bias else {"scale": scale}
+    x = (rand(3, 5, size) * 2 + 0.5).astype(np.float32)
+    ours = check_node(
+        "LayerNormalization", {"x": x}, consts, {"axis": -1, "epsilon": 1e-5},
+        outputs={"y": np.float32, "mean": np.float32, "inv_std": np.float32}, exact=True,
+    )  # fmt: skip
+    assert set(ours) == {"y", "mean", "inv_std"}
+
+
+def test_layer_norm_over_two_axes_is_ort_bit_exact():
+    consts = {"scale": rand(4, 6, low=0.5, high=1.5), "bias": rand(4, 6)}
+    check_node("LayerNormalization", {"x": rand(2, 3, 4, 6)}, consts, {"axis": 2}, exact=True)
+
+
+def test_erf_and_gelu_are_ort_bit_exact():
+    x = np.concatenate([rand(4000, low=-5, high=5), [0, -0.0, 0.921875, 3.925, 9, -np.inf]])
+    x = x.astype(np.float32).reshape(-1, 2)
+    check_node("Erf", {"x": x}, exact=True)
+    check_node("Gelu", {"x": x}, opset=20, exact=True)
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((2, 16, 7, 7), [2, 3]), ((1, 197, 64), [-1]), ((1, 49, 32), [1]), ((2, 49, 32), [1]),
+     ((3, 5, 7), [0, 2]), ((2, 3, 4, 5), [1, 3]), ((300,), [0]), ((3, 10, 6, 1), [2]),
+     ((4, 9, 11), [0, 1, 2]), ((6, 4, 5, 3), [0, 1])],
+)  # fmt: skip
+@pytest.mark.parametrize("op_type", ["ReduceMean", "ReduceSum"])
+def test_float_reductions_are_ort_bit_exact(op_type, shape, axes):
+    """ORT's summation orders: Eigen's vectorized sum over contiguous rows,
+    row after row over leading axes, MLAS's M=1 SGEMM over middle axes, its
+    generic loop otherwise (ir/ops/reduce.py)."""
+    x = (rand(*shape) * 2 + 0.3).astype(np.float32)
+    check_node(op_type, {"x": x}, {"axes": np.array(axes, np.int64)}, exact=True)
+
+
+# ---- shapes computed from a dynamic batch ------------------------------------------
+
+
+def _batch_shape_nodes(tail):
+    """Nodes computing Concat(Shape(x)[0:1], tail) as 'target'."""
+    return [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero1"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "tail"], ["target"], axis=0),
+    ], {"zero": np.array(0, np.int64), "zero1": np.array([0], np.int64),
+        "tail": np.array(tail, np.int64)}  # fmt: skip
+
+
+def test_reshape_to_a_shape_computed_from_the_batch():
+    nodes, consts = _batch_shape_nodes([4, 2, 3])
+    nodes.append(helper.make_node("Reshape", ["x", "target"], ["y"]))
+    x = rand(5, 4, 6)
+    model = graph_model(nodes, {"x": x}, {"y": np.float32}, consts, shapes={"x": ["B", 4, 6]})
+    compiled = qnnjit.compile(model, target="reference")
+    assert compiled.graph.outputs[0].type.shape == ("B", 4, 2, 3)
+    for batch in (1, 3):
+        xb = rand(batch, 4, 6)
+        np.testing.assert_array_equal(compiled.run({"x": xb})["y"], xb.reshape(batch, 4, 2, 3))
+
+
+def test_expand_to_a_shape_computed_from_the_batch():
+    """ViT's class token: cls.expand(x.shape[0], -1, -1)."""
+    nodes, consts = _batch_shape_nodes([1, 6])
+    nodes.append(helper.make_node("Expand", ["cls", "target"], ["y"]))
+    consts["cls"] = rand(1, 1, 6)
+    x = rand(2, 4, 6)
+    model = graph_model(nodes, {"x": x}, {"y": np.float32}, consts, shapes={"x": ["B", 4, 6]})
+    compiled = qnnjit.compile(model, target="reference")
+    assert compiled.graph.outputs[0].type.shape == ("B", 1, 6)
+    y = compiled.run({"x": rand(3, 4, 6)})["y"]
+    np.testing.assert_array_equal(y, np.broadcast_to(consts["cls"], (3, 1, 6)))
+
+
+def test_reshape_of_data_dependent_shape_is_an_error():
+    nodes = [helper.make_node("Cast", ["s"], ["t"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "t"], ["y"])]  # fmt: skip
+    model = graph_model(nodes, {"x": rand(2, 6), "s": np.array([3, 4], np.float32)},
+                        {"y": np.float32})  # fmt: skip
+    with pytest.raises(ModelError, match="must be a constant"):
+        qnnjit.compile(model, target="reference")
+
+
+def test_cast_to_the_same_type_is_no_node():
+    model = node_model("Cast", {"x": rand(3, 4)}, attrs={"to": TensorProto.FLOAT})
+    compiled = qnnjit.compile(model, target="reference")
+    assert "cast" not in compiled.graph.op_counts()

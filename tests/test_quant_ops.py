@@ -805,3 +805,100 @@ def test_fma_f32_is_one_rounding():
     assert _round_fraction_to_f32(1 + half_ulp) == np.float32(1.0)  # tie: to even
     assert _round_fraction_to_f32(1 + half_ulp + Fraction(1, 2**80)) == np.float32(1 + 2.0**-23)
     assert _round_fraction_to_f32(1 + 3 * half_ulp) == np.float32(1 + 2.0**-22)  # tie: to even
+
+
+def test_qlinear_softmax_table_uses_a_float_log():
+    """ORT takes ln(FLT_MAX / D) in float32 (`log` of a float): with a double
+    log every table entry moves by a common factor, and this row (from a
+    power-of-two-scale attention block) rounds element 40 to 5 instead of 4."""
+    row = [138, 115, 122, 126, 98, 118, 129, 111, 103, 150, 136, 80, 75, 145, 71, 145,
+           154, 146, 117, 108, 69, 96, 124, 114, 119, 165, 96, 115, 136, 111, 141, 99,
+           136, 137, 113, 119, 145, 104, 135, 158, 133, 127, 97, 116, 109, 107, 111, 153,
+           130, 138, 121, 148, 116, 141, 99, 121, 94, 124, 165, 159, 85, 118, 140, 116]  # fmt: skip
+    x = np.array([row, row[::-1]], np.uint8)
+    consts = {"xs": f32(2.0**-6), "xz": zp(np.uint8, 0), "ys": f32(2.0**-8), "yz": zp(np.uint8, 0)}
+    model = make_model("QLinearSoftmax", {"x": x}, consts, {"axis": -1, "opset": 13}, domain=MS)
+    (y,) = check(model, {"x": x})
+    assert y[0, 40] == 4
+
+
+# ---- the float64 fast path of the accumulating ops -----------------------------------
+
+
+def _qconv_int64(inputs, attrs):
+    """qconv's exact int64 einsum path (the float64 BLAS path switched off)."""
+    from qnnjit.ir.ops import evaluate, quant
+
+    saved = quant._fits_float64
+    quant._fits_float64 = lambda *bounds: False
+    try:
+        return evaluate("qconv", inputs, attrs)[0]
+    finally:
+        quant._fits_float64 = saved
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype", [(np.uint8, np.int8), (np.int8, np.int8), (np.uint16, np.int16)]
+)
+@pytest.mark.parametrize(
+    "channels, out, group, kernel, stride, dilation, pad",
+    [(8, 6, 1, 3, 1, 1, 1), (8, 8, 8, 3, 2, 1, 1), (8, 16, 8, 3, 1, 2, 2), (6, 9, 3, 5, 2, 1, 0),
+     (16, 4, 2, 1, 1, 1, 0)],
+)  # fmt: skip
+@pytest.mark.parametrize("pad_value", [None, 7])
+def test_qconv_float64_path_is_exact(
+    x_dtype, w_dtype, channels, out, group, kernel, stride, dilation, pad, pad_value
+):
+    """Integer products summed by float64 BLAS are exact while K * max|x| *
+    max|w| < 2^53, whatever order BLAS adds in; the result (bias added and
+    wrapped to int32) equals the int64 computation."""
+    from qnnjit.ir.ops import evaluate
+
+    rng = np.random.default_rng(channels * 31 + kernel)
+    x = codes(rng, x_dtype, (2, channels, 9, 8))
+    w = codes(rng, w_dtype, (out, channels // group, kernel, kernel))
+    inputs = [x, w, codes(rng, x_dtype, ()), codes(rng, w_dtype, (out,)),
+              rng.integers(-(2**31), 2**31, out).astype(np.int32)]  # fmt: skip
+    attrs = {"strides": (stride,) * 2, "pads": (pad,) * 4, "dilations": (dilation,) * 2}
+    attrs["group"] = group
+    if pad_value is not None:
+        attrs["pad_value"] = pad_value
+    got = evaluate("qconv", inputs, attrs)[0]
+    np.testing.assert_array_equal(got, _qconv_int64(inputs, attrs))
+
+
+def test_qmatmul_float64_path_is_exact():
+    from qnnjit.ir.ops import evaluate
+    from qnnjit.ir.ops.quant import _wrap_int32
+
+    rng = np.random.default_rng(3)
+    a, b = codes(rng, np.int16, (3, 5, 300)), codes(rng, np.int16, (300, 7))
+    got = evaluate("qmatmul", [a, b, np.int16(-9), np.int16(4)], {})[0]
+    exact = np.matmul(a.astype(np.int64) + 9, b.astype(np.int64) - 4)
+    np.testing.assert_array_equal(got, _wrap_int32(exact))
+
+
+def test_fma_f32_at_float32_midpoints():
+    """a * b + c whose float64 sum rounds onto a float32 midpoint although the
+    exact sum is not one -- (1 + 2^-23)(1 - 2^-23) 2^k = 2^k - 2^(k-46) added
+    to a large c -- where rounding twice is wrong."""
+    from fractions import Fraction
+
+    from qnnjit.numerics import _round_fraction_to_f32, fma_f32
+
+    a, b, c = [], [], []
+    for k in range(-20, 20):
+        for sign in (1, -1):
+            for base in (1, 3, 5, 7):
+                a.append(1 + 2.0**-23)
+                b.append((1 - 2.0**-23) * 2.0 ** (k + 6) * sign)
+                c.append((base * 2.0 ** (k + 30) + 2.0 ** (k + 7)) * sign)
+    a, b, c = (np.array(v, np.float32) for v in (a, b, c))
+    got = fma_f32(a, b, c)
+    exact = [
+        Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)) for x, y, z in zip(a, b, c)
+    ]
+    expected = np.array([_round_fraction_to_f32(e) for e in exact], np.float32)
+    np.testing.assert_array_equal(got, expected)
+    twice = (a.astype(np.float64) * b + c).astype(np.float32)
+    assert np.any(twice != expected)  # the cases do need the correction

@@ -9,7 +9,9 @@ QOperator node ORT would fuse it into (QLinearConv, QLinearMatMul, QGemm,
 QLinearAdd, ...) and lowered by that node's converter — so the QDQ and the
 QOperator form of a model compile to the same integer IR.
 
-Rules, each anchored at a QuantizeLinear with constant parameters:
+First, `quantize_float_biases` rounds the float bias of a Conv/Gemm between
+DQs and a Q to int32, as ORT's WeightBiasQuantization does. Then the rules,
+each anchored at a QuantizeLinear with constant parameters:
 
 - `fuse_compute_unit`: Q(op(DQ(a), DQ(b), ...)) for op in COMPUTE_UNITS.
   Preconditions: every float operand comes from a DQ with constant scale and
@@ -21,6 +23,9 @@ Rules, each anchored at a QuantizeLinear with constant parameters:
   ops that commute with a monotone affine map (max pool, reshape, transpose...):
   `op` runs directly on the integers. Exact: the op only moves or selects
   values, and DQ/Q with equal parameters are inverse on every stored value.
+- `drop_redundant_clip`: Q(relu(x)) / Q(clip(x)) -> Q(x) when the quantize's
+  saturation implies the clamp (exact; ORT removes them too), so that the op
+  before the clamp can form a unit with the Q.
 - `remove_dq_q_pair`: Q(DQ(x)) with equal parameters is x (exact, as above).
 """
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ... import numerics
 from ...errors import ModelError
 from ...ir import builder, dtypes
 from ...ir.graph import Graph, Node, Value
@@ -323,6 +329,40 @@ def drop_qdq_around_data_movement(m: Matcher, q_node: Node) -> None:
     m.graph.replace_all_uses(q_node.outputs[0], node.outputs[0])
 
 
+def drop_redundant_clip(m: Matcher, q_node: Node) -> None:
+    """Q(relu(x)) or Q(clip(x, lo, hi)) -> Q(x) when the quantize's saturation
+    already implies the clamp: relu with zero point == qmin, clip with
+    Q(lo) == qmin and Q(hi) == qmax (an absent bound counts as satisfied).
+
+    Exact for every x: Q is monotone, so Q(x) <= Q(lo) == qmin for x < lo
+    (and symmetrically above hi), and clip passes NaN through as Q does. ONNX
+    Runtime removes the same nodes (ReluQuantFusion / ClipQuantFusion, and
+    the QDQ selectors' "redundant clip"), so the op before the clamp can then
+    form a QDQ unit with the quantize."""
+    y_scale, y_zp = quantize_params(m, q_node)
+    act = m.producer(q_node.inputs[0], ("relu", "clip"))
+    m.check(y_scale.const.size == 1, f"{q_node.name} is not per-tensor")
+    m.check(not q_node.attrs.get("clamp"), f"{q_node.name} already clamps")
+    x = act.inputs[0]
+    m.check(x.type.dtype == dtypes.float32, f"{act.name} is not float32")
+    dtype = q_node.outputs[0].type.dtype
+    zp = 0 if y_zp is None else int(y_zp.const.reshape(()))
+    if act.op == "relu":
+        m.check(zp == dtype.qmin, f"{act.name}: zero point {zp} is not {dtype}'s minimum")
+    else:
+        from ...ir import ops
+
+        def quantized(bound) -> int:
+            args = [np.asarray(bound, np.float32), y_scale.const]
+            args += [] if y_zp is None else [y_zp.const]
+            return int(ops.evaluate("quantize", args, q_node.attrs)[0].reshape(()))
+
+        lo, hi = act.attrs.get("min"), act.attrs.get("max")
+        m.check(lo is None or quantized(lo) == dtype.qmin, f"{act.name}: min is inside the range")
+        m.check(hi is None or quantized(hi) == dtype.qmax, f"{act.name}: max is inside the range")
+    m.graph.set_input(q_node, 0, x)
+
+
 def remove_dq_q_pair(m: Matcher, q_node: Node) -> None:
     y_scale, y_zp = quantize_params(m, q_node)
     dq = m.producer(q_node.inputs[0], "dequantize")
@@ -337,7 +377,72 @@ def remove_dq_q_pair(m: Matcher, q_node: Node) -> None:
     m.graph.replace_all_uses(q_node.outputs[0], x)
 
 
-RULES = [fuse_compute_unit, drop_qdq_around_data_movement, remove_dq_q_pair]
+RULES = [fuse_compute_unit, drop_redundant_clip, drop_qdq_around_data_movement, remove_dq_q_pair]
+
+
+def _path_to_quantize(graph: Graph, node: Node) -> bool:
+    """Whether `node`'s output reaches a quantize through a chain of sole
+    readers that are relu / clip (ORT's IsNoBranchPathToQuantizeLinear)."""
+    while True:
+        if len(node.outputs) != 1 or graph.is_output(node.outputs[0]):
+            return False
+        users = graph.users(node.outputs[0])
+        if len(users) != 1:
+            return False
+        if users[0].op == "quantize":
+            return True
+        if users[0].op not in ("relu", "clip"):
+            return False
+        node = users[0]
+
+
+def quantize_float_biases(graph: Graph, log: RuleLog) -> bool:
+    """Conv / Gemm with a dequantized input, a dequantized weight and a float
+    constant 1-D bias, on a path to a quantize: the bias becomes
+    DQ(int32(rne(f32(bias / f32(x_s * w_s)))), f32(x_s * w_s)).
+
+    This is ONNX Runtime's WeightBiasQuantization (basic level), which is
+    what lets it fuse such units into QLinearConv / QGemm (PyTorch PT2E
+    exports keep float biases). It changes the bias to the nearest multiple
+    of the accumulator scale; as ORT computes with that bias, fused or not,
+    so does qnnjit. Conditions as ORT's: x per-tensor, w per-tensor or per
+    output channel (conv axis 0, gemm axis 1, or 0 with trans_b), one bias
+    entry per channel."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.op not in ("conv", "gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        x_dq, w_dq, bias = node.inputs[0].producer, node.inputs[1].producer, node.inputs[2]
+        if x_dq is None or x_dq.op != "dequantize" or w_dq is None or w_dq.op != "dequantize":
+            continue
+        x_scale, w_scale = x_dq.input(1), w_dq.input(1)
+        if not (x_scale.is_constant and w_scale.is_constant and bias.is_constant):
+            continue
+        b = bias.const
+        if b.dtype != np.float32 or b.ndim != 1 or x_scale.const.size != 1:
+            continue
+        if w_dq.attrs.get("block_size") or not _path_to_quantize(graph, node):
+            continue
+        ws = w_scale.const.astype(np.float32)
+        if ws.size > 1:
+            rank = node.inputs[1].type.rank
+            if ws.size != b.size or w_dq.attrs.get("axis", 1) != _output_channel_axis(node, rank):
+                continue
+        x_s = x_scale.const.astype(np.float32).reshape(())
+        bias_scale = (x_s * ws.reshape(-1)).astype(np.float32)
+        bias_scale = bias_scale.reshape(()) if ws.size == 1 else bias_scale
+        with np.errstate(all="ignore"):
+            q = numerics.cvtps2dq((b / bias_scale).astype(np.float32)).astype(np.int32)
+        q_value = graph.constant(q, f"{node.name}_bias_int32")
+        s_value = graph.constant(bias_scale, f"{node.name}_bias_scale")
+        attrs = {"axis": 0, "block_size": 0, "dtype": dtypes.float32}
+        (dq,) = builder.emit(
+            graph, "dequantize", [q_value, s_value], attrs, name=f"{node.name}_bias_dq"
+        )
+        graph.set_input(node, 2, dq)
+        log.applied.append(f"quantize_float_bias at {node.name}")
+        changed = True
+    return changed
 
 
 def _quantize_nodes(graph: Graph) -> list[Node]:
@@ -347,7 +452,7 @@ def _quantize_nodes(graph: Graph) -> list[Node]:
 def qdq_to_integer(graph: Graph, log: RuleLog | None = None) -> bool:
     """Rewrite every QDQ node unit that has an integer form; see the module doc."""
     log = log if log is not None else graph.metadata.setdefault("qdq_log", RuleLog())
-    changed = False
+    changed = quantize_float_biases(graph, log)
     while apply_rules(graph, _quantize_nodes, RULES, log):
         changed = True  # a fused unit may expose the next (DQ -> Q chains)
     return changed

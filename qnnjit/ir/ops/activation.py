@@ -7,7 +7,9 @@ integers, as ONNX allows. Attributes are resolved by the frontend
 
 erf uses scipy.special.erf when SciPy is installed (vectorized), else
 math.erf element by element; both are evaluated in float64 and rounded once to
-the input's type.
+the input's type. With `algorithm="ort_mlas"` (what the ONNX frontend sets)
+erf and the erf form of gelu are ONNX Runtime's float32 kernels instead, bit
+for bit (`mlas_erf`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,69 @@ def erf(x: np.ndarray) -> np.ndarray:
         else np.vectorize(math.erf, otypes=[np.float64])(wide)
     )
     return result.astype(x.dtype)
+
+
+# MLAS `MlasErfConstants` (onnxruntime/core/mlas/lib/erf.cpp), float32.
+_ERF = {
+    name: np.float32(value)
+    for name, value in {
+        "upper": 3.925, "split": 0.921875,
+        "s0": -5.99104969e-4, "s1": 4.99339588e-3, "s2": -2.67667342e-2, "s3": 1.12818025e-1,
+        "s4": -3.76124859e-1, "s5": 1.28379151e-1,
+        "b0": 1.72948930e-5, "b1": -3.83208680e-4, "b2": 3.88393435e-3, "b3": -2.42545605e-2,
+        "b4": 1.06777847e-1, "b5": 6.34846687e-1, "b6": 1.28717512e-1,
+        "exp_lower": -88.3762626647949, "log2_reciprocal": 1.44269504088896341,
+        "log2_hi": -6.93145752e-1, "log2_lo": -1.42860677e-6,
+        "e0": 1.38319808e-3, "e1": 8.37550033e-3, "e2": 4.16689515e-2, "e3": 1.66664466e-1,
+        "e4": 4.99999851e-1, "e5": 1.0, "e6": 1.0, "round": 1.25829120e7,
+    }.items()
+}  # fmt: skip
+
+
+def mlas_erf(x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's float32 Erf on x86-64 (MLAS `MlasErfKernelFma3`), bit
+    for bit. With every step a float32 FMA and a = min(|x|, 3.925)
+
+    (MLAS's constant table says 3.725; the kernel ORT 1.31 runs clamps at a
+    bound >= 3.925, where erf is 1.0 in float32 -- measured), and
+
+    - a < 0.921875: a + a * P(a^2), P of degree 5 (Horner in a^2);
+    - otherwise 1 - exp(-(a + a * Q(a))), Q of degree 6 (Horner in a), exp
+      by Cody-Waite reduction (r = round(e / ln 2) via the 1.5 * 2^23 trick,
+      f = e - r ln 2 in two FMAs) and a degree-6 polynomial scaled by 2^r;
+
+    then x's sign is copied onto the result."""
+    from ... import numerics
+
+    fma, f32 = numerics.fma_f32, np.float32
+    c = _ERF
+    x = np.asarray(x, dtype=f32)
+    a = np.minimum(np.abs(x), c["upper"])  # NaN stays NaN, as in ORT
+    square = (a * a).astype(f32)
+    small = c["s0"]
+    for k in ("s1", "s2", "s3", "s4", "s5"):
+        small = fma(small, square, c[k])
+    small = fma(small, a, a)
+    big = c["b0"]
+    for k in ("b1", "b2", "b3", "b4", "b5", "b6"):
+        big = fma(big, a, c[k])
+    e = np.maximum(-fma(big, a, a), c["exp_lower"])
+    r = (fma(c["log2_reciprocal"], e, c["round"]) - c["round"]).astype(f32)
+    f = fma(r, c["log2_lo"], fma(r, c["log2_hi"], e))
+    p = c["e0"]
+    for k in ("e1", "e2", "e3", "e4", "e5", "e6"):
+        p = fma(p, f, c[k])
+    with np.errstate(over="ignore", invalid="ignore"):
+        power = np.ldexp(f32(1), np.nan_to_num(r).astype(np.int32)).astype(f32)
+    big = (f32(1) - (p * power).astype(f32)).astype(f32)
+    y = np.where(a < c["split"], small, big).astype(f32)
+    return np.where(np.signbit(x), -y, y).astype(f32)
+
+
+def _erf(x: np.ndarray, attrs) -> np.ndarray:
+    if attrs.get("algorithm", "exact") == "ort_mlas" and x.dtype == np.float32:
+        return mlas_erf(x)
+    return erf(x)
 
 
 def _scalar(x: np.ndarray, value: float):
@@ -67,6 +132,14 @@ def _hard_swish(x):
 
 def _gelu(x, attrs):
     half, one = _scalar(x, 0.5), _scalar(x, 1)
+    if (
+        attrs.get("algorithm", "exact") == "ort_mlas"
+        and attrs["approximate"] == "none"
+        and x.dtype == np.float32
+    ):
+        # ONNX Runtime's Gelu kernel: 0.5 * x * (erf(x * f32(1/sqrt 2)) + 1), MLAS erf.
+        e = mlas_erf(x * np.float32(1 / math.sqrt(2)))
+        return (half * x).astype(x.dtype) * (e + one).astype(x.dtype)
     if attrs["approximate"] == "tanh":
         inner = _scalar(x, math.sqrt(2 / math.pi)) * (x + _scalar(x, 0.044715) * x * x * x)
         return half * x * (one + np.tanh(inner))
@@ -81,8 +154,20 @@ unary(
 )
 unary("hard_swish", "x * clip(x / 6 + 1/2, 0, 1)", _hard_swish, floats_only=True)
 unary("tanh", "hyperbolic tangent", np.tanh, floats_only=True)
-unary("erf", "error function", erf, floats_only=True)
-unary("gelu", "x * Phi(x); approximate = none | tanh", _gelu, floats_only=True, uses_attrs=True)
+unary(
+    "erf",
+    "error function; algorithm = exact (float64, rounded once) | ort_mlas (mlas_erf)",
+    _erf,
+    floats_only=True,
+    uses_attrs=True,
+)
+unary(
+    "gelu",
+    "x * Phi(x); approximate = none | tanh; algorithm = exact | ort_mlas (erf form only)",
+    _gelu,
+    floats_only=True,
+    uses_attrs=True,
+)
 
 
 @op("clip", summary="min(max(x, min), max); a bound of None is absent")

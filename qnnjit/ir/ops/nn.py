@@ -8,10 +8,10 @@ Attributes are normalized by the frontend: `pads` is explicit
 (`[begin_0, .., begin_k, end_0, .., end_k]`, auto_pad already resolved),
 `strides`/`dilations` have one entry per spatial axis, axes are positive.
 
-Reference semantics compute in the input dtype (float32 stays float32):
-convolution and pooling gather windows with a strided view of the padded
-input and reduce them (einsum for convolution), which is plain to check and
-fast enough for an oracle.
+Reference semantics compute in the input dtype (float32 stays float32),
+except convolution, which multiplies and sums in float64 (im2col + BLAS, see
+`conv_float64`) and rounds once: pooling gathers windows with a strided view
+of the padded input and reduces them.
 """
 
 from __future__ import annotations
@@ -118,6 +118,41 @@ def _ceil_extra(x_shape, kernel, attrs, ceil_mode) -> list[int]:
 # ---- convolution ---------------------------------------------------------------
 
 
+def conv_float64(x, w, pads, strides, dilations, group: int, pad_value=0.0) -> np.ndarray:
+    """sum over (c, k) of x_padded[n, g*C/g + c, o*s + k*d] * w[m, c, k] in
+    float64: [N, C, ...] x [M, C/group, ...] -> [N, M, ...].
+
+    The windows are gathered once (im2col) and multiplied by BLAS `dgemm`
+    per group; depthwise convolutions (one input channel per group) sum over
+    the kernel positions instead. Products and partial sums are exact when
+    the operands are integers with K * max|x| * max|w| < 2^53 (K =
+    C/group * kernel size): every partial sum is then an integer that float64
+    holds, whatever order BLAS adds in. `qconv` relies on that."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    n = w.ndim - 2
+    m, kernel = w.shape[0], w.shape[2:]
+    padded = _pad_spatial(x, pads, pad_value)
+    windows = _windows(padded, kernel, strides, dilations)  # [N, C, out..., k...]
+    batch, channels = x.shape[:2]
+    out_spatial = windows.shape[2 : 2 + n]
+    positions = int(np.prod(out_spatial, dtype=np.int64))
+    cg, mg = channels // group, m // group
+    weights = w.reshape(group, mg, cg, -1)
+    if cg == 1:
+        # Depthwise: a multiply-add over the output for each kernel position.
+        win = windows.reshape(batch, group, 1, positions, -1)
+        acc = np.zeros((batch, group, mg, positions), dtype=np.float64)
+        for k in range(win.shape[-1]):
+            acc += win[..., k] * weights[None, :, :, 0, k, None]
+    else:
+        # im2col: [N, g, C/g * k, positions], the (c, k) order of w's rows.
+        order = (0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+        cols = windows.transpose(order).reshape(batch, group, cg * int(np.prod(kernel)), positions)
+        acc = np.matmul(weights.reshape(group, mg, -1), cols)
+    return acc.reshape(batch, m, *out_spatial)
+
+
 @op("conv", summary="N-D convolution, groups/strides/pads/dilations; x[N,C,...] w[M,C/g,...]")
 class Conv:
     def infer(ctx):
@@ -143,24 +178,15 @@ class Conv:
         return [TensorType(x.dtype, (x.shape[0], m, *spatial))]
 
     def evaluate(inputs, attrs):
+        # Products and sums in float64, rounded once to x's type: closer to
+        # the exact value than any float32 order, so a float32 runtime (ORT's
+        # MLAS kernels) differs from it by its own rounding alone.
         x, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
-        n, group = w.ndim - 2, attrs["group"]
-        kernel = w.shape[2:]
-        patches = _windows(
-            _pad_spatial(x, attrs["pads"], 0), kernel, attrs["strides"], attrs["dilations"]
-        )
-        batch, channels = x.shape[:2]
-        out_spatial = patches.shape[2 : 2 + n]
-        patches = patches.reshape(batch, group, channels // group, *out_spatial, *kernel)
-        weights = w.reshape(group, w.shape[0] // group, *w.shape[1:])
-        o = "opqr"[:n]
-        k = "uvwz"[:n]
-        spec = f"ngc{o}{k},gmc{k}->ngm{o}"
-        y = np.einsum(spec, patches, weights, optimize=True)
-        y = y.reshape(batch, w.shape[0], *out_spatial)
+        n = w.ndim - 2
+        y = conv_float64(x, w, attrs["pads"], attrs["strides"], attrs["dilations"], attrs["group"])
         if bias is not None:
-            y = y + bias.reshape((1, -1) + (1,) * n)
+            y = y + bias.astype(np.float64).reshape((1, -1) + (1,) * n)
         return [y.astype(x.dtype, copy=False)]
 
 
@@ -308,12 +334,28 @@ class GlobalMaxPool:
 # ---- normalizations ------------------------------------------------------------
 
 
+LAYER_NORM_ALGORITHMS = ("two_pass", "ort_mlas")
+
+
 @op(
     "layer_norm",
     summary="(x - mean) / sqrt(var + eps) * scale + bias over axes [axis, rank); "
     "also returns mean and 1/std (float32)",
 )
 class LayerNorm:
+    """Attributes: `axis`, `epsilon`, `stash_dtype`, and `algorithm` (the
+    float arithmetic, which decides the last bits):
+
+    - "two_pass" (default): NumPy mean and centered variance in `stash_dtype`,
+      y = (x - mean) * inv_std * scale + bias;
+    - "ort_mlas": ONNX Runtime 1.31's CPU kernel on x86-64 (MLAS
+      `MlasLayerNormKernelAvx2`, float32 rows of at least 8 elements):
+      the mean from a float64 sum in 4 lanes, the variance from a float32
+      sum of fused (x - mean)^2 in 8 lanes, reduced pairwise, then
+      y = fma((x - mean) * inv_std, scale, bias) (`mlas_layer_norm`).
+      Shorter rows and other float types keep "two_pass".
+    """
+
     def infer(ctx):
         x = ctx.type(0)
         if x.shape is None:
@@ -324,6 +366,9 @@ class LayerNorm:
         for index in (1, 2):
             if ctx.has(index) and ctx.type(index).dtype != x.dtype:
                 raise ctx.error(f"input {index} is {ctx.type(index).dtype}, x is {x.dtype}")
+        algorithm = ctx.attrs.get("algorithm", "two_pass")
+        if algorithm not in LAYER_NORM_ALGORITHMS:
+            raise ctx.error(f"algorithm {algorithm!r} is not one of {LAYER_NORM_ALGORITHMS}")
         stats = (*x.shape[:axis], *(1,) * (len(x.shape) - axis))
         stash = dtypes.by_name(ctx.attrs.get("stash_dtype", "float32"))
         return [TensorType(x.dtype, x.shape), *[TensorType(stash, stats)] * 2]
@@ -332,7 +377,23 @@ class LayerNorm:
         x, scale = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
         stash = dtypes.by_name(attrs.get("stash_dtype", "float32")).numpy
-        axes = tuple(range(attrs["axis"], x.ndim))
+        axis = attrs["axis"]
+        size = int(np.prod(x.shape[axis:], dtype=np.int64))
+        if (
+            attrs.get("algorithm", "two_pass") == "ort_mlas"
+            and x.dtype == np.float32
+            and stash == np.float32
+            and size >= 8
+        ):
+            stats = (*x.shape[:axis], *(1,) * (x.ndim - axis))
+            y, mean, inv_std = mlas_layer_norm(
+                x.reshape(-1, size),
+                np.broadcast_to(scale, x.shape[axis:]).reshape(size),
+                None if bias is None else np.broadcast_to(bias, x.shape[axis:]).reshape(size),
+                attrs["epsilon"],
+            )
+            return [y.reshape(x.shape), mean.reshape(stats), inv_std.reshape(stats)]
+        axes = tuple(range(axis, x.ndim))
         xs = x.astype(stash)
         mean = xs.mean(axis=axes, keepdims=True, dtype=stash)
         centered = xs - mean
@@ -342,6 +403,57 @@ class LayerNorm:
         if bias is not None:
             y = y + bias.astype(stash)
         return [y.astype(x.dtype, copy=False), mean, inv_std]
+
+
+def mlas_layer_norm(rows: np.ndarray, scale: np.ndarray, bias, epsilon: float):
+    """ONNX Runtime's float32 LayerNormalization row kernel on x86-64
+    (MLAS `MlasLayerNormKernelAvx2`, ORT 1.31), bit for bit, over the rows of
+    a 2-D array [R, n], n >= 8. Returns (y [R, n], mean [R], inv_std [R]).
+
+    - mean: float64 sum in 4 lanes (element i into lane i % 4, in order), the
+      lanes reduced as (l0 + l2) + (l1 + l3), the n % 4 tail added after;
+      mean = f32(sum / n);
+    - var: d = f32(x - mean); 8 float32 lanes accumulate fma(d, d, lane),
+      reduced as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)); of the n % 8
+      tail, a first group of 4 is added as rounded products f32(d * d) (the
+      compiler's SLP-vectorized multiply), the rest with fma;
+    - inv_std = 1 / sqrtf(var / n + epsilon);
+    - y = fma(f32(d * inv_std), scale, bias), or f32(d * inv_std) * scale
+      without a bias.
+
+    Verified against onnxruntime 1.31.1 for n = 8..40, 50, 100, 192, 768.
+    """
+    from ... import numerics
+
+    f32 = np.float32
+    rows = np.asarray(rows, dtype=f32)
+    count, n = rows.shape
+    n4 = n - n % 4
+    chunks = rows[:, :n4].reshape(count, n4 // 4, 4).astype(np.float64)
+    lanes = np.add.accumulate(chunks, axis=1)[:, -1]  # each lane in order
+    total = (lanes[:, 0] + lanes[:, 2]) + (lanes[:, 1] + lanes[:, 3])
+    for i in range(n4, n):
+        total = total + rows[:, i].astype(np.float64)
+    mean = (total / np.float64(n)).astype(f32)
+    d = (rows - mean[:, None]).astype(f32)
+    n8 = n - n % 8
+    acc = np.zeros((count, 8), f32)
+    for i in range(0, n8, 8):
+        acc = numerics.fma_f32(d[:, i : i + 8], d[:, i : i + 8], acc)
+    half = (acc[:, :4] + acc[:, 4:]).astype(f32)
+    even, odd = (half[:, 0] + half[:, 2]).astype(f32), (half[:, 1] + half[:, 3]).astype(f32)
+    var = (even + odd).astype(f32)
+    grouped = n8 + 4 * ((n - n8) // 4)
+    for i in range(n8, n):
+        di = d[:, i]
+        var = (var + di * di).astype(f32) if i < grouped else numerics.fma_f32(di, di, var)
+    inv_std = (f32(1) / np.sqrt((var / f32(n)).astype(f32) + f32(epsilon)).astype(f32)).astype(f32)
+    normalized = (d * inv_std[:, None]).astype(f32)
+    if bias is None:
+        y = (normalized * np.asarray(scale, f32)).astype(f32)
+    else:
+        y = numerics.fma_f32(normalized, np.asarray(scale, f32), np.asarray(bias, f32))
+    return y, mean, inv_std
 
 
 @op("batch_norm", summary="inference batch norm: (x - mean) / sqrt(var + eps) * scale + bias")

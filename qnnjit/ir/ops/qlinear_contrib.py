@@ -304,14 +304,16 @@ def softmax_exp_table(x_scale: float, reduce_len: int) -> np.ndarray:
     """ORT's QLinearSoftmax table, entry i for i in 0..255 (float32 of a double
     computation):
 
-        shift = max(0, ln(f32(FLT_MAX / D)) - 5) / x_scale
+        shift = max(0, f32(ln(f32(FLT_MAX / D))) - 5) / x_scale
         table[i] = f32(exp((i - 255 + shift) * x_scale))
 
     so table[255 - (xmax - x)] is exp((x - xmax) * x_scale) scaled so that a sum
-    of D entries stays below FLT_MAX."""
+    of D entries stays below FLT_MAX. The logarithm is float32 (C++ `log` of a
+    float argument is `logf`); a double one moves every entry by a common
+    factor that flips rare rounding ties (seen with power-of-two scales)."""
     x_scale = float(F32(x_scale))
     limit = float(F32(F32(np.finfo(np.float32).max) / F32(reduce_len)))
-    shift = max(0.0, math.log(limit) - 5.0) / x_scale
+    shift = max(0.0, float(F32(math.log(limit))) - 5.0) / x_scale
     return np.array([math.exp((i - 255 + shift) * x_scale) for i in range(256)], dtype=F32)
 
 

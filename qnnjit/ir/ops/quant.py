@@ -17,7 +17,9 @@
   value the padding stands for once the x zero point is folded into the bias).
 
 Integer semantics of the accumulator ops: every product and sum is computed
-exactly in int64, then the result is wrapped to int32 (two's complement),
+exactly (in float64 BLAS when K * max|a| * max|b| < 2^53 bounds every partial
+sum below 2^53, so that any summation order is exact; else in int64), then the
+result is wrapped to int32 (two's complement),
 which is what ONNX Runtime's int32 accumulators do in hardware (MLAS uses the
 non-saturating `vpdpbusd` / `vpaddd`). A model whose accumulators can leave the
 int32 range is the range analysis' business to report, not the interpreter's
@@ -38,7 +40,7 @@ from ... import numerics
 from .. import dtypes
 from ..types import Accumulator, QuantParams, TensorType
 from . import _dims, broadcast_shapes, op
-from .nn import window_output_size
+from .nn import conv_float64, window_output_size
 
 INT32_MIN = -(1 << 31)
 
@@ -95,6 +97,12 @@ def _wrap_int32(values: np.ndarray) -> np.ndarray:
     """Two's complement wrap of exact int64 results to int32 (C int32 arithmetic)."""
     values = np.asarray(values, dtype=np.int64)
     return (((values - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN).astype(np.int32)
+
+
+def _fits_float64(k: int, a_max: int, b_max: int) -> bool:
+    """Whether a sum of k products of integers bounded by a_max and b_max is
+    exact in float64 in any order: every partial sum stays below 2^53."""
+    return k * a_max * b_max < 1 << 53
 
 
 def _zero_point(zp, default_dtype=np.int64) -> np.ndarray:
@@ -326,6 +334,15 @@ class QConv:
         w_zp = w_zp.reshape((-1,) + (1,) * (n + 1)) if w_zp.size > 1 else w_zp.reshape(())
         ws = w.astype(np.int64) - w_zp
         pads = attrs["pads"]
+        k_size = (x.shape[1] // group) * int(np.prod(kernel, dtype=np.int64))
+        x_max = max(int(np.abs(xs).max(initial=0)), abs(shifted_pad))
+        if _fits_float64(k_size, x_max, int(np.abs(ws).max(initial=0))):
+            acc = conv_float64(
+                xs, ws, pads, attrs["strides"], attrs["dilations"], group, float(shifted_pad)
+            ).astype(np.int64)
+            if bias is not None:
+                acc = acc + bias.astype(np.int64).reshape((1, -1) + (1,) * n)
+            return [_wrap_int32(acc)]
         widths = [(0, 0), (0, 0)] + [(pads[i], pads[n + i]) for i in range(n)]
         xs = np.pad(xs, widths, constant_values=shifted_pad)  # pad_value - x_zp
         spans = [d * (k - 1) + 1 for k, d in zip(kernel, attrs["dilations"], strict=True)]
@@ -387,7 +404,12 @@ class QMatMul:
             a_zp = a_zp.reshape(-1, 1)  # one per row of a
         if b_zp.size == 1:
             b_zp = b_zp.reshape(())
-        acc = np.matmul(a.astype(np.int64) - a_zp, b.astype(np.int64) - b_zp)
+        a_s, b_s = a.astype(np.int64) - a_zp, b.astype(np.int64) - b_zp
+        k_size = a.shape[-1]
+        if _fits_float64(k_size, int(np.abs(a_s).max(initial=0)), int(np.abs(b_s).max(initial=0))):
+            acc = np.matmul(a_s.astype(np.float64), b_s.astype(np.float64)).astype(np.int64)
+        else:
+            acc = np.matmul(a_s, b_s)
         return [_wrap_int32(acc)]
 
 

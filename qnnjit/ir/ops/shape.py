@@ -139,13 +139,28 @@ class Transpose:
 
 @op("expand", summary="broadcast to `shape` (bidirectional, as ONNX Expand)")
 class Expand:
+    """`shape` holds ints or symbolic dims. With symbolic entries (a dynamic
+    batch) the optional input 1, the int64 shape tensor computed at run
+    time, gives the sizes; `shape` then only types the result."""
+
     def infer(ctx):
         t = ctx.type(0)
-        return [t.with_shape(broadcast_shapes(ctx, t.shape, tuple(ctx.attrs["shape"])))]
+        target = tuple(ctx.attrs["shape"])
+        if ctx.has(1):
+            shape = ctx.type(1)
+            if shape.dtype != dtypes.int64 or shape.shape not in (None, (len(target),)):
+                raise ctx.error(f"shape input must be int64 of shape ({len(target)},)")
+        elif not all(isinstance(d, int) for d in target):
+            raise ctx.error(f"symbolic target {target} needs the run-time shape input")
+        return [t.with_shape(broadcast_shapes(ctx, t.shape, target))]
 
     def evaluate(inputs, attrs):
         x = inputs[0]
-        shape = np.broadcast_shapes(x.shape, tuple(attrs["shape"]))
+        if len(inputs) > 1 and inputs[1] is not None:
+            target = tuple(int(d) for d in np.asarray(inputs[1]).reshape(-1))
+        else:
+            target = tuple(attrs["shape"])
+        shape = np.broadcast_shapes(x.shape, target)
         return [np.broadcast_to(x, shape).copy()]
 
 

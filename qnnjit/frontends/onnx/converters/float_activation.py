@@ -24,10 +24,18 @@ for _onnx_op, _ir_op, _since in (
     ("Relu", "relu", None),
     ("Sigmoid", "sigmoid", None),
     ("Tanh", "tanh", None),
-    ("Erf", "erf", None),
     ("HardSwish", "hard_swish", 14),
 ):
     _simple(_onnx_op, _ir_op, _since)
+
+
+# ONNX Runtime's MLAS erf (the ONNX preset's numerics), see ir/ops/activation.py.
+ORT_MLAS = {"algorithm": "ort_mlas"}
+
+
+@converter("Erf")
+def erf(ctx):
+    return ctx.emit("erf", [ctx.input(0)], ORT_MLAS)
 
 
 @converter("LeakyRelu")
@@ -51,7 +59,7 @@ def gelu(ctx):
     approximate = ctx.attr("approximate", "none")
     if approximate not in ("none", "tanh"):
         raise ctx.error(f"unknown approximate={approximate!r}")
-    return ctx.emit("gelu", [ctx.input(0)], {"approximate": approximate})
+    return ctx.emit("gelu", [ctx.input(0)], {"approximate": approximate, **ORT_MLAS})
 
 
 @converter("Clip")

@@ -136,6 +136,8 @@ def layer_normalization(ctx):
         "axis": axis(ctx, ctx.attr("axis", -1), rank(ctx, 0)),
         "epsilon": float(ctx.attr("epsilon", 1e-5)),
         "stash_dtype": "float32",
+        # ONNX Runtime's kernel (the ONNX preset's numerics), see ir/ops/nn.py.
+        "algorithm": "ort_mlas",
     }
     return ctx.emit("layer_norm", _present_inputs(ctx, 3), attrs)
 

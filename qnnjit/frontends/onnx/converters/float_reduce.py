@@ -22,6 +22,8 @@ def _reduce(onnx_op: str, ir_op: str):
                 return [ctx.input(0)]
             along = tuple(range(size))
         attrs = {"axes": tuple(sorted(along)), "keepdims": int(ctx.attr("keepdims", 1))}
+        if ir_op in ("reduce_sum", "reduce_mean"):
+            attrs["algorithm"] = "ort"  # ONNX Runtime's summation order (ir/ops/reduce.py)
         return ctx.emit(ir_op, [ctx.input(0)], attrs)
 
     return convert

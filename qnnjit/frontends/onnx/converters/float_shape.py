@@ -4,7 +4,10 @@ Attribute-like inputs (Reshape's shape, Slice's starts/ends/axes/steps,
 Squeeze/Unsqueeze axes, Pad's pads/constant_value/axes, Split's split,
 Expand's shape, ConstantOfShape's shape) must be constants at compile time;
 they become IR attributes with negative axes made positive and defaults
-filled in. Opset differences handled here: Split's `split` input (13) or
+filled in. Reshape's shape may also be computed from symbolic dims (a dynamic
+batch read by Shape): `symbolic_ints` resolves it by evaluating the
+computation for two sizes of the symbols, and the entries that follow a dim
+become 0 (copy) or -1 (infer). Opset differences handled here: Split's `split` input (13) or
 `num_outputs` attribute (18), Pad's `axes` input (18) and wrap mode (19),
 Shape's start/end (15), Reshape's allowzero (14), Cast's saturate (19) and
 round_mode (24).
@@ -19,7 +22,7 @@ from onnx import numpy_helper
 from ....ir import dtypes, ops
 from ..loader import onnx_dtype
 from . import converter
-from ._common import axes, axis, ints, present, rank, scalar
+from ._common import axes, axis, ints, present, rank, scalar, symbolic_ints
 
 
 @converter("Flatten")
@@ -33,8 +36,25 @@ def flatten(ctx):
 
 @converter("Reshape")
 def reshape(ctx):
-    attrs = {"shape": ints(ctx.const(1, "shape")), "allowzero": int(ctx.attr("allowzero", 0))}
-    return ctx.emit("reshape", [ctx.input(0)], attrs)
+    allowzero = int(ctx.attr("allowzero", 0))
+    x_shape = ctx.input(0).type.shape or ()
+    target = symbolic_ints(ctx, 1, "shape", like=x_shape)
+    if not all(isinstance(d, int) for d in target):
+        # A shape computed from a symbolic dim (dynamic batch): an entry equal
+        # to the input's dim at the same place copies it (0), one other
+        # symbolic entry is inferred (-1).
+        shape = []
+        for i, d in enumerate(target):
+            copies = d is not None and not allowzero and i < len(x_shape) and x_shape[i] == d
+            shape.append(0 if copies else d)
+        unknown = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+        if len(unknown) > 1 or (unknown and -1 in shape):
+            raise ctx.error(
+                f"the target shape {list(target)} depends on symbolic dims in a way qnnjit "
+                "cannot express; give the input a static shape"
+            )
+        target = tuple(-1 if not isinstance(d, int) else d for d in shape)
+    return ctx.emit("reshape", [ctx.input(0)], {"shape": target, "allowzero": allowzero})
 
 
 @converter("Transpose")
@@ -141,7 +161,14 @@ def gather(ctx):
 
 @converter("Expand")
 def expand(ctx):
-    return ctx.emit("expand", [ctx.input(0)], {"shape": ints(ctx.const(1, "shape"))})
+    target = symbolic_ints(ctx, 1, "shape", like=ctx.input(0).type.shape)
+    if all(isinstance(d, int) for d in target):
+        return ctx.emit("expand", [ctx.input(0)], {"shape": target})
+    if None in target:
+        raise ctx.error(f"the target shape {list(target)} depends on symbolic dims in a way "
+                        "qnnjit cannot express; give the input a static shape")  # fmt: skip
+    # Symbolic entries type the result; the run-time shape tensor sizes it.
+    return ctx.emit("expand", [ctx.input(0), ctx.input(1)], {"shape": target})
 
 
 @converter("Shape")
@@ -166,6 +193,11 @@ def size(ctx):
 
 
 def _cast(ctx, to):
+    if ctx.input(0).type.dtype == to:
+        # A cast to the input's own type is the identity (the TorchScript
+        # exporter puts one after every QuantizeLinear of a torch.ao model);
+        # reusing the value keeps its quantization visible to the compiler.
+        return [ctx.input(0)]
     attrs = {
         "to": to.name,
         "saturate": bool(ctx.attr("saturate", 1)),
