@@ -1,0 +1,269 @@
+"""CpuExecutor: runs an optimized IR graph with Numba kernels prepared at
+compile time, with the same `run(arrays)` interface as the reference
+interpreter (and the same integers, bit for bit).
+
+At construction every node is lowered once, in topological order, by its
+op's `lowerings["cpu"]` (`kernels/`): the lowering prepares the node's
+constants (packed weights, zero-point terms folded into per-channel
+constants, requantization multipliers, tables) and returns a `Kernel`, which
+may also absorb the node's epilogue chain (bias add -> requantize -> qadd /
+qmul / lookup), so no int32 accumulator tensor is written. A node whose op
+has no CPU lowering, or whose lowering declines it (a float op, an
+unsupported dtype, a run-time scale...), runs its reference NumPy semantics;
+`describe()` lists those with the reason.
+
+A `fused` node (compiler/passes/fuse_epilogues.py) is not a black box: its
+body is lowered in place, its values aliased to the fused node's operands
+and results, so its chain becomes one kernel of this plan.
+
+A kernel is scheduled at the position of the last node it covers: every
+intermediate value of a chain has one reader inside the chain, so its only
+outputs are those of its last node, and every operand it reads (the anchor's
+inputs, a residual) is computed before that node.
+
+The Numba functions are generic over shapes and layer parameters (run-time
+arguments; the arrays they index are prepared here), so one compiled
+function serves every layer of every model that uses it, compiled once per
+process or loaded from the on-disk cache (`kernels/_numba.py`). A warm-up run
+on zero inputs at construction compiles or loads all of them, so
+`qnnjit.compile` returns a model whose first inference is not a compile.
+
+Threads: kernels split their tasks over a shared pool of `num_threads`
+(`kernels/_threads.py`) when a call has enough work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+import numba
+import numpy as np
+
+from ...errors import QnnjitError
+from ...ir import ops
+from ...ir.graph import Graph, Node
+from .kernels import Decline, Kernel, LowerContext
+
+
+def resolve_num_threads(num_threads: int | None = None) -> int:
+    """`num_threads`, else $QNNJIT_NUM_THREADS, else every core; at most
+    Numba's thread pool size."""
+    if num_threads is None:
+        env = os.environ.get("QNNJIT_NUM_THREADS", "").strip()
+        num_threads = int(env) if env else (os.cpu_count() or 1)
+    if num_threads < 1:
+        raise QnnjitError(f"num_threads must be >= 1, got {num_threads}")
+    return min(num_threads, numba.config.NUMBA_NUM_THREADS)
+
+
+class CpuExecutor:
+    """Executes a graph with CPU kernels; `run` maps input arrays (graph input
+    order) to output arrays (graph output order)."""
+
+    def __init__(self, graph: Graph, num_threads: int | None = None, *, warmup: bool = True):
+        self.graph = graph
+        self.num_threads = resolve_num_threads(num_threads)
+        # The kernels split work over their own thread pool (kernels/_threads.py);
+        # Numba's pool, which only the GEMM engine's parallel driver uses, gets
+        # the same size.
+        numba.set_num_threads(self.num_threads)
+        self.steps: list[Kernel] = []
+        self.declined: list[tuple[Node, str]] = []
+        self.warmup_seconds = 0.0
+        start = time.perf_counter()
+        self._lower_all()
+        self.lower_seconds = time.perf_counter() - start
+        self._plan()
+        if warmup:
+            self._warmup()
+
+    # ---- compile time ---------------------------------------------------------------
+
+    def _lower_all(self):
+        self._alias: dict[int, object] = {}
+        self.steps = self._lower_graph(self.graph)
+
+    def _lower_graph(self, graph: Graph, prefix: str = "") -> list[Kernel]:
+        """Kernels for `graph`'s nodes, in a valid execution order. A `fused`
+        node's body is lowered in place (its values aliased to the fused
+        node's operands and results), so its kernels join this plan."""
+        nodes = graph.nodes
+        order = {node: index for index, node in enumerate(nodes)}
+        ctx = LowerContext(graph, self.num_threads)
+        at_last: dict[Node, list[Kernel]] = {}
+        for node in nodes:
+            if node in ctx.taken:
+                continue
+            if node.op == "fused" and _flattenable(node):
+                body = node.attrs["body"]
+                kind = node.attrs.get("kind", "?")
+                steps = self._lower_graph(body, f"{prefix}fused[{kind}]: ")
+                for inner, outer in zip(body.inputs, node.inputs):
+                    self._alias[id(inner)] = outer
+                for inner, outer in zip(body.outputs, node.outputs):
+                    self._alias[id(outer)] = inner
+                ctx.taken.add(node)
+                at_last[node] = steps
+                continue
+            kernel = self._lower(node, ctx)
+            if prefix:
+                kernel = replace(kernel, name=prefix + kernel.name)
+            ctx.taken.update(kernel.nodes)
+            at_last[max(kernel.nodes, key=order.__getitem__)] = [kernel]
+        return [step for node in nodes for step in at_last.get(node, ())]
+
+    def _lower(self, node: Node, ctx: LowerContext) -> Kernel:
+        opdef = ops.get(node.op)
+        try:
+            lower = opdef.lowering("cpu")
+        except NotImplementedError as why:
+            self.declined.append((node, str(why)))
+            return _reference_kernel(node)
+        try:
+            return lower(node, ctx)
+        except Decline as why:
+            self.declined.append((node, str(why)))
+        except Exception as exc:  # a lowering bug: loud in tests, a fallback for users
+            if os.environ.get("QNNJIT_VERIFY", "") not in ("", "0"):
+                raise QnnjitError(
+                    f"cpu lowering of {node.name!r} ({node.op}) failed: {exc}"
+                ) from exc
+            self.declined.append((node, f"cpu lowering failed: {type(exc).__name__}: {exc}"))
+        return _reference_kernel(node)
+
+    def _plan(self):
+        """Number the run-time values; each step reads and writes slots, and a
+        slot is released after its last reader (outputs excepted)."""
+        slots: dict[int, int] = {}
+
+        def slot(value) -> int:
+            while id(value) in self._alias:  # a fused body's value and the fused node's
+                value = self._alias[id(value)]
+            return slots.setdefault(id(value), len(slots))
+
+        self._input_slots = [slot(v) for v in self.graph.inputs]
+        plan = []
+        for step in self.steps:
+            reads = [slot(v) for v in step.inputs]
+            writes = [slot(v) for v in step.outputs]
+            dtypes = [v.type.dtype.numpy for v in step.outputs]
+            plan.append([step, reads, writes, dtypes, []])
+        self._outputs = []
+        keep = set(self._input_slots)
+        for value in self.graph.outputs:
+            if value.is_constant:
+                self._outputs.append((None, value.const))
+            else:
+                self._outputs.append((slot(value), None))
+                keep.add(slot(value))
+        # Constants a kernel takes as run-time operands sit in their slots from the start.
+        self._env = [None] * len(slots)
+        for step in self.steps:
+            for value in step.inputs:
+                if value.is_constant:
+                    self._env[slot(value)] = value.const
+                    keep.add(slot(value))
+        last_read: dict[int, int] = {}
+        for index, (_, reads, _, _, _) in enumerate(plan):
+            for s in reads:
+                last_read[s] = index
+        for s, index in last_read.items():
+            if s not in keep:
+                plan[index][4].append(s)
+        self._plan_steps = [tuple(p) for p in plan]
+        self._num_slots = len(slots)
+
+    def _warmup(self):
+        """Run once on zero inputs (symbolic dims = 1) so every kernel is
+        compiled, or loaded from the disk cache, now rather than on the first
+        real inference. Inputs the graph cannot take this way are skipped."""
+        arrays = []
+        for value in self.graph.inputs:
+            shape = value.type.shape
+            if shape is None:
+                return
+            dims = tuple(1 if isinstance(d, str) else d for d in shape)
+            arrays.append(np.zeros(dims, value.type.dtype.numpy))
+        start = time.perf_counter()
+        try:
+            self.run(arrays)
+        except Exception:  # noqa: BLE001 - the real inputs may still run; compile lazily
+            pass
+        self.warmup_seconds = time.perf_counter() - start
+
+    # ---- run time -------------------------------------------------------------------
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        env = list(self._env)
+        for s, array in zip(self._input_slots, arrays):
+            env[s] = array
+        for step, reads, writes, dtypes, frees in self._plan_steps:
+            try:
+                results = step.run(*[env[s] for s in reads])
+            except QnnjitError:
+                raise
+            except Exception as exc:
+                names = ", ".join(f"{n.name!r} ({n.op})" for n in step.nodes)
+                raise QnnjitError(f"cpu kernel {step.name} of node {names} failed: {exc}") from exc
+            for s, result, dtype in zip(writes, results, dtypes):
+                if not isinstance(result, np.ndarray):
+                    result = np.asarray(result)
+                if result.dtype != dtype:
+                    node = step.nodes[-1]
+                    raise QnnjitError(
+                        f"node {node.name!r} ({node.op}) produced {result.dtype}, declared {dtype}"
+                    )
+                env[s] = result
+            for s in frees:
+                env[s] = None
+        return [env[s] if s is not None else const for s, const in self._outputs]
+
+    # ---- reporting ------------------------------------------------------------------
+
+    def fallbacks(self) -> list[str]:
+        return [f"{node.op} {node.name}" for node, _ in self.declined]
+
+    def describe(self) -> str:
+        """The execution plan: one line per kernel with the nodes it covers,
+        then the nodes that run in NumPy and why."""
+        lines = [
+            f"cpu kernels ({len(self.steps)} steps for {len(self.graph)} nodes, "
+            f"{self.num_threads} thread(s); lowering {self.lower_seconds:.2f} s, "
+            f"kernel compile/load + warm-up run {self.warmup_seconds:.2f} s):"
+        ]
+        for step in self.steps:
+            covered = ", ".join(n.name for n in step.nodes)
+            lines.append(f"  {step.name}  <- {covered}")
+        lines.append("")
+        lines.append(f"reference (NumPy) fallbacks ({len(self.declined)}):")
+        for node, reason in self.declined:
+            lines.append(f"  {node.op} {node.name}: {reason}")
+        return "\n".join(lines)
+
+
+def _flattenable(node: Node) -> bool:
+    """A fused body can join the plan when each of its results is computed by
+    one of its nodes (not an operand or a constant passed through)."""
+    body = node.attrs.get("body")
+    return isinstance(body, Graph) and all(
+        v.producer is not None and not v.is_constant for v in body.outputs
+    )
+
+
+def _reference_kernel(node: Node) -> Kernel:
+    """A step that runs the node's reference semantics (NumPy)."""
+    opdef = ops.get(node.op)
+    template = [None if v is None else (v.const if v.is_constant else None) for v in node.inputs]
+    runtime = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_constant]
+    attrs = node.attrs
+
+    def run(*arrays):
+        args = list(template)
+        for index, array in zip(runtime, arrays):
+            args[index] = array
+        return [np.asarray(r) for r in opdef.evaluate(args, attrs)]
+
+    inputs = [node.inputs[i] for i in runtime]
+    return Kernel(f"reference:{node.op}", run, inputs, node.outputs, [node])

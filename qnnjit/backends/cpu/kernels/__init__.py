@@ -1,0 +1,61 @@
+"""The CPU backend's kernels, one module per op family, each op's lowering
+registered as `ops.get(op).lowerings["cpu"]`:
+
+    conv         qconv (im2col + GEMM engine, depthwise direct, generic direct)
+    matmul       qmatmul (packed constant weights through the GEMM engine; batched)
+    reduce       qreduce_sum
+    requant      requantize, and the epilogue every accumulating kernel fuses
+    elementwise  qadd, qmul, lookup, clip (integers)
+    pool         max_pool (integers), qaverage_pool
+    quantize     quantize, dequantize
+    views        flatten, reshape, squeeze, unsqueeze, identity (NumPy reshapes);
+                 concat, transpose (NumPy copies: data movement, no arithmetic)
+    fused        `fused` nodes (their body, compiled by a nested executor)
+
+`_numba` picks the on-disk cache directory before any kernel is decorated,
+`_lowering` holds what lowerings share (Kernel, Decline, epilogue chains),
+`_gemm` adapts the GEMM engine (`backends/cpu/gemm.py`) for calls from inside
+the kernels.
+"""
+
+from __future__ import annotations
+
+from ....ir import ops
+from ._lowering import Decline, Kernel, LowerContext
+from ._numba import numba_cache_dir
+
+with numba_cache_dir():
+    from . import conv, elementwise, fused, matmul, pool, quantize, reduce, requant, views
+
+LOWERINGS = {
+    "qconv": conv.lower_qconv,
+    "qmatmul": matmul.lower_qmatmul,
+    "qreduce_sum": reduce.lower_qreduce_sum,
+    "requantize": requant.lower_requantize,
+    "qadd": elementwise.lower_qadd,
+    "qmul": elementwise.lower_qmul,
+    "lookup": elementwise.lower_lookup,
+    "clip": elementwise.lower_clip,
+    "max_pool": pool.lower_max_pool,
+    "qaverage_pool": pool.lower_qaverage_pool,
+    "quantize": quantize.lower_quantize,
+    "dequantize": quantize.lower_dequantize,
+    "fused": fused.lower_fused,
+    **dict.fromkeys(views.SHAPE_OPS, views.lower_view),
+    **dict.fromkeys(views.COPY_OPS, views.lower_copy),
+}
+
+
+def register() -> None:
+    """Install every lowering as `lowerings["cpu"]` of its op (idempotent)."""
+    for name, lower in LOWERINGS.items():
+        try:
+            opdef = ops.get(name)
+        except NotImplementedError:  # an op this build of the IR does not define
+            continue
+        opdef.lowerings["cpu"] = lower
+
+
+register()
+
+__all__ = ["Decline", "Kernel", "LowerContext", "LOWERINGS", "register"]

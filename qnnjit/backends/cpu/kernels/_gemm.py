@@ -1,0 +1,215 @@
+"""The conv / matmul kernels' door to the int8 GEMM engine (`backends/cpu/gemm.py`).
+
+The engine's Numba driver (`drivers.run_serial`, calling the VNNI / AVX2 /
+portable microkernel through its address) is called from *inside* the fused
+kernels, one tile at a time: the kernel builds its tile of operands, the
+engine fills a small int32 tile of C, and the kernel's epilogue turns it into
+the stored result. So C never exists as a whole tensor, and one compiled
+driver serves every layer (tile sizes and addresses are run-time arguments).
+
+Two orientations:
+
+- matmul (`plan_gemm`, `gemm_tile`): C[rows, N] = A @ B with the activation
+  rows as the u8 operand A (signed activations arrive as `code + 128`, see
+  `requant.byte_codes`) and the constant weights packed once as B
+  (`gemm.pack_b`); C's rows are the output's rows.
+- convolution (`plan_conv_gemm`, `conv_gemm_tile`): C[M, pixels] with the
+  weights as A and the im2col tile as B, packed by the conv kernel itself
+  (see below), so C's rows are the NCHW output's channel rows.
+
+Zero points are the callers' business (they fold them into per-channel
+constants and per-row or per-column terms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import drivers, gemm
+from ..ukernels import UkernelSpec
+from ._numba import jit
+
+# gparams slots
+G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_GROUP_BYTES, G_NC = range(9)
+
+
+@dataclass
+class GemmPlan:
+    """Packed weights of `groups` GEMMs sharing K and N, and the engine's
+    parameters for them."""
+
+    config: gemm.GemmConfig
+    data: np.ndarray  # int8 [groups, panels, k_groups, nr*4]
+    init: np.ndarray  # int32 [panels*nr], zeros
+    fptrs: np.ndarray  # int64 [mr]: microkernel addresses by row count (0: not compiled)
+    gparams: np.ndarray  # int64, the G_* slots
+    packed: object  # the first group's PackedB (the engine picks kernels from it)
+    k: int
+    n: int
+    i16_ok: bool  # may the engine prove the AVX2 i16-pair kernel safe (one group)
+
+    @property
+    def k4(self) -> int:
+        return int(self.gparams[G_K4])
+
+    @property
+    def mr(self) -> int:
+        return self.config.mr
+
+    def ensure_rows(self, rows: int) -> None:
+        """Compile (or load) the microkernels a tile of `rows` rows runs."""
+        if rows > 0:
+            gemm.microkernels(self.config, self.packed, allow_i16_pairs=self.i16_ok, m=rows)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+
+def plan_gemm(b_groups: list[np.ndarray], rows_hint: int) -> GemmPlan:
+    """Pack `b_groups` (each int8 [K, N]) for tiles of about `rows_hint` rows."""
+    k, n = b_groups[0].shape
+    config = gemm.default_config(max(rows_hint, 1), n, k, threads=1)
+    packed = [gemm.pack_b(np.ascontiguousarray(b, dtype=np.int8), config) for b in b_groups]
+    data = np.ascontiguousarray(np.stack([p.data for p in packed]))
+    first = packed[0]
+    # A is u8 over its whole range; on AVX2 the engine proves (or refutes) from
+    # the weights that the fast i16-pair kernel cannot saturate (one group here).
+    i16_ok = len(packed) == 1
+    fptrs, desc = gemm.microkernels(config, first, allow_i16_pairs=i16_ok)
+    gparams = np.zeros(9, np.int64)
+    gparams[G_DESC] = desc
+    gparams[G_K4] = first.k_groups * 4
+    gparams[G_KG] = first.k_groups
+    gparams[G_NR] = config.nr
+    gparams[G_MR] = config.mr
+    gparams[G_KCG] = config.kc // 4
+    gparams[G_PANEL_BYTES] = first.k_groups * config.nr * 4
+    gparams[G_GROUP_BYTES] = data[0].nbytes
+    gparams[G_NC] = first.panels * config.nr
+    init = np.zeros(first.panels * config.nr, np.int32)
+    return GemmPlan(config, data, init, fptrs, gparams, first, k, n, i16_ok)
+
+
+@jit()
+def gemm_tile(a, rows, c, g, fptrs, data, init, gp):
+    """c[:rows, :] = a[:rows, :K] @ B_g (int32, exact modulo 2^32). `a` is
+    uint8 [>= rows, K4] with columns K..K4 zero; `c` int32 [>= rows, N]."""
+    n = c.shape[1]
+    mr = gp[G_MR]
+    mc = ((rows + mr - 1) // mr) * mr
+    drivers.run_serial(
+        fptrs,
+        a.ctypes.data,
+        a.shape[1],
+        rows,
+        gp[G_KG],
+        data.ctypes.data + g * gp[G_GROUP_BYTES],
+        gp[G_PANEL_BYTES],
+        gp[G_NR],
+        c.ctypes.data,
+        n,
+        n,
+        init.ctypes.data,
+        mr,
+        gp[G_KCG],
+        mc,
+        gp[G_NC],
+        gp[G_DESC],
+    )
+
+
+# ---- channel-major GEMM for convolutions ------------------------------------------
+# A convolution tile runs the GEMM the other way round: the weights are the
+# u8 operand A (w + 128, [M, K4], read in place), the im2col tile is the s8
+# operand B (x - 128), packed straight into the microkernel layout by the
+# im2col loop, so C comes out [channel, pixel]: each output channel's pixels
+# are contiguous, as NCHW stores them, and the epilogue runs over contiguous
+# rows. The offsets:
+#
+#     sum_k (w+128)(x-128) = sum_k w*x - 128 sum_k w + 128 sum_k x - 16384 K
+#
+# The engine's per-column start value takes -128 * sum_k x (one per pixel,
+# computed by the packing loop); the weight terms are one constant per channel.
+
+# cparams slots
+C_DESC, C_K4, C_KG, C_NR, C_MR, C_KCG, C_PANEL_BYTES, C_MC, C_M, C_COL = range(10)
+
+
+@dataclass
+class ConvGemmPlan:
+    config: gemm.GemmConfig
+    wa: np.ndarray  # uint8 [groups, M_g, K4]: w + 128, zero past K
+    koff: np.ndarray  # int64 [K]: byte offset of k within a panel's column
+    fptrs: np.ndarray
+    cparams: np.ndarray
+    table: object | None
+
+    @property
+    def nr(self) -> int:
+        return self.config.nr
+
+    def ensure_rows(self) -> None:
+        if self.table is None:
+            return
+        mr, m = self.config.mr, int(self.cparams[C_M])
+        for r in {min(mr, m), m % mr}:
+            if r and not self.fptrs[r - 1]:
+                self.table.ensure(r)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+
+def plan_conv_gemm(w_groups: list[np.ndarray], pixels_hint: int) -> ConvGemmPlan:
+    """`w_groups`: int8 [M_g, K] per group."""
+    mg, k = w_groups[0].shape
+    config = gemm.default_config(max(mg, 1), max(pixels_hint, 1), k, threads=1)
+    k4 = -(-k // 4) * 4
+    wa = np.zeros((len(w_groups), max(mg, 1), k4), np.uint8)
+    for g, w in enumerate(w_groups):
+        wa[g, :mg, :k] = (w.astype(np.int16) + 128).astype(np.uint8)
+    nr = config.nr
+    # The engine's B layouts (packing.py): "k4n" data[p, g, 4n + q] for the SIMD
+    # kernels, "kn" data[p, g, q*NR + n] for the portable one; column n of a
+    # panel starts at n * col, tap k sits koff[k] further.
+    portable = config.isa == "portable"
+    col = 1 if portable else 4
+    koff = np.array(
+        [(q >> 2) * nr * 4 + (q & 3) * (nr if portable else 1) for q in range(k)], np.int64
+    )
+    table = None
+    if portable:
+        fptrs = gemm.portable_fptrs(config.mr)
+        desc = nr << 16
+    else:  # B holds activations: no proof against i16 saturation, so "exact" on AVX2
+        table = gemm.kernel_table(UkernelSpec(config.isa, config.mr, nr, False, "exact"))
+        fptrs, desc = table.fptrs, 0
+    cparams = np.zeros(10, np.int64)
+    cparams[C_DESC] = desc
+    cparams[C_K4] = k4
+    cparams[C_KG] = k4 // 4
+    cparams[C_NR] = nr
+    cparams[C_MR] = config.mr
+    cparams[C_KCG] = config.kc // 4
+    cparams[C_PANEL_BYTES] = (k4 // 4) * nr * 4
+    cparams[C_MC] = -(-mg // config.mr) * config.mr
+    cparams[C_M] = mg
+    cparams[C_COL] = col
+    plan = ConvGemmPlan(config, wa, koff, fptrs, cparams, table)
+    plan.ensure_rows()
+    return plan
+
+
+@jit()
+def conv_gemm_tile(wa, g, bpack, npix, c, init, fptrs, cp):
+    """c[:M, :npix] = (w_g + 128) @ B + init (int32, exact modulo 2^32), B the
+    packed tile `bpack` (uint8 storage of the int8 x - 128)."""
+    nr = cp[C_NR]
+    panels = (npix + nr - 1) // nr
+    drivers.run_serial(
+        fptrs, wa.ctypes.data + g * wa.shape[1] * wa.shape[2], cp[C_K4], cp[C_M], cp[C_KG],
+        bpack.ctypes.data, cp[C_PANEL_BYTES], nr, c.ctypes.data, c.shape[1], npix,
+        init.ctypes.data, cp[C_MR], cp[C_KCG], cp[C_MC], panels * nr, cp[C_DESC],
+    )  # fmt: skip

@@ -1,0 +1,230 @@
+"""Elementwise quantized ops: qadd / qmul (ONNX Runtime's float32 arithmetic,
+`ir/ops/qlinear_contrib.py`) and lookup (a table over the index type).
+
+Operands are broadcast to the result's shape first (a NumPy view, copied to
+a contiguous array only when it really broadcasts), then one flat loop runs.
+qadd keeps ORT's operand order: for the "scalar0" broadcast mode MLAS
+receives input 1 as its A, which rounds differently through the two fused
+multiply-adds, so the order is chosen per run from the actual shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .... import numerics
+from ....ir import dtypes
+from ....ir.graph import Node
+from ....ir.ops.qlinear_contrib import ort_broadcast_mode
+from ._lowering import Decline, Kernel, LowerContext, const_input
+from ._numba import U, fma_f32, jit
+from ._threads import run_tasks
+from .requant import byte_codes, cvt_saturate, kernel_array, unsigned_view
+
+F32 = np.float32
+
+
+@jit()
+def qadd_flat(i0, i1, a, b, codes, sc, a_first, out):
+    """codes = (flip, off, qmin, qmax); sc = (rA, rB, fixed for (A, B) as MLAS's
+    (A, B), fixed for (B, A))."""
+    flip, off, qmin, qmax = codes[0], codes[1], codes[2], codes[3]
+    ra, rb = sc[0], sc[1]
+    fixed = sc[2] if a_first else sc[3]
+    for k in range(i0, i1):
+        i = U(k)
+        af = np.float32((np.int64(a[i]) ^ flip) - off)
+        bf = np.float32((np.int64(b[i]) ^ flip) - off)
+        if a_first:
+            t = fma_f32(af, ra, fma_f32(bf, rb, fixed))
+        else:
+            t = fma_f32(bf, rb, fma_f32(af, ra, fixed))
+        out[i] = cvt_saturate(t, qmin, qmax)
+
+
+@jit()
+def qmul_flat(i0, i1, a, b, codes, r, zc, out):
+    """codes = (flip, off, qmin, qmax, za, zb)."""
+    flip, off, qmin, qmax, za, zb = codes[0], codes[1], codes[2], codes[3], codes[4], codes[5]
+    for k in range(i0, i1):
+        i = U(k)
+        p = (((np.int64(a[i]) ^ flip) - off) - za) * (((np.int64(b[i]) ^ flip) - off) - zb)
+        v = np.float32(np.float32(p) * r) + zc
+        out[i] = cvt_saturate(v, qmin, qmax)
+
+
+@jit()
+def lookup_flat(i0, i1, x, flip, table, out):
+    """out[i] = table[x[i] ^ flip] (x unsigned view: the index is x - qmin)."""
+    for k in range(i0, i1):
+        i = U(k)
+        out[i] = table[U(np.int64(x[i]) ^ flip)]
+
+
+# ---- lowering ------------------------------------------------------------------------
+
+
+def _operand(node: Node, index: int):
+    """(Value, constant array or None) of operand `index`."""
+    value = node.inputs[index]
+    return value, (value.const if value.is_constant else None)
+
+
+def _flat(array: np.ndarray, shape) -> np.ndarray:
+    if array.shape != tuple(shape):
+        array = np.broadcast_to(array, shape)
+    return unsigned_view(array).reshape(-1)
+
+
+def _scalar_f32(v) -> np.float32:
+    return F32(np.asarray(v, dtype=np.float32).reshape(-1)[0])
+
+
+def _scalar_int(v) -> int:
+    return 0 if v is None else int(np.asarray(v).reshape(-1)[0])
+
+
+def _binary(node: Node, ctx: LowerContext, make_run, name: str) -> Kernel:
+    if len(node.inputs) < 8 or any(node.inputs[i] is None for i in (1, 4, 6)):
+        raise Decline("missing scale operands")
+    params = [const_input(node, i, "scale/zero point") for i in (1, 2, 4, 5, 6, 7)]
+    a, a_const = _operand(node, 0)
+    b, b_const = _operand(node, 3)
+    dtype = node.outputs[0].type.dtype
+    if dtype.bits != 8:
+        raise Decline(f"{dtype} operands")
+    flip, off = byte_codes(dtype)
+    inputs = [v for v, c in ((a, a_const), (b, b_const)) if c is None]
+    kernel_run = make_run(params, flip, off, dtype)
+
+    def run(*arrays):
+        arrays = list(arrays)
+        x = a_const if a_const is not None else arrays.pop(0)
+        y = b_const if b_const is not None else arrays.pop(0)
+        return kernel_run(x, y)
+
+    return Kernel(f"{name}[{dtype}]", run, inputs, node.outputs, [node])
+
+
+def lower_qadd(node: Node, ctx: LowerContext) -> Kernel:
+    def make_run(params, flip, off, dtype):
+        sa, za, sb, zb, sc, zc = params
+        sa, sb, sc = _scalar_f32(sa), _scalar_f32(sb), _scalar_f32(sc)
+        za, zb, zc = _scalar_int(za), _scalar_int(zb), _scalar_int(zc)
+        with np.errstate(all="ignore"):
+            ra, rb = F32(sa / sc), F32(sb / sc)
+            fixed_ab = F32(F32(zc) - numerics.fma_f32(ra, F32(za), F32(rb * F32(zb))))
+            fixed_ba = F32(F32(zc) - numerics.fma_f32(rb, F32(zb), F32(ra * F32(za))))
+        sc_arr = np.array([ra, rb, fixed_ab, fixed_ba], np.float32)
+        codes = np.array([flip, off, dtype.qmin, dtype.qmax], np.int64)
+
+        def run(x, y):
+            shape = np.broadcast_shapes(x.shape, y.shape)
+            out = np.empty(shape, dtype.numpy)
+            a_first = ort_broadcast_mode(x.shape, y.shape) != "scalar0"
+            flat = unsigned_view(out).reshape(-1)
+            run_tasks(qadd_flat, flat.size, 8 * flat.size, ctx.num_threads,
+                      _flat(x, shape), _flat(y, shape), codes, sc_arr, a_first, flat)  # fmt: skip
+            return [out]
+
+        return run
+
+    return _binary(node, ctx, make_run, "qadd_flat")
+
+
+def lower_qmul(node: Node, ctx: LowerContext) -> Kernel:
+    def make_run(params, flip, off, dtype):
+        sa, za, sb, zb, sc, zc = params
+        sa, sb, sc = _scalar_f32(sa), _scalar_f32(sb), _scalar_f32(sc)
+        za, zb, zc = _scalar_int(za), _scalar_int(zb), _scalar_int(zc)
+        with np.errstate(all="ignore"):
+            r = F32(F32(sa * sb) / sc)
+        codes = np.array([flip, off, dtype.qmin, dtype.qmax, za, zb], np.int64)
+        zcf = F32(zc)
+
+        def run(x, y):
+            shape = np.broadcast_shapes(x.shape, y.shape)
+            out = np.empty(shape, dtype.numpy)
+            flat = unsigned_view(out).reshape(-1)
+            run_tasks(qmul_flat, flat.size, 8 * flat.size, ctx.num_threads,
+                      _flat(x, shape), _flat(y, shape), codes, r, zcf, flat)  # fmt: skip
+            return [out]
+
+        return run
+
+    return _binary(node, ctx, make_run, "qmul_flat")
+
+
+def lower_lookup(node: Node, ctx: LowerContext) -> Kernel:
+    x = node.inputs[0]
+    table = const_input(node, 1, "table")
+    x_dt = x.type.dtype
+    if not x_dt.is_int or x_dt.bits not in (8, 16):
+        raise Decline(f"index of type {x_dt}")
+    flip, _ = byte_codes(x_dt)
+    out_dt = table.dtype
+    if table.dtype.kind in "iu" and table.dtype.itemsize in (1, 2, 4):
+        table_k = unsigned_view(table)
+    elif table.dtype in (np.float32, np.float64):
+        table_k = kernel_array(table)
+    else:
+        raise Decline(f"table of {table.dtype}")
+
+    def run(x_array):
+        out = np.empty(x_array.shape, out_dt)
+        view = unsigned_view(out) if out_dt.kind in "iu" else out
+        flat = view.reshape(-1)
+        run_tasks(
+            lookup_flat,
+            flat.size,
+            2 * flat.size,
+            ctx.num_threads,
+            unsigned_view(x_array).reshape(-1),
+            flip,
+            table_k,
+            flat,
+        )
+        return [out]
+
+    return Kernel(
+        f"lookup_flat[{x_dt}->{dtypes.from_numpy(out_dt)}]", run, [x], node.outputs, [node]
+    )
+
+
+@jit()
+def clip_flat(i0, i1, x, flip, lo, hi, out):
+    """out = min(max(x, lo), hi) on codes compared as flipped unsigned values
+    (lo and hi flipped alike), which orders signed codes correctly."""
+    for k in range(i0, i1):
+        i = U(k)
+        v = np.int64(x[i]) ^ flip
+        v = lo if v < lo else v
+        v = hi if v > hi else v
+        out[i] = v ^ flip
+
+
+def lower_clip(node: Node, ctx: LowerContext) -> Kernel:
+    """Integer clip (a relu/clip left on integers). The bounds are cast to x's
+    type as the reference does (`astype`, C conversion), then applied max
+    first, min second."""
+    x = node.inputs[0]
+    dt = x.type.dtype
+    if not dt.is_int or dt.bits not in (8, 16):
+        raise Decline(f"{dt} input (float clip runs in NumPy)")
+    flip, _ = byte_codes(dt)
+    mask = (1 << dt.bits) - 1
+    bounds = []
+    for key, default in (("min", dt.qmin), ("max", dt.qmax)):
+        value = node.attrs.get(key)
+        code = default if value is None else int(np.asarray(value).astype(dt.numpy))
+        bounds.append((code & mask) ^ flip)
+    lo, hi = bounds
+
+    def run(x_array):
+        out = np.empty(x_array.shape, dt.numpy)
+        flat = unsigned_view(out).reshape(-1)
+        run_tasks(clip_flat, flat.size, 2 * flat.size, ctx.num_threads,
+                  unsigned_view(x_array).reshape(-1), flip, lo, hi, flat)  # fmt: skip
+        return [out]
+
+    return Kernel(f"clip_flat[{dt}]", run, [x], node.outputs, [node])

@@ -1,0 +1,198 @@
+"""Compile LLVM IR text to machine code for one CPU path, once, and keep it.
+
+The GEMM microkernels are LLVM IR text generated per shape parameters
+(``ukernels``). This module turns such text into callable addresses:
+
+1. a target machine per ISA path: the host CPU name and its features for
+   ``avx512_vnni``; the same with every AVX-512/AMX/AVX10 feature switched off for
+   ``avx2``, so the AVX2 path is really AVX2 code (16 ymm registers, no masks)
+   even on an AVX-512 host, and tests of it mean something;
+2. the new pass manager at O3, then ``emit_object``;
+3. the object file is kept in memory for the process (one MCJIT engine per
+   module, never freed: a kernel address stays valid for the process's life)
+   and on disk under ``$QNNJIT_CACHE_DIR/cpu_ukernels`` (default
+   ``~/.cache/qnnjit``), keyed by a hash of the IR text, the LLVM version, the
+   triple, the CPU name and feature string. A warm process skips parsing,
+   optimization and code generation and only links the object. Files are written
+   to a temporary name and ``os.replace``d, with a checksum verified on reading
+   (LLVM crashes on a corrupt object file, so a damaged entry is recompiled,
+   never loaded). ``QNNJIT_CACHE_DIR=""`` (empty) disables the disk cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .features import host_cpu
+
+__all__ = ["JitModule", "compile_module", "cache_dir", "target_machine"]
+
+_FORMAT = "qnnjit-ukernel-v1"
+_LOCK = threading.RLock()
+_MODULES: dict[str, JitModule] = {}  # in-process cache, by key
+_ENGINES: list = []  # keeps every engine (and so every kernel's code) alive
+
+
+@dataclass(frozen=True)
+class JitModule:
+    """Addresses of the functions of one compiled module, and how it was obtained."""
+
+    key: str
+    addresses: dict[str, int]
+    source: str  # "compiled", "disk" or "memory"
+    seconds: float  # time this call took to make it available
+
+
+def cache_dir() -> Path | None:
+    """Where compiled kernels persist, or None when disabled (``QNNJIT_CACHE_DIR=""``)."""
+    env = os.environ.get("QNNJIT_CACHE_DIR")
+    if env is not None:
+        return Path(env) if env.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qnnjit"
+
+
+@functools.cache
+def _llvm():
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm
+
+
+_NOT_ON_AVX2 = ("avx512", "amx", "avx10", "evex512")
+
+
+def _features_for(isa: str) -> str:
+    cpu = host_cpu()
+    if isa == "avx512_vnni":
+        return cpu.feature_string
+    if isa == "avx2":
+        parts = []
+        for flag in cpu.feature_string.split(","):
+            name = flag[1:]
+            if flag.startswith("+") and name.startswith(_NOT_ON_AVX2):
+                flag = "-" + name
+            parts.append(flag)
+        return ",".join(p for p in parts if p)
+    raise ValueError(f"no LLVM target machine for ISA {isa!r}")
+
+
+@functools.cache
+def target_machine(isa: str):
+    """The llvmlite TargetMachine the kernels of ``isa`` are compiled for."""
+    llvm = _llvm()
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(cpu=host_cpu().name, features=_features_for(isa), opt=3)
+
+
+def _key(ir_text: str, isa: str) -> str:
+    llvm = _llvm()
+    h = hashlib.sha256()
+    for part in (
+        _FORMAT,
+        ".".join(map(str, llvm.llvm_version_info)),
+        llvm.get_default_triple(),
+        host_cpu().name,
+        _features_for(isa),
+        ir_text,
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _optimize_and_emit(ir_text: str, isa: str) -> bytes:
+    llvm = _llvm()
+    tm = target_machine(isa)
+    module = llvm.parse_assembly(ir_text)
+    module.triple = llvm.get_default_triple()
+    module.data_layout = str(tm.target_data)
+    module.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(module, pb)
+    return tm.emit_object(module)
+
+
+def _load(obj: bytes, isa: str, names: tuple[str, ...]) -> dict[str, int]:
+    llvm = _llvm()
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine(isa))
+    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+    engine.finalize_object()
+    addresses = {name: engine.get_function_address(name) for name in names}
+    missing = [n for n, a in addresses.items() if not a]
+    if missing:
+        raise RuntimeError(f"compiled module lacks functions {missing}")
+    _ENGINES.append(engine)
+    return addresses
+
+
+_MAGIC = b"QNNJITO1"
+
+
+def _read_checked(path: Path) -> bytes | None:
+    """The object file stored at ``path`` if it is intact (magic and SHA-256 of
+    the payload match); None if absent or damaged. LLVM does not survive
+    loading a corrupt object file, so nothing unchecked reaches it."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head = len(_MAGIC) + 32
+    if len(data) <= head or not data.startswith(_MAGIC):
+        return None
+    digest, obj = data[len(_MAGIC) : head], data[head:]
+    return obj if hashlib.sha256(obj).digest() == digest else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def compile_module(ir_text: str, isa: str, names: tuple[str, ...]) -> JitModule:
+    """Machine code for ``ir_text`` on path ``isa``; returns the addresses of
+    ``names``. Compiled at most once per process, and once per machine while the
+    disk cache holds it."""
+    import time
+
+    t0 = time.perf_counter()
+    key = _key(ir_text, isa)
+    with _LOCK:
+        hit = _MODULES.get(key)
+        if hit is not None:
+            return JitModule(key, hit.addresses, "memory", time.perf_counter() - t0)
+        directory = cache_dir()
+        path = directory / "cpu_ukernels" / f"{key}.o" if directory is not None else None
+        obj = _read_checked(path) if path is not None else None
+        source = "disk"
+        if obj is None:
+            source = "compiled"
+            obj = _optimize_and_emit(ir_text, isa)
+            if path is not None:
+                try:
+                    _write_atomic(path, _MAGIC + hashlib.sha256(obj).digest() + obj)
+                except OSError:
+                    pass  # a read-only cache only costs time
+        addresses = _load(obj, isa, names)
+        module = JitModule(key, addresses, source, time.perf_counter() - t0)
+        _MODULES[key] = module
+        return module

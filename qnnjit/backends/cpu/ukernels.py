@@ -1,0 +1,332 @@
+"""The int8 GEMM microkernels, generated as LLVM IR text and compiled by llvmlite.
+
+One microkernel computes a tile ``C[rows, NR]`` (i32) of ``A[rows, K] (u8) @
+B[K, NR] (s8)`` over ``kg`` groups of four k, keeping the whole tile in vector
+registers (``rows * NR/16`` zmm, or ``rows * NR/8`` ymm, accumulators):
+
+    for g in range(kg):                       # 4 consecutive k per step
+        for r: a_r = broadcast(u32 A[r, 4g:4g+4])   # 4 bytes to every lane
+        for j: b_j = packed B vector j of group g   # 16 (or 8) columns x 4 k
+        for r, j: acc[r][j] = dot4(acc[r][j], a_r, b_j)
+
+``dot4`` is ``vpdpbusd`` on ``avx512_vnni`` (wrapping i32, exact). On ``avx2``
+it is ``vpmaddwd(vpmaddubsw(a, b), 1) + acc``; ``vpmaddubsw`` adds each pair of
+u8*s8 products into a *saturating* i16, so two variants exist:
+
+- ``pairs="i16"``: one ``vpmaddubsw``; exact only where no pair sum
+  ``a0*b0 + a1*b1`` can leave [-32768, 32767] (the caller proves it from the
+  weights and the activation range: ``packing.i16_pairs_safe``);
+- ``pairs="exact"``: ``a = (a & 0x7f) + (a & 0x80)``; each half's pair sums
+  stay within i16 (|127*b0 + 127*b1| <= 32512 and 128*b0 + 128*b1 in
+  [-32768, 32512]), so two ``vpmaddubsw`` + two ``vpmaddwd`` are exact, at
+  twice the cost.
+
+Signed activations (``a_signed``): the kernel flips each A byte's top bit
+(``a ^ 0x80 = a + 128`` as u8) right after loading; the caller's accumulator
+init carries ``-128 * sum_k B[k, n]`` (``packing``), so the result is exact.
+
+Why IR text compiled by llvmlite, rather than ``numba.extending.intrinsic``
+emitting the vector code inside the Numba driver: the kernel is specialized on
+(rows, NR, ISA, signedness, pairs) and compiled by its own target machine, so
+the AVX2 path is compiled without AVX-512 on an AVX-512 host (testable here),
+the code is small, inspectable (``assembly()``) and its object file is cached
+on disk by hash, independently of Numba; the Numba driver that does the
+blocking loops stays one generic function (tile sizes are run-time arguments)
+cached by Numba once, calling kernels through a function pointer
+(``calls.call_ukernel``). The price, one indirect call per tile, is about 1% of
+a tile's work for KC >= 64.
+
+Kernel ABI (C, all pointers unaligned-safe):
+
+    void kernel(const uint8 *a, int64 lda,      // A[r, 4g + q] at a[r*lda + 4g + q]
+                const int8 *b,                  // group g at b[g * NR*4], column n's
+                                                //   4 k at bytes 4n..4n+3
+                int64 kg,                       // groups of 4 k (>= 0)
+                int32 *c, int64 ldc,            // C[r, n] at c[r*ldc + n]
+                const int32 *init,              // NR initial values (if !accumulate)
+                int64 nvalid,                   // columns stored: n < nvalid <= NR
+                int64 accumulate,               // 0: acc = init; else acc = C
+                int64 desc)                     // rows | NR << 16 | a_xor << 32, for
+                                                //   generic kernels; ignored here
+
+``drivers.portable_ukernel`` implements the same ABI in plain Numba code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["UkernelSpec", "ukernel_ir", "kernel_name", "UNROLL"]
+
+UNROLL = 4  # k-groups per main-loop iteration
+
+_ARGS = (
+    "ptr noalias nocapture readonly %a, i64 %lda, ptr noalias nocapture readonly %b, "
+    "i64 %kg, ptr noalias nocapture %c, i64 %ldc, ptr noalias nocapture readonly %init, "
+    "i64 %nvalid, i64 %accumulate, i64 %desc"
+)
+
+
+@dataclass(frozen=True)
+class UkernelSpec:
+    """What one compiled microkernel module is specialized on. The module holds
+    one function per row count 1..mr (the last, partial row tile of M)."""
+
+    isa: str  # "avx512_vnni" | "avx2"
+    mr: int
+    nr: int
+    a_signed: bool = False
+    pairs: str = "exact"  # avx2 only: "exact" | "i16"
+
+    def __post_init__(self):
+        lanes = _LANES.get(self.isa)
+        if lanes is None:
+            raise ValueError(f"no LLVM microkernel for ISA {self.isa!r}")
+        if self.mr < 1 or self.nr < lanes or self.nr % lanes:
+            raise ValueError(f"bad tile {self.mr}x{self.nr} for {self.isa} ({lanes} lanes)")
+        if self.pairs not in ("exact", "i16"):
+            raise ValueError(f"pairs must be 'exact' or 'i16', not {self.pairs!r}")
+        if self.isa != "avx2" and self.pairs != "exact":
+            raise ValueError("pairs='i16' exists only on the avx2 path")
+
+    @property
+    def lanes(self) -> int:
+        return _LANES[self.isa]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(kernel_name(self, rows) for rows in range(1, self.mr + 1))
+
+
+_LANES = {"avx512_vnni": 16, "avx2": 8}
+_MADDUBS = "@llvm.x86.avx2.pmadd.ub.sw"
+_MADDWD = "@llvm.x86.avx2.pmadd.wd"
+
+
+def kernel_name(spec: UkernelSpec, rows: int) -> str:
+    sign = "s8" if spec.a_signed else "u8"
+    variant = "" if spec.isa != "avx2" else f"_{spec.pairs}"
+    return f"qnnjit_gemm_{spec.isa}{variant}_{sign}_{rows}x{spec.nr}"
+
+
+def _splat(ty: str, lanes: int, value: int) -> str:
+    return "<" + ", ".join(f"{ty} {value}" for _ in range(lanes)) + ">"
+
+
+def _declarations(isa: str) -> str:
+    if isa == "avx512_vnni":
+        return (
+            "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)\n"
+            "declare <16 x i32> @llvm.masked.load.v16i32.p0(ptr, i32, <16 x i1>, <16 x i32>)\n"
+            "declare void @llvm.masked.store.v16i32.p0(<16 x i32>, ptr, i32, <16 x i1>)\n"
+        )
+    return (
+        "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)\n"
+        "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)\n"
+        "declare <8 x i32> @llvm.masked.load.v8i32.p0(ptr, i32, <8 x i1>, <8 x i32>)\n"
+        "declare void @llvm.masked.store.v8i32.p0(<8 x i32>, ptr, i32, <8 x i1>)\n"
+    )
+
+
+class _Emitter:
+    """Builds one kernel function's body line by line with unique SSA names."""
+
+    def __init__(self, spec: UkernelSpec, rows: int):
+        self.spec = spec
+        self.rows = rows
+        self.nj = spec.nr // spec.lanes
+        self.lines: list[str] = []
+        self.vec = f"<{spec.lanes} x i32>"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("  " + line)
+
+    def label(self, name: str) -> None:
+        self.lines.append(f"{name}:")
+
+    def step(self, tag: str, group: str, acc: dict) -> dict:
+        """One group of 4 k at index ``group`` (an i64 SSA value): returns the new
+        accumulator names."""
+        spec, vec, lanes = self.spec, self.vec, self.spec.lanes
+        e = self.emit
+        e(f"%{tag}.ao = shl i64 {group}, 2")
+        e(f"%{tag}.bo = mul i64 {group}, {spec.nr * 4}")
+        a_vals = []
+        for r in range(self.rows):
+            e(f"%{tag}.pa{r} = getelementptr i8, ptr %arow{r}, i64 %{tag}.ao")
+            e(f"%{tag}.x{r} = load i32, ptr %{tag}.pa{r}, align 1")
+            x = f"%{tag}.x{r}"
+            if spec.a_signed:  # a + 128 as u8: flip each byte's top bit
+                e(f"%{tag}.xs{r} = xor i32 {x}, -2139062144")  # 0x80808080
+                x = f"%{tag}.xs{r}"
+            e(f"%{tag}.i{r} = insertelement {vec} poison, i32 {x}, i64 0")
+            splat = f"{vec} poison, {vec} zeroinitializer"
+            e(f"%{tag}.bc{r} = shufflevector {vec} %{tag}.i{r}, {splat}")
+            a_vals.append(f"%{tag}.bc{r}")
+        b_vals = []
+        for j in range(self.nj):
+            e(f"%{tag}.bo{j} = add i64 %{tag}.bo, {j * lanes * 4}")
+            e(f"%{tag}.pb{j} = getelementptr i8, ptr %b, i64 %{tag}.bo{j}")
+            e(f"%{tag}.b{j} = load {vec}, ptr %{tag}.pb{j}, align 1")
+            b_vals.append(f"%{tag}.b{j}")
+        out = {}
+        if spec.isa == "avx512_vnni":
+            for r in range(self.rows):
+                for j in range(self.nj):
+                    e(
+                        f"%{tag}.acc{r}_{j} = call {vec} @llvm.x86.avx512.vpdpbusd.512("
+                        f"{vec} {acc[r, j]}, {vec} {a_vals[r]}, {vec} {b_vals[j]})"
+                    )
+                    out[r, j] = f"%{tag}.acc{r}_{j}"
+            return out
+        # avx2
+        b8 = []
+        for j in range(self.nj):
+            e(f"%{tag}.b8_{j} = bitcast {vec} {b_vals[j]} to <32 x i8>")
+            b8.append(f"%{tag}.b8_{j}")
+        ones = _splat("i16", 16, 1)
+        for r in range(self.rows):
+            e(f"%{tag}.a8_{r} = bitcast {vec} {a_vals[r]} to <32 x i8>")
+            if spec.pairs == "i16":
+                halves = [f"%{tag}.a8_{r}"]
+            else:
+                e(f"%{tag}.alo{r} = and <32 x i8> %{tag}.a8_{r}, {_splat('i8', 32, 127)}")
+                e(f"%{tag}.ahi{r} = and <32 x i8> %{tag}.a8_{r}, {_splat('i8', 32, -128)}")
+                halves = [f"%{tag}.alo{r}", f"%{tag}.ahi{r}"]
+            for j in range(self.nj):
+                cur = acc[r, j]
+                for h, a8 in enumerate(halves):
+                    p = f"%{tag}.p{r}_{j}_{h}"
+                    e(f"{p} = call <16 x i16> {_MADDUBS}(<32 x i8> {a8}, <32 x i8> {b8[j]})")
+                    e(f"{p}w = call <8 x i32> {_MADDWD}(<16 x i16> {p}, <16 x i16> {ones})")
+                    e(f"%{tag}.acc{r}_{j}_{h} = add <8 x i32> {cur}, {p}w")
+                    cur = f"%{tag}.acc{r}_{j}_{h}"
+                out[r, j] = cur
+        return out
+
+    def phis(self, tag: str, incoming: list[tuple[dict, str]]) -> dict:
+        out = {}
+        for r in range(self.rows):
+            for j in range(self.nj):
+                srcs = ", ".join(f"[ {acc[r, j]}, %{blk} ]" for acc, blk in incoming)
+                self.emit(f"%{tag}{r}_{j} = phi {self.vec} {srcs}")
+                out[r, j] = f"%{tag}{r}_{j}"
+        return out
+
+    def function(self) -> str:
+        spec, vec, lanes, rows, nj = self.spec, self.vec, self.spec.lanes, self.rows, self.nj
+        e, label = self.emit, self.label
+        suffix = f"v{lanes}i32"
+        iota = "<" + ", ".join(f"i32 {i}" for i in range(lanes)) + ">"
+        label("entry")
+        e("%nv32 = trunc i64 %nvalid to i32")
+        e(f"%nvi = insertelement {vec} poison, i32 %nv32, i64 0")
+        e(f"%nvs = shufflevector {vec} %nvi, {vec} poison, {vec} zeroinitializer")
+        for j in range(nj):
+            e(f"%col{j} = add {vec} {iota}, {_splat('i32', lanes, j * lanes)}")
+            e(f"%mask{j} = icmp slt {vec} %col{j}, %nvs")
+        for r in range(rows):
+            e(f"%aoff{r} = mul i64 %lda, {r}")
+            e(f"%arow{r} = getelementptr i8, ptr %a, i64 %aoff{r}")
+            for j in range(nj):
+                e(f"%coff{r}_{j} = mul i64 %ldc, {r}")
+                e(f"%coffj{r}_{j} = add i64 %coff{r}_{j}, {j * lanes}")
+                e(f"%cp{r}_{j} = getelementptr i32, ptr %c, i64 %coffj{r}_{j}")
+        e("%isacc = icmp ne i64 %accumulate, 0")
+        e("br i1 %isacc, label %fromc, label %frominit")
+
+        label("fromc")
+        from_c = {}
+        for r in range(rows):
+            for j in range(nj):
+                e(
+                    f"%lc{r}_{j} = call {vec} @llvm.masked.load.{suffix}.p0(ptr %cp{r}_{j}, i32 4, "
+                    f"<{lanes} x i1> %mask{j}, {vec} zeroinitializer)"
+                )
+                from_c[r, j] = f"%lc{r}_{j}"
+        e("br label %start")
+
+        label("frominit")
+        from_init = {}
+        for j in range(nj):
+            e(f"%ip{j} = getelementptr i32, ptr %init, i64 {j * lanes}")
+            e(f"%li{j} = load {vec}, ptr %ip{j}, align 4")
+        for r in range(rows):
+            for j in range(nj):
+                from_init[r, j] = f"%li{j}"
+        e("br label %start")
+
+        label("start")
+        acc0 = self.phis("acc0_", [(from_c, "fromc"), (from_init, "frominit")])
+        e(f"%nmain = udiv i64 %kg, {UNROLL}")
+        e("%hasmain = icmp ne i64 %nmain, 0")
+        e("br i1 %hasmain, label %main, label %mid")
+
+        # main loop: UNROLL groups per iteration
+        label("main")
+        e("%it = phi i64 [ 0, %start ], [ %it.next, %main ]")
+        # accumulator phis refer to the loop's last values, known after the body
+        phi_at = len(self.lines)
+        e("%g0 = mul i64 %it, " + str(UNROLL))
+        cur = {k: f"%accm_{k[0]}_{k[1]}" for k in acc0}
+        for u in range(UNROLL):
+            g = f"%g{u}" if u == 0 else f"%gu{u}"
+            if u:
+                e(f"%gu{u} = add i64 %g0, {u}")
+            cur = self.step(f"m{u}", g, cur)
+        main_out = cur
+        e("%it.next = add i64 %it, 1")
+        e("%mdone = icmp eq i64 %it.next, %nmain")
+        e("br i1 %mdone, label %mid, label %main")
+        phis = []
+        for r in range(rows):
+            for j in range(nj):
+                phis.append(
+                    f"  %accm_{r}_{j} = phi {vec} [ {acc0[r, j]}, %start ], "
+                    f"[ {main_out[r, j]}, %main ]"
+                )
+        self.lines[phi_at:phi_at] = phis
+
+        label("mid")
+        mid = self.phis("accd_", [(acc0, "start"), (main_out, "main")])
+        e(f"%kdone = mul i64 %nmain, {UNROLL}")
+        e("%hasrem = icmp ult i64 %kdone, %kg")
+        e("br i1 %hasrem, label %rem, label %store")
+
+        label("rem")
+        e("%gr = phi i64 [ %kdone, %mid ], [ %gr.next, %rem ]")
+        phi_at = len(self.lines)
+        cur = {k: f"%accr_{k[0]}_{k[1]}" for k in acc0}
+        rem_out = self.step("r", "%gr", cur)
+        e("%gr.next = add i64 %gr, 1")
+        e("%rdone = icmp eq i64 %gr.next, %kg")
+        e("br i1 %rdone, label %store, label %rem")
+        phis = []
+        for r in range(rows):
+            for j in range(nj):
+                phis.append(
+                    f"  %accr_{r}_{j} = phi {vec} [ {mid[r, j]}, %mid ], [ {rem_out[r, j]}, %rem ]"
+                )
+        self.lines[phi_at:phi_at] = phis
+
+        label("store")
+        final = self.phis("accf_", [(mid, "mid"), (rem_out, "rem")])
+        for r in range(rows):
+            for j in range(nj):
+                e(
+                    f"call void @llvm.masked.store.{suffix}.p0({vec} {final[r, j]}, "
+                    f"ptr %cp{r}_{j}, i32 4, <{lanes} x i1> %mask{j})"
+                )
+        e("ret void")
+        body = "\n".join(self.lines)
+        name = kernel_name(spec, rows)
+        return f"define void @{name}({_ARGS}) nounwind {{\n{body}\n}}\n"
+
+
+def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
+    """The LLVM IR module (text) of ``spec``: the one function for a tile of
+    ``rows`` rows (``kernel_name(spec, rows)``), or all of ``spec.names()``."""
+    if rows is not None and not 1 <= rows <= spec.mr:
+        raise ValueError(f"rows must be in 1..{spec.mr}, got {rows}")
+    counts = range(1, spec.mr + 1) if rows is None else (rows,)
+    funcs = [_Emitter(spec, r).function() for r in counts]
+    return _declarations(spec.isa) + "\n" + "\n".join(funcs)
