@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from .compiler import run_pipeline
@@ -11,7 +12,9 @@ from .runtime import CompiledModel
 TARGETS = ("reference", "cpu", "cuda")
 # Targets whose backend exists today, best first; `target=None` takes the first.
 # "cpu" needs Numba (a dependency; checked without importing it).
-AVAILABLE_TARGETS = ("reference",)
+AVAILABLE_TARGETS = (
+    ("cpu", "reference") if importlib.util.find_spec("numba") is not None else ("reference",)
+)
 
 
 def load_graph(model, example_inputs=None):

@@ -1,0 +1,863 @@
+"""target="cpu" (Numba kernels, qnnjit/backends/cpu/) against target="reference",
+bit for bit.
+
+Every test builds a model (a one-node ONNX model through the frontend, or an
+IR graph by hand where ONNX cannot express the case: fixed-point rounding,
+clamps, 16-bit operands, epilogue chains), runs it with both executors on the
+same inputs and compares with `assert_array_equal`. Hypothesis draws the
+shapes, strides, pads, dilations, groups, zero points and scales; scales come
+random or as powers of two (which put requantized values exactly on .5, where
+rounding conventions differ). Kernels are compiled once per process, so the
+examples after the first of each kind cost milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+from test_pipeline_fuzz import quantized_cnn, run_ort
+
+import qnnjit
+from qnnjit.backends.cpu.executor import CpuExecutor
+from qnnjit.backends.reference import ReferenceExecutor
+from qnnjit.ir import dtypes
+from qnnjit.ir.graph import Graph
+from qnnjit.ir.ops.nn import window_output_size
+from qnnjit.ir.types import TensorType
+
+MS = "com.microsoft"
+FAST = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ---- harness -------------------------------------------------------------------------
+
+
+def one_node_model(
+    op_type, inputs, consts, attrs=None, *, domain="", out=None, opset=21, out_rank=None
+):
+    """A one-node ONNX model. `inputs`: {name: array} fed at run time;
+    `consts`: {name: array or None} initializers (None: omitted). Node inputs
+    follow `order` in attrs (default: inputs then consts). The output is
+    declared with `out_rank` symbolic dims (default: the largest input rank)."""
+    attrs = dict(attrs or {})
+    order = attrs.pop("order", list(inputs) + list(consts))
+    names = [n if (n in inputs or consts.get(n) is not None) else "" for n in order]
+    while names and not names[-1]:
+        names.pop()
+    node = helper.make_node(op_type, names, ["y"], domain=domain, **attrs)
+    graph_inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+        for n, a in inputs.items()
+    ]
+    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items() if a is not None]
+    out_type = helper.np_dtype_to_tensor_dtype(np.dtype(out))
+    if out_rank is None:
+        out_rank = max(np.ndim(a) for a in inputs.values())
+    dims = [f"y{i}" for i in range(out_rank)]
+    graph = helper.make_graph(
+        [node], "g", graph_inputs, [helper.make_tensor_value_info("y", out_type, dims)], inits
+    )
+    imports = [helper.make_opsetid("", opset)] + (
+        [helper.make_opsetid(domain, 1)] if domain else []
+    )
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 10
+    return model
+
+
+def check_model(model, feeds: dict, **compile_kwargs) -> qnnjit.runtime.CompiledModel:
+    """Compile `model` for cpu and reference, run both, assert equal outputs."""
+    cpu = qnnjit.compile(model, target="cpu", **compile_kwargs)
+    ref = qnnjit.compile(model, target="reference")
+    got, want = cpu.run(feeds), ref.run(feeds)
+    for name in ref.output_names:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    return cpu
+
+
+def check_graph(graph: Graph, arrays: list[np.ndarray]) -> CpuExecutor:
+    cpu = CpuExecutor(graph)
+    got = cpu.run(list(arrays))
+    want = ReferenceExecutor(graph).run(list(arrays))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    return cpu
+
+
+def kernel_names(executor) -> str:
+    return "\n".join(step.name for step in executor.steps)
+
+
+def codes(rng, dtype, shape):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, size=shape, dtype=np.int64).astype(dtype)
+
+
+def scalar(dtype, value):
+    return np.array(value, dtype=dtype)
+
+
+def scale_of(rng, pow2: bool, low=-7.0, high=-1.0) -> np.float32:
+    exponent = rng.uniform(low, high)
+    return np.float32(2.0 ** round(exponent) if pow2 else 2.0**exponent)
+
+
+def scales_of(rng, pow2: bool, n: int, low=-7.0, high=-1.0) -> np.ndarray:
+    return np.array([scale_of(rng, pow2, low, high) for _ in range(n)], np.float32)
+
+
+SEEDS = st.integers(0, 2**31 - 1)
+INT8 = st.sampled_from([np.uint8, np.int8])
+
+
+# ---- qconv ---------------------------------------------------------------------------
+
+
+@st.composite
+def conv_cases(draw):
+    kind = draw(st.sampled_from(["dense", "grouped", "depthwise", "depthwise_x2", "1d"]))
+    groups = {"dense": 1, "1d": 1}.get(kind) or draw(st.integers(2, 3))
+    cin_g = 1 if kind.startswith("depthwise") else draw(st.integers(1, 4))
+    m_g = 2 if kind == "depthwise_x2" else (1 if kind == "depthwise" else draw(st.integers(1, 5)))
+    spatial = 1 if kind == "1d" else 2
+    size = [draw(st.integers(1, 7)) for _ in range(spatial)]
+    kernel = [draw(st.integers(1, 3)) for _ in range(spatial)]
+    strides = [draw(st.integers(1, 2)) for _ in range(spatial)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(spatial)]
+    pads = [draw(st.integers(0, 2)) for _ in range(2 * spatial)]
+    for i in range(spatial):
+        out = window_output_size(
+            size[i], kernel[i], strides[i], pads[i], pads[spatial + i], dilations[i]
+        )
+        assume(out >= 1)
+    return dict(
+        batch=draw(st.integers(1, 2)), groups=groups, cin_g=cin_g, m_g=m_g, size=size,
+        kernel=kernel, strides=strides, dilations=dilations, pads=pads,
+        x_dtype=draw(INT8), w_dtype=draw(st.sampled_from([np.int8, np.int8, np.uint8])),
+        w_zp=draw(st.sampled_from(["zero", "tensor", "channel"])),
+        per_channel=draw(st.booleans()), bias=draw(st.booleans()), pow2=draw(st.booleans()),
+        seed=draw(SEEDS),
+    )  # fmt: skip
+
+
+def _conv_model(case, *, integer=False):
+    rng = np.random.default_rng(case["seed"])
+    g, cin_g, m_g = case["groups"], case["cin_g"], case["m_g"]
+    c, m = g * cin_g, g * m_g
+    x = codes(rng, case["x_dtype"], (case["batch"], c, *case["size"]))
+    w = codes(rng, case["w_dtype"], (m, cin_g, *case["kernel"]))
+    info_x, info_w = np.iinfo(case["x_dtype"]), np.iinfo(case["w_dtype"])
+    w_zp = {
+        "zero": scalar(case["w_dtype"], 0),
+        "tensor": scalar(case["w_dtype"], rng.integers(info_w.min, info_w.max + 1)),
+        "channel": codes(rng, case["w_dtype"], (m,)),
+    }[case["w_zp"]]
+    attrs = {
+        "strides": case["strides"], "dilations": case["dilations"], "pads": case["pads"],
+        "group": g,
+    }  # fmt: skip
+    x_zp = scalar(case["x_dtype"], rng.integers(info_x.min, info_x.max + 1))
+    if integer:
+        consts = {"w": w, "xz": x_zp, "wz": w_zp}
+        model = one_node_model(
+            "ConvInteger", {"x": x}, consts, dict(attrs, order=["x", "w", "xz", "wz"]),
+            out=np.int32,
+        )  # fmt: skip
+        return model, {"x": x}
+    pow2 = case["pow2"]
+    ws = scales_of(rng, pow2, m) if case["per_channel"] else scale_of(rng, pow2)
+    consts = {
+        "xs": scale_of(rng, pow2), "xz": x_zp, "w": w, "ws": ws, "wz": w_zp,
+        "ys": scale_of(rng, pow2, -3, 3),
+        "yz": scalar(case["x_dtype"], rng.integers(info_x.min, info_x.max + 1)),
+        "b": rng.integers(-5000, 5000, m).astype(np.int32) if case["bias"] else None,
+    }  # fmt: skip
+    attrs["order"] = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]
+    return one_node_model("QLinearConv", {"x": x}, consts, attrs, out=case["x_dtype"]), {"x": x}
+
+
+@settings(FAST, max_examples=60)
+@given(conv_cases())
+def test_qlinear_conv(case):
+    model, feeds = _conv_model(case)
+    cpu = check_model(model, feeds)
+    names = kernel_names(cpu._executor)
+    assert "conv_" in names and "+requantize" in names, names
+
+
+@settings(FAST, max_examples=12)
+@given(conv_cases())
+def test_conv_integer(case):
+    """No requantize: the kernel stores the int32 accumulator itself."""
+    model, feeds = _conv_model(case, integer=True)
+    cpu = check_model(model, feeds)
+    assert "conv_" in kernel_names(cpu._executor)
+
+
+def test_conv_uses_depthwise_and_gemm_kernels():
+    base = dict(
+        batch=1, size=[5, 6], kernel=[3, 3], strides=[1, 1], dilations=[1, 1],
+        pads=[1, 1, 1, 1], x_dtype=np.uint8, w_dtype=np.int8, w_zp="channel",
+        per_channel=True, bias=True, pow2=True, seed=3,
+    )  # fmt: skip
+    depthwise = check_model(*_conv_model(dict(base, groups=4, cin_g=1, m_g=1)))
+    dense = check_model(*_conv_model(dict(base, groups=1, cin_g=3, m_g=4)))
+    assert "conv_depthwise" in kernel_names(depthwise._executor)
+    assert "conv_gemm" in kernel_names(dense._executor)
+
+
+def test_conv_bias_wraps_int32():
+    """bias + sum beyond int32 wraps (two's complement), before requantizing."""
+    x = np.full((1, 2, 3, 3), 255, np.uint8)
+    w = np.full((2, 2, 3, 3), 127, np.int8)
+    consts = {
+        "xs": np.float32(2.0**-8), "xz": scalar(np.uint8, 0), "w": w,
+        "ws": np.float32(2.0**-8), "wz": scalar(np.int8, 0), "ys": np.float32(2.0**-4),
+        "yz": scalar(np.uint8, 128), "b": np.array([2**31 - 1000, -(2**31)], np.int32),
+    }  # fmt: skip
+    attrs = {"pads": [1, 1, 1, 1], "order": ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]}
+    check_model(one_node_model("QLinearConv", {"x": x}, consts, attrs, out=np.uint8), {"x": x})
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_conv_on_every_gemm_path(isa, monkeypatch):
+    """The GEMM engine's other paths (when the host runs them) give the same bits."""
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if isa not in runnable_isas():
+        pytest.skip(f"host cannot run {isa}")
+    monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    case = dict(
+        batch=2, groups=1, cin_g=7, m_g=20, size=[6, 5], kernel=[3, 3], strides=[1, 1],
+        dilations=[1, 1], pads=[1, 1, 1, 1], x_dtype=np.int8, w_dtype=np.int8, w_zp="channel",
+        per_channel=True, bias=True, pow2=False, seed=11,
+    )  # fmt: skip
+    check_model(*_conv_model(case))
+
+
+# ---- qmatmul -------------------------------------------------------------------------
+
+
+@st.composite
+def matmul_cases(draw):
+    k, n = draw(st.integers(1, 40)), draw(st.integers(1, 33))
+    lead = draw(st.sampled_from([(), (1,), (3,), (2, 3)]))
+    m = draw(st.integers(1, 9))
+    a_shape = (*lead, m, k) if lead or draw(st.booleans()) else (k,)
+    b_const = draw(st.booleans())
+    b_batch = () if b_const else draw(st.sampled_from([(), (1,), lead[-1:] if lead else ()]))
+    b_shape = (*b_batch, k, n)
+    return dict(
+        a_shape=a_shape, b_shape=b_shape, b_const=b_const, a_dtype=draw(INT8),
+        b_dtype=draw(st.sampled_from([np.int8, np.uint8])), per_column=draw(st.booleans()),
+        pow2=draw(st.booleans()), seed=draw(SEEDS),
+    )  # fmt: skip
+
+
+@settings(FAST, max_examples=40)
+@given(matmul_cases())
+def test_qlinear_matmul(case):
+    rng = np.random.default_rng(case["seed"])
+    at, bt = case["a_dtype"], case["b_dtype"]
+    if not case["b_const"]:
+        bt = at  # run-time operands: one activation type
+    a, b = codes(rng, at, case["a_shape"]), codes(rng, bt, case["b_shape"])
+    n = case["b_shape"][-1]
+    pow2 = case["pow2"]
+    per_column = case["per_column"] and len(case["b_shape"]) == 2
+    ia, ib = np.iinfo(at), np.iinfo(bt)
+    consts = {
+        "as": scale_of(rng, pow2), "az": scalar(at, rng.integers(ia.min, ia.max + 1)),
+        "bs": scales_of(rng, pow2, n) if per_column else scale_of(rng, pow2),
+        "bz": codes(rng, bt, (n,)) if per_column else scalar(bt, rng.integers(ib.min, ib.max + 1)),
+        "ys": scale_of(rng, pow2, -2, 4), "yz": scalar(at, rng.integers(ia.min, ia.max + 1)),
+    }  # fmt: skip
+    feeds = {"a": a}
+    if case["b_const"]:
+        consts["b"] = b
+    else:
+        feeds["b"] = b
+    attrs = {"order": ["a", "as", "az", "b", "bs", "bz", "ys", "yz"]}
+    cpu = check_model(one_node_model("QLinearMatMul", feeds, consts, attrs, out=at), feeds)
+    assert "matmul_" in kernel_names(cpu._executor)
+
+
+def test_matmul_integer_row_and_column_zero_points():
+    rng = np.random.default_rng(5)
+    for b_const in (True, False):
+        a, b = (
+            codes(rng, np.uint8, (6, 9)),
+            codes(rng, np.uint8 if not b_const else np.int8, (9, 4)),
+        )
+        consts = {"az": codes(rng, np.uint8, (6,)), "bz": codes(rng, b.dtype, (4,))}
+        feeds = {"a": a}
+        if b_const:
+            consts["b"] = b
+        else:
+            feeds["b"] = b
+        attrs = {"order": ["a", "b", "az", "bz"]}
+        check_model(one_node_model("MatMulInteger", feeds, consts, attrs, out=np.int32), feeds)
+
+
+def test_matmul_accumulator_wraps_at_large_k():
+    """K = 70000 products of 255 * 127 leave int32: the sum wraps, exactly as
+    the reference's int64-then-wrap does, on the GEMM engine's path."""
+    k = 70000
+    a = np.full((2, k), 255, np.uint8)
+    a[1, ::3] = 0
+    b = np.full((k, 3), 127, np.int8)
+    b[:, 1] = -128
+    consts = {"b": b, "az": scalar(np.uint8, 0), "bz": scalar(np.int8, 0)}
+    attrs = {"order": ["a", "b", "az", "bz"]}
+    model = one_node_model("MatMulInteger", {"a": a}, consts, attrs, out=np.int32)
+    cpu = check_model(model, {"a": a})
+    out = cpu.run({"a": a})["y"]
+    assert out[0, 0] == np.int64(255 * 127 * k - 2**32)  # really wrapped
+
+
+@pytest.mark.parametrize("dtype", [dtypes.int16, dtypes.uint16])
+def test_qmatmul_16_bit_batched(dtype):
+    """16-bit operands (no ONNX op makes them): the batched kernel, exact int64
+    sums wrapped to int32, per-row and per-column zero points."""
+    rng = np.random.default_rng(8)
+    a_val = codes(rng, dtype.numpy, (3, 4, 50))
+    b_val = codes(rng, dtype.numpy, (1, 50, 6))
+    g = Graph()
+    a, b = (
+        g.add_input("a", TensorType(dtype, a_val.shape)),
+        g.add_input("b", TensorType(dtype, b_val.shape)),
+    )
+    zps = [g.constant(codes(rng, dtype.numpy, (4,))), g.constant(codes(rng, dtype.numpy, (6,)))]
+    node = g.add_node("qmatmul", [a, b, *zps])
+    g.set_outputs(node.outputs)
+    cpu = check_graph(g, [a_val, b_val])
+    assert "matmul_batched" in kernel_names(cpu)
+
+
+# ---- requantize (every rounding mode), clamps, epilogue chains: IR graphs ----------
+
+ROUNDINGS = ["half_even_float", "fixed_point_double", "fixed_point_single"]
+OUT_TYPES = [dtypes.uint8, dtypes.int8, dtypes.int16, dtypes.uint16, dtypes.int32]
+
+
+def _multipliers(rng, n, pow2):
+    m = scales_of(rng, pow2, n, -14, 1)
+    if not pow2:
+        m[: n // 3] = np.float32(rng.uniform(0.9, 1.0))
+    return m
+
+
+@FAST
+@given(
+    seed=SEEDS,
+    rounding=st.sampled_from(ROUNDINGS),
+    dtype=st.sampled_from(OUT_TYPES),
+    per_axis=st.booleans(),
+    pow2=st.booleans(),
+    clamp=st.booleans(),
+)
+def test_requantize_every_rounding(seed, rounding, dtype, per_axis, pow2, clamp):
+    rng = np.random.default_rng(seed)
+    shape = (2, 5, 7)
+    acc = rng.integers(-(2**31), 2**31, size=shape, dtype=np.int64).astype(np.int32)
+    small = rng.integers(-3000, 3000, size=shape).astype(np.int32)
+    acc = np.where(rng.random(shape) < 0.7, small, acc)
+    acc.flat[:4] = [-(2**31), 2**31 - 1, 0, -1]
+    g = Graph()
+    x = g.add_input("acc", TensorType(dtypes.int32, shape))
+    mult = _multipliers(rng, 5 if per_axis else 1, pow2)
+    zp = rng.integers(dtype.qmin, dtype.qmax + 1, size=5 if per_axis else 1)
+    zp = zp.astype(dtype.numpy).reshape(-1 if per_axis else ())
+    attrs = {"dtype": dtype, "rounding": rounding, "axis": 1 if per_axis else None}
+    if clamp:
+        lo = int(rng.integers(dtype.qmin, dtype.qmax))
+        attrs["clamp"] = (lo, int(rng.integers(lo, dtype.qmax + 1)))
+    node = g.add_node(
+        "requantize", [x, g.constant(mult.reshape(-1 if per_axis else ())), g.constant(zp)], attrs
+    )
+    g.set_outputs(node.outputs)
+    cpu = check_graph(g, [acc])
+    assert "requantize_flat" in kernel_names(cpu)
+
+
+def test_requantize_ties_and_saturation_goldens():
+    """Hand-computed values at +-0.5 and saturation, every rounding mode."""
+    acc = np.array([1, 2, -2, 6, -6, 1000, -1000, 3], np.int32)  # x 0.25
+    expected = {
+        "half_even_float": [0, 0, 0, 2, -2, 127, -128, 1],
+        "fixed_point_double": [1, 1, -1, 2, -2, 127, -128, 1],
+        "fixed_point_single": [0, 1, 0, 2, -1, 127, -128, 1],
+    }
+    for rounding, want in expected.items():
+        g = Graph()
+        x = g.add_input("acc", TensorType(dtypes.int32, (8,)))
+        attrs = {"dtype": dtypes.int8, "rounding": rounding, "axis": None}
+        node = g.add_node(
+            "requantize", [x, g.constant(np.float32(0.25)), g.constant(np.int8(0))], attrs
+        )
+        g.set_outputs(node.outputs)
+        check_graph(g, [acc])
+        np.testing.assert_array_equal(CpuExecutor(g).run([acc])[0], want)
+
+
+def _int_input(g, name, dtype, shape):
+    return g.add_input(name, TensorType(dtype, shape))
+
+
+@st.composite
+def chains(draw):
+    return dict(
+        anchor=draw(st.sampled_from(["conv", "conv_dw", "matmul", "reduce", "conv16"])),
+        bias=draw(st.booleans()),
+        rounding=draw(st.sampled_from(ROUNDINGS)),
+        clamp=draw(st.booleans()),
+        post=draw(st.sampled_from(["none", "qadd", "qadd_first", "qmul", "lookup"])),
+        dtype=draw(st.sampled_from([dtypes.uint8, dtypes.int8])),
+        per_channel=draw(st.booleans()),
+        pow2=draw(st.booleans()),
+        seed=draw(SEEDS),
+    )
+
+
+@settings(FAST, max_examples=60)
+@given(chains())
+def test_epilogue_chains(case):
+    """anchor -> [bias add] -> requantize (any rounding, clamp) -> [qadd | qmul |
+    lookup] computed by one kernel, against the unfused reference."""
+    rng = np.random.default_rng(case["seed"])
+    dt = case["dtype"]
+    g = Graph()
+    anchor = case["anchor"]
+    if anchor.startswith("conv"):
+        xt = dtypes.int16 if anchor == "conv16" else dt
+        x_val = codes(rng, xt.numpy, (2, 4, 5, 5))
+        x = _int_input(g, "x", xt, x_val.shape)
+        groups, cin = (4, 1) if anchor == "conv_dw" else (1, 4)
+        w = codes(
+            rng, np.int16 if anchor == "conv16" else np.int8, (6 if groups == 1 else 4, cin, 3, 3)
+        )
+        channels = w.shape[0]
+        node = g.add_node(
+            "qconv",
+            [x, g.constant(w), g.constant(np.asarray(x_val.reshape(-1)[0], xt.numpy)),
+             g.constant(codes(rng, w.dtype, (channels,)))],
+            {"strides": (1, 1), "pads": (1, 0, 1, 2), "dilations": (1, 1), "group": groups},
+        )  # fmt: skip
+        axis = 1
+    elif anchor == "matmul":
+        x_val = codes(rng, dt.numpy, (3, 4, 12))
+        x = _int_input(g, "x", dt, x_val.shape)
+        channels = 7
+        node = g.add_node(
+            "qmatmul",
+            [x, g.constant(codes(rng, np.int8, (12, channels))),
+             g.constant(np.asarray(3, dt.numpy)), g.constant(np.int8(-2))],
+        )  # fmt: skip
+        axis = 2
+    else:
+        x_val = codes(rng, dt.numpy, (2, 5, 4, 3))
+        x = _int_input(g, "x", dt, x_val.shape)
+        channels = 5
+        node = g.add_node("qreduce_sum", [x, g.constant(np.asarray(7, dt.numpy))], {"axes": [2, 3]})
+        axis = 1
+    acc = node.outputs[0]
+    if case["bias"]:
+        shape = (channels,) if axis == acc.type.rank - 1 else (channels, 1, 1)
+        acc = g.add_node(
+            "add", [acc, g.constant(rng.integers(-9000, 9000, shape).astype(np.int32))]
+        ).outputs[0]
+    per = case["per_channel"]
+    mult = _multipliers(rng, channels if per else 1, case["pow2"]) / 64
+    zp = codes(rng, dt.numpy, (channels,) if per else ())
+    attrs = {"dtype": dt, "rounding": case["rounding"], "axis": axis if per else None}
+    if case["clamp"]:
+        attrs["clamp"] = (int(zp.reshape(-1)[0]), dt.qmax)
+    y = g.add_node(
+        "requantize", [acc, g.constant(mult.reshape(-1 if per else ())), g.constant(zp)], attrs
+    ).outputs[0]
+    inputs = [x_val]
+    post = case["post"]
+    if post == "lookup":
+        table = codes(rng, np.uint8, (256,))
+        y = g.add_node("lookup", [y, g.constant(table)]).outputs[0]
+    elif post != "none":
+        other_val = codes(rng, dt.numpy, y.type.shape)
+        other = _int_input(g, "other", dt, other_val.shape)
+        inputs.append(other_val)
+        s = [g.constant(np.float32(v)) for v in scales_of(rng, case["pow2"], 3, -4, 0)]
+        z = [g.constant(np.asarray(v, dt.numpy)) for v in codes(rng, dt.numpy, (3,))]
+        a, b = (y, other) if post != "qadd_first" else (other, y)
+        op = "qmul" if post == "qmul" else "qadd"
+        rounding = "mlas" if op == "qmul" else "mlas_fma"
+        y = g.add_node(
+            op, [a, s[0], z[0], b, s[1], z[1], s[2], z[2]], {"rounding": rounding}
+        ).outputs[0]
+    g.set_outputs([y])
+    cpu = check_graph(g, inputs)
+    assert len(cpu.steps) == 1, kernel_names(cpu)  # the whole chain is one kernel
+
+
+# ---- elementwise: qadd / qmul / lookup -----------------------------------------------
+
+BINARY_SHAPES = [
+    ((67,), (67,)), ((2, 3, 5), (2, 3, 5)), ((1,), (40,)), ((40,), ()), ((), (9,)),
+    ((2, 3, 4, 5), (1, 3, 1, 1)), ((2, 3, 4, 5), (5,)), ((4, 1), (1, 37)), ((3, 1, 5), (3, 4, 1)),
+    ((1, 1), (1, 1)),
+]  # fmt: skip
+
+
+@FAST
+@given(
+    op_type=st.sampled_from(["QLinearAdd", "QLinearMul"]),
+    shapes=st.sampled_from(BINARY_SHAPES),
+    dtype=INT8,
+    pow2=st.booleans(),
+    seed=SEEDS,
+)
+def test_qlinear_binary(op_type, shapes, dtype, pow2, seed):
+    rng = np.random.default_rng(seed)
+    a, b = codes(rng, dtype, shapes[0]), codes(rng, dtype, shapes[1])
+    info = np.iinfo(dtype)
+    consts = {
+        "sa": scale_of(rng, pow2, -4, 0), "za": scalar(dtype, rng.integers(info.min, info.max)),
+        "sb": scale_of(rng, pow2, -4, 0), "zb": scalar(dtype, rng.integers(info.min, info.max)),
+        "sc": scale_of(rng, pow2, -5, 1), "zc": scalar(dtype, rng.integers(info.min, info.max)),
+    }  # fmt: skip
+    attrs = {"order": ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"]}
+    feeds = {"a": a, "b": b}
+    model = one_node_model(op_type, feeds, consts, attrs, domain=MS, out=dtype)
+    cpu = check_model(model, feeds)
+    assert f"{op_type[7:].lower()}_flat" in kernel_names(cpu._executor)
+
+
+@pytest.mark.parametrize("op_type", ["QLinearAdd", "QLinearMul"])
+def test_qlinear_binary_every_code_pair(op_type):
+    """All 65536 (a, b) uint8 pairs with scales where the two fma orders of
+    QLinearAdd round differently (tests/test_quant_ops.py ADD_DISCRIMINATING)."""
+    grid = np.arange(256, dtype=np.uint8)
+    for shapes in (((256, 1), (1, 256)), ((1, 256), (256, 1))):
+        a, b = grid.reshape(shapes[0]), grid.reshape(shapes[1])
+        consts = {
+            "sa": np.float32(0.3695337176322937), "za": scalar(np.uint8, 208),
+            "sb": np.float32(0.12790803611278534), "zb": scalar(np.uint8, 161),
+            "sc": np.float32(0.19580408930778503), "zc": scalar(np.uint8, 139),
+        }  # fmt: skip
+        attrs = {"order": ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"]}
+        feeds = {"a": a, "b": b}
+        check_model(one_node_model(op_type, feeds, consts, attrs, domain=MS, out=np.uint8), feeds)
+
+
+def test_fma_is_one_rounding():
+    """The kernels' fma (llvm.fma.f32) against numerics.fma_f32 (exact
+    rationals), including near-ties where two roundings would differ."""
+    import numba
+
+    from qnnjit.backends.cpu.kernels._numba import fma_f32 as fma
+    from qnnjit.numerics import fma_f32
+
+    @numba.njit
+    def run(a, b, c, out):
+        for i in range(a.size):
+            out[i] = fma(a[i], b[i], c[i])
+
+    rng = np.random.default_rng(21)
+    n = 20000
+    a = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 30, n))).astype(np.float32)
+    b = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 30, n))).astype(np.float32)
+    c = (rng.standard_normal(n) * np.exp2(rng.integers(-60, 60, n))).astype(np.float32)
+    a[:3], b[:3], c[:3] = np.float32(2.0**-24), np.float32(1 + 2.0**-23), np.float32(1.0)
+    out = np.empty(n, np.float32)
+    run(a, b, c, out)
+    np.testing.assert_array_equal(out.view(np.uint32), fma_f32(a, b, c).view(np.uint32))
+
+
+@pytest.mark.parametrize("op_type", ["QLinearSigmoid", "QLinearLeakyRelu"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_lookup_ops(op_type, dtype):
+    x = np.arange(np.iinfo(dtype).min, np.iinfo(dtype).max + 1).astype(dtype).reshape(4, 64)
+    consts = {
+        "xs": np.float32(0.05), "xz": scalar(dtype, 3), "ys": np.float32(0.004),
+        "yz": scalar(dtype, -7 if dtype == np.int8 else 9),
+    }  # fmt: skip
+    attrs = {"order": ["x", "xs", "xz", "ys", "yz"]}
+    if op_type == "QLinearLeakyRelu":
+        attrs["alpha"] = 0.1
+    model = one_node_model(op_type, {"x": x}, consts, attrs, domain=MS, out=dtype)
+    cpu = check_model(model, {"x": x})
+    assert "lookup_flat" in kernel_names(cpu._executor)
+
+
+# ---- quantize / dequantize -----------------------------------------------------------
+
+
+@FAST
+@given(
+    dtype=st.sampled_from([np.uint8, np.int8, np.uint16, np.int16]),
+    per_axis=st.booleans(),
+    pow2=st.booleans(),
+    seed=SEEDS,
+)
+def test_quantize_dequantize(dtype, per_axis, pow2, seed):
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, 17)
+    scale = scales_of(rng, pow2, 3, -8, 2) if per_axis else scale_of(rng, pow2, -8, 2)
+    zp = codes(rng, dtype, (3,)) if per_axis else scalar(dtype, codes(rng, dtype, ()))
+    ticks = rng.integers(-70000, 70000, shape) + (0.5 if pow2 else rng.random(shape))
+    x = (ticks * (scale[None, :, None] if per_axis else scale)).astype(np.float32)
+    x.flat[:6] = [np.nan, np.inf, -np.inf, 1e30, -0.0, 3e-39]
+    q = one_node_model("QuantizeLinear", {"x": x}, {"s": scale, "z": zp}, {"axis": 1}, out=dtype)
+    cpu = check_model(q, {"x": x})
+    assert "quantize_flat" in kernel_names(cpu._executor)
+    codes_in = codes(rng, dtype, shape)
+    dq = one_node_model(
+        "DequantizeLinear", {"q": codes_in}, {"s": scale, "z": zp}, {"axis": 1}, out=np.float32
+    )
+    cpu = check_model(dq, {"q": codes_in})
+    assert "dequantize_flat" in kernel_names(cpu._executor)
+
+
+def test_quantize_clamp_attribute():
+    """quantize's `clamp` (a fused relu/clip): NaN still gives qmin."""
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.float32, (12,)))
+    attrs = {"dtype": dtypes.int8, "axis": 1, "block_size": 0, "clamp": (-5, 90)}
+    node = g.add_node("quantize", [x, g.constant(np.float32(0.5)), g.constant(np.int8(3))], attrs)
+    g.set_outputs(node.outputs)
+    values = np.array([np.nan, -1e9, 1e9, -3.25, -3.75, 0.25, 44.25, 44.75, 100, -0.0, 1, 2])
+    check_graph(g, [values.astype(np.float32)])
+
+
+# ---- pooling -------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    dtype=INT8,
+    size=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    pads=st.tuples(*[st.integers(0, 1)] * 4),
+    dilations=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    ceil_mode=st.booleans(),
+    seed=SEEDS,
+)
+def test_max_pool_integers(dtype, size, kernel, strides, pads, dilations, ceil_mode, seed):
+    for i in range(2):
+        assume(pads[i] < kernel[i] and pads[2 + i] < kernel[i])
+        span = size[i] + pads[i] + pads[2 + i] - dilations[i] * (kernel[i] - 1)
+        assume(span >= 1)
+    x = codes(np.random.default_rng(seed), dtype, (2, 3, *size))
+    attrs = {
+        "kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+        "ceil_mode": int(ceil_mode),
+    }  # fmt: skip
+    cpu = check_model(one_node_model("MaxPool", {"x": x}, {}, attrs, out=dtype), {"x": x})
+    assert "max_pool_2d" in kernel_names(cpu._executor)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_global_average_pool_reduce_sum(dtype):
+    x = codes(np.random.default_rng(4), dtype, (2, 6, 5, 7))
+    consts = {
+        "xs": np.float32(2.0**-3), "xz": scalar(dtype, 5), "ys": np.float32(2.0**-4),
+        "yz": scalar(dtype, -3 if dtype == np.int8 else 3),
+    }  # fmt: skip
+    attrs = {"order": ["x", "xs", "xz", "ys", "yz"], "channels_last": 0}
+    model = one_node_model(
+        "QLinearGlobalAveragePool", {"x": x}, consts, attrs, domain=MS, out=dtype
+    )
+    cpu = check_model(model, {"x": x})
+    assert "reduce_rows" in kernel_names(cpu._executor)
+
+
+@FAST
+@given(
+    dtype=INT8,
+    size=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    pads=st.tuples(*[st.integers(0, 1)] * 4),
+    ceil_mode=st.booleans(),
+    count_include_pad=st.booleans(),
+    channels_last=st.booleans(),
+    pow2=st.booleans(),
+    seed=SEEDS,
+)
+def test_qlinear_average_pool(
+    dtype, size, kernel, strides, pads, ceil_mode, count_include_pad, channels_last, pow2, seed
+):
+    for i in range(2):
+        assume(pads[i] < kernel[i] and pads[2 + i] < kernel[i])
+        assume(size[i] + pads[i] + pads[2 + i] >= kernel[i])
+    rng = np.random.default_rng(seed)
+    shape = (2, *size, 3) if channels_last else (2, 3, *size)
+    x = codes(rng, dtype, shape)
+    info = np.iinfo(dtype)
+    consts = {
+        "xs": scale_of(rng, pow2), "xz": scalar(dtype, rng.integers(info.min, info.max + 1)),
+        "ys": scale_of(rng, pow2), "yz": scalar(dtype, rng.integers(info.min, info.max + 1)),
+    }  # fmt: skip
+    attrs = {
+        "order": ["x", "xs", "xz", "ys", "yz"], "kernel_shape": kernel, "strides": strides,
+        "pads": pads, "ceil_mode": int(ceil_mode), "count_include_pad": int(count_include_pad),
+        "channels_last": int(channels_last),
+    }  # fmt: skip
+    model = one_node_model("QLinearAveragePool", {"x": x}, consts, attrs, domain=MS, out=dtype)
+    cpu = check_model(model, {"x": x})
+    names = kernel_names(cpu._executor)
+    assert "qaverage_pool_2d" in names or "reduce_rows" in names, names
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("bounds", [(0, None), (-3, 100), (None, 6), (7.9, 2.0)])
+def test_integer_clip(dtype, bounds):
+    x = codes(np.random.default_rng(2), dtype, (3, 50))
+    consts = {
+        "lo": None if bounds[0] is None else np.array(bounds[0], np.float32).astype(dtype),
+        "hi": None if bounds[1] is None else np.array(bounds[1], np.float32).astype(dtype),
+    }
+    if dtype == np.uint8 and bounds[0] == -3:
+        consts["lo"] = scalar(dtype, 3)
+    model = one_node_model("Clip", {"x": x}, consts, {"order": ["x", "lo", "hi"]}, out=dtype)
+    cpu = check_model(model, {"x": x})
+    assert "clip_flat" in kernel_names(cpu._executor)
+
+
+# ---- whole models ----------------------------------------------------------------------
+
+ZOO_VARIANTS = ["qdq_u8s8_pc", "qoperator_s8s8_pt_pow2", "qdq_s8s8_pc_sym_pow2"]
+
+
+@pytest.mark.parametrize("variant", ZOO_VARIANTS)
+@pytest.mark.parametrize(
+    "name", ["resnet_style", "mobilenetv2_style", "mlp_attention", "inception_style"]
+)
+def test_model_zoo(model_zoo, name, variant):
+    from modelzoo import all_variants, example_input
+
+    chosen = next(v for v in all_variants() if v.name == variant)
+    path = model_zoo.build(name, chosen, dynamic_batch=True)
+    cpu = check_model(str(path), {"input": example_input(name, batch=2, seed=9)})
+    ex = cpu._executor
+    # the integer core never falls back to NumPy
+    core = {"qconv", "qmatmul", "requantize", "qreduce_sum", "qadd", "qmul", "lookup"}
+    assert not [n for n, _ in ex.declined if n.op in core], ex.describe()
+    assert "cpu kernels" in cpu.report() and "fallbacks" in cpu.report()
+
+
+@settings(FAST, max_examples=25)
+@given(case=quantized_cnn())
+def test_random_cnns(case):
+    """The pipeline fuzzer's random quantized CNNs (conv, residual add,
+    max/average/global pools, sigmoid table, matmul head; random or
+    tie-forcing scales): cpu == reference == ONNX Runtime."""
+    model, shape, seed = case
+    x = np.random.default_rng(seed).normal(0, 1.5, shape).astype(np.float32)
+    cpu = check_model(model, {"input": x})
+    np.testing.assert_array_equal(cpu(x), run_ort(model, x))
+
+
+def test_work_split_over_threads(model_zoo, monkeypatch):
+    """Every kernel's task ranges, split over two threads even for tiny work,
+    give the same bits."""
+    import numba
+    from modelzoo import all_variants, example_input
+
+    from qnnjit.backends.cpu.kernels import _threads
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    for name, variant in [
+        ("mobilenetv2_style", "qdq_u8s8_pc"),
+        ("inception_style", "qoperator_s8s8_pt"),
+    ]:
+        chosen = next(v for v in all_variants() if v.name == variant)
+        path = model_zoo.build(name, chosen, dynamic_batch=True)
+        cpu = check_model(str(path), {"input": example_input(name, batch=3, seed=4)}, num_threads=2)
+        assert cpu._executor.num_threads == 2
+
+
+def test_kernels_compile_once_per_signature(model_zoo):
+    """Every layer of every model shares one compiled kernel per storage type:
+    no dispatcher holds more signatures than there are output storage widths."""
+    from modelzoo import all_variants
+
+    from qnnjit.backends.cpu import kernels
+
+    v = next(v for v in all_variants() if v.name == "qdq_u8s8_pc")
+    qnnjit.compile(str(model_zoo.build("resnet_style", v)), target="cpu")
+    for module in (kernels.conv, kernels.matmul, kernels.reduce, kernels.requant):
+        for name in dir(module):
+            f = getattr(module, name)
+            if hasattr(f, "signatures") and not name.startswith("_"):
+                assert len(f.signatures) <= 3, (name, f.signatures)
+
+
+def test_digits_demo_runs_on_cpu():
+    from qnnjit.demo import run_demo
+
+    lines = []
+    results = run_demo(out=lines.append)
+    assert results["target"] == "cpu" and "target=cpu" in lines[0]
+    assert results.get("identical_to_ort", 1.0) == 1.0
+
+
+# ---- api -------------------------------------------------------------------------------
+
+
+def _small_model():
+    case = dict(
+        batch=1, groups=1, cin_g=3, m_g=4, size=[6, 6], kernel=[3, 3], strides=[1, 1],
+        dilations=[1, 1], pads=[1, 1, 1, 1], x_dtype=np.uint8, w_dtype=np.int8, w_zp="zero",
+        per_channel=False, bias=True, pow2=True, seed=1,
+    )  # fmt: skip
+    return _conv_model(case)
+
+
+def test_cpu_is_the_default_target():
+    assert qnnjit.api.AVAILABLE_TARGETS[0] == "cpu"
+    model, feeds = _small_model()
+    assert qnnjit.compile(model).target == "cpu"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 64])
+def test_num_threads(threads):
+    model, feeds = _small_model()
+    cpu = check_model(model, feeds, num_threads=threads)
+    assert 1 <= cpu._executor.num_threads <= threads
+
+
+def test_num_threads_environment(monkeypatch):
+    monkeypatch.setenv("QNNJIT_NUM_THREADS", "1")
+    model, feeds = _small_model()
+    assert check_model(model, feeds)._executor.num_threads == 1
+
+
+def test_report_lists_fallbacks_with_reasons():
+    x = np.zeros((2, 3), np.float32)
+    model = one_node_model("Relu", {"x": x}, {}, out=np.float32)
+    cpu = check_model(model, {"x": x})
+    assert "relu" in cpu.report() and "has no cpu lowering" in cpu.report()
+
+
+def test_wrong_inputs_still_raise_input_error():
+    model, feeds = _small_model()
+    cpu = qnnjit.compile(model, target="cpu")
+    with pytest.raises(qnnjit.InputError):
+        cpu.run({"x": feeds["x"].astype(np.int8)})
+
+
+def test_onnx_model_is_valid():
+    model, _ = _small_model()
+    onnx.checker.check_model(model)
