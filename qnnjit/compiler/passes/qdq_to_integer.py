@@ -154,43 +154,12 @@ def zero_point_or_default(graph: Graph, value: Value | None, dtype, name: str) -
 # ---- the lowering context --------------------------------------------------------
 
 
-class UnitContext:
+class UnitContext(builder.LoweringContext):
     """Presents a matched unit to a QOperator converter as if it were that ONNX
     node: positional operands, ONNX attribute names, and `emit`."""
 
-    def __init__(self, graph: Graph, name: str, inputs: list, attrs: dict, opset: int):
-        self.graph = graph
-        self.name = name
-        self.inputs = inputs
-        self.attrs = attrs
-        self.opset = opset
-        self.created: list[Value] = []
-
-    def input(self, index: int):
-        return self.inputs[index] if index < len(self.inputs) else None
-
-    def attr(self, name: str, default=None):
-        return self.attrs.get(name, default)
-
-    def const(self, index: int, what: str):
-        value = self.input(index)
-        if value is None or not value.is_constant:
-            raise self.error(f"operand {index} ({what}) must be a constant")
-        return value.const
-
-    def optional_const(self, index: int, what: str):
-        return None if self.input(index) is None else self.const(index, what)
-
     def error(self, message: str) -> ModelError:
         return ModelError(f"fused unit {self.name!r}: {message}")
-
-    def constant(self, array, name: str = "c") -> Value:
-        return self.graph.constant(array, f"{self.name}_{name}")
-
-    def emit(self, op: str, inputs, attrs=None) -> list[Value]:
-        outputs = builder.emit(self.graph, op, inputs, attrs, name=self.name)
-        self.created += outputs
-        return outputs
 
 
 def lower_as(graph: Graph, unit: ComputeUnit, name: str, inputs: list, attrs: dict) -> Value:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -108,58 +107,28 @@ def find_unsupported(model: onnx.ModelProto, opsets: dict[str, int]) -> list[dic
     return unsupported
 
 
-class ConvertContext:
+class ConvertContext(builder.LoweringContext):
     """What a converter sees of the ONNX node being converted."""
 
     def __init__(self, loader: OnnxLoader, node: onnx.NodeProto, opset: int):
+        name = node.name or f"{node.op_type}_{node.output[0]}"
+        inputs = [loader.lookup(n, name) if n else None for n in node.input]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        super().__init__(loader.graph, name, inputs, attrs, opset)
         self.loader = loader
-        self.graph = loader.graph
         self.node = node
-        self.opset = opset
-        self.name = node.name or f"{node.op_type}_{node.output[0]}"
-        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        self.inputs: list[Value | None] = [
-            loader.lookup(n, self.name) if n else None for n in node.input
-        ]
-        self.created: list[Value] = []  # values this conversion made, renamable
 
-    def input(self, index: int) -> Value | None:
-        return self.inputs[index] if index < len(self.inputs) else None
-
-    def attr(self, name: str, default=None):
-        value = self.attrs.get(name, default)
-        if isinstance(value, bytes):
-            value = value.decode()
-        return value
-
-    def const(self, index: int, what: str) -> np.ndarray:
-        value = self.input(index)
-        if value is None or not value.is_constant:
-            message = (
-                f"node {self.name!r} ({self.node.op_type}): input {index} ({what}) must be a "
-                "constant (an initializer or computable at compile time)"
-            )
-            if value is not None and value.producer is None:
-                raise NonConstantInputError(
-                    f"{message}; it is graph input {value.name!r}", value.name
-                )
-            raise ModelError(message)
-        return value.const
-
-    def optional_const(self, index: int, what: str):
-        return None if self.input(index) is None else self.const(index, what)
+    def not_constant(self, index: int, what: str, value: Value | None) -> Exception:
+        message = (
+            f"node {self.name!r} ({self.node.op_type}): input {index} ({what}) must be a "
+            "constant (an initializer or computable at compile time)"
+        )
+        if value is not None and value.producer is None:
+            return NonConstantInputError(f"{message}; it is graph input {value.name!r}", value.name)
+        return ModelError(message)
 
     def error(self, message: str) -> ModelError:
         return ModelError(f"node {self.name!r} ({self.node.op_type}): {message}")
-
-    def constant(self, array, name: str = "c") -> Value:
-        return self.graph.constant(array, f"{self.name}_{name}")
-
-    def emit(self, op: str, inputs, attrs=None) -> list[Value]:
-        """Add one IR node for this ONNX node (folded when all inputs are constant)."""
-        outputs = builder.emit(self.graph, op, inputs, attrs, name=self.name)
-        self.created += outputs
-        return outputs
 
 
 class OnnxLoader:
