@@ -86,8 +86,11 @@ def _report(before: dict, before_ir: str, graph) -> str:
     for node in groups:
         for op, count in node.attrs["body"].op_counts().items():
             inner[op] = inner.get(op, 0) + count
+    preset = graph.metadata.get("numerics_preset", "unspecified")
     lines = [
-        f"node counts (frontend -> optimized), {sum(before.values())} -> {sum(after.values())}:"
+        f"numerics preset: {preset} (rounding choices are attributes of the ops below)",
+        "",
+        f"node counts (frontend -> optimized), {sum(before.values())} -> {sum(after.values())}:",
     ]
     for op in sorted(set(before) | set(after)):
         lines.append(f"  {op:28s} {before.get(op, 0):5d} -> {after.get(op, 0):5d}")

@@ -252,6 +252,9 @@ def _to_small_float(v: np.ndarray, dtype: DType, saturate: bool) -> np.ndarray:
     return v.astype(dtype.numpy)
 
 
+SCALE_OPS = ("divide", "reciprocal_multiply")
+
+
 def quantize(
     x,
     scale,
@@ -262,8 +265,14 @@ def quantize(
     block_size: int = 0,
     saturate: bool = True,
     precision: DType = dtypes.float32,
+    scale_op: str = "divide",
 ) -> np.ndarray:
-    """ONNX QuantizeLinear (opsets 10-25).
+    """ONNX QuantizeLinear (opsets 10-25), and PyTorch's variant.
+
+    `scale_op` names how x meets the scale: "divide" (ONNX, ONNX Runtime:
+    `x / scale`) or "reciprocal_multiply" (PyTorch, FBGEMM, XNNPACK:
+    `x * f32(1 / scale)`, integer storage and float32 only). The two differ in
+    the last bit of the quotient and so flip rounding ties.
 
     Integer storage (int2 .. uint16; int32 allowed too):
 
@@ -303,9 +312,17 @@ def quantize(
         raise ValueError(f"cannot quantize to {dtype}")
     if precision not in _PRECISIONS:
         raise ValueError(f"quantize precision must be one of {_PRECISIONS}, got {precision}")
+    if scale_op not in SCALE_OPS:
+        raise ValueError(f"scale_op must be one of {SCALE_OPS}, got {scale_op!r}")
+    if scale_op == "reciprocal_multiply" and (not dtype.is_int or precision != dtypes.float32):
+        raise ValueError("reciprocal_multiply quantizes float32 to integer storage only")
     s = expand_param(np.asarray(scale), x.shape, axis, block_size)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        v = (x.astype(precision.numpy) / s.astype(precision.numpy)).astype(np.float32)
+        if scale_op == "reciprocal_multiply":
+            inverse = np.float32(1.0) / s.astype(np.float32)
+            v = (x.astype(np.float32) * inverse).astype(np.float32)
+        else:
+            v = (x.astype(precision.numpy) / s.astype(precision.numpy)).astype(np.float32)
         if dtype.is_int:
             zp = _int_zero_point(zero_point, dtype, x.shape, axis, block_size)
             return _finish_int(round_half_even(v), zp, dtype)

@@ -958,3 +958,19 @@ def test_rounding_divide_by_pot_is_round_half_away(values, e):
     got = nm.rounding_divide_by_pot(np.array(values, np.int32), e)
     assert got.dtype == np.int32
     assert got.tolist() == [_exact_round_half_away(Fraction(v, 2**e)) for v in values]
+
+
+def test_reciprocal_multiply_is_pytorchs_convention_and_differs_from_divide():
+    """x / s (ONNX) and x * f32(1/s) (PyTorch) differ in the quotient's last
+    bit; where that bit decides a tie, the integers differ."""
+    scale = np.float32(0.63732475)  # a scale whose reciprocal is inexact enough to flip ties
+    x = (np.arange(-3000, 3000, dtype=np.float32) + np.float32(0.5)) * scale
+    divide = nm.quantize(x, scale, None, dtypes.int16)
+    multiply = nm.quantize(x, scale, None, dtypes.int16, scale_op="reciprocal_multiply")
+    inverse = np.float32(1.0) / scale
+    expected = np.clip(np.rint(x * inverse), -32768, 32767).astype(np.int16)
+    np.testing.assert_array_equal(multiply, expected)
+    np.testing.assert_array_equal(divide, np.rint(x / scale).astype(np.int16))
+    assert np.any(divide != multiply)
+    with pytest.raises(ValueError, match="scale_op"):
+        nm.quantize(x, scale, None, dtypes.int8, scale_op="guess")

@@ -170,6 +170,10 @@ class OnnxLoader:
         self.graph.set_outputs(outputs)
         self.graph.metadata["output_names"] = [v.name for v in onnx_graph.output]
         self.graph.metadata["opsets"] = self.opsets
+        # The numerics convention this model's integers follow: every rounding
+        # choice the converters make is ONNX Runtime's (QuantizeLinear divides,
+        # requantize is half_even_float), recorded on the ops themselves.
+        self.graph.metadata["numerics_preset"] = "onnxruntime"
         return self.graph
 
     def convert(self, node: onnx.NodeProto):

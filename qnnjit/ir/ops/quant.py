@@ -175,6 +175,8 @@ class Quantize:
         if ctx.has(2) and ctx.type(2).dtype != dtype:
             raise ctx.error(f"zero point is {ctx.type(2).dtype}, output is {dtype}")
         check_clamp(ctx, dtype)
+        if ctx.attrs.get("scale_op", "divide") not in numerics.SCALE_OPS:
+            raise ctx.error(f"scale_op must be one of {numerics.SCALE_OPS}")
         quant = None
         if _const(ctx, 1) is not None and (not ctx.has(2) or _const(ctx, 2) is not None):
             quant = quant_params(
@@ -199,6 +201,7 @@ class Quantize:
             block_size=attrs.get("block_size", 0),
             saturate=attrs.get("saturate", True),
             precision=attrs.get("precision", dtypes.float32),
+            scale_op=attrs.get("scale_op", "divide"),
         )
         if attrs.get("clamp") is not None:
             y = np.where(np.isnan(x), y, apply_clamp(y, attrs["clamp"]))

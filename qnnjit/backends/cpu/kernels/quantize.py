@@ -90,6 +90,8 @@ def lower_quantize(node: Node, ctx: LowerContext) -> Kernel:
         raise Decline(f"storage {dtype}")
     if node.attrs.get("precision", dtypes.float32) != dtypes.float32:
         raise Decline(f"division in {node.attrs['precision']}")
+    if node.attrs.get("scale_op", "divide") != "divide":
+        raise Decline(f"scale_op {node.attrs['scale_op']}")
     if not x.type.dtype.is_float or x.type.dtype.bits > 32:
         raise Decline(f"input of type {x.type.dtype}")
     axis, channels = _per_axis(node, x.type.rank, scale, zp)

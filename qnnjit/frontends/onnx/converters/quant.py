@@ -108,6 +108,7 @@ def quantize_linear(ctx):
         "block_size": ctx.attr("block_size", 0),
         "saturate": bool(ctx.attr("saturate", 1)),
         "precision": precision,
+        "scale_op": "divide",  # the ONNX preset: x / scale, never x * (1 / scale)
     }
     return ctx.emit("quantize", [x, scale, zero_point], attrs)
 
