@@ -235,7 +235,7 @@ def test_conv_on_every_gemm_path(isa, monkeypatch):
     from qnnjit.backends.cpu.features import runnable_isas
 
     if isa not in runnable_isas():
-        pytest.skip(f"host cannot run {isa}")
+        pytest.skip(reason=f"host cannot run {isa}")
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
     case = dict(
         batch=2, groups=1, cin_g=7, m_g=20, size=[6, 5], kernel=[3, 3], strides=[1, 1],
@@ -776,7 +776,7 @@ def test_work_split_over_threads(model_zoo, monkeypatch):
     from qnnjit.backends.cpu.kernels import _threads
 
     if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("one core")
+        pytest.skip(reason="one core")
     monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
     for name, variant in [
         ("mobilenetv2_style", "qdq_u8s8_pc"),
