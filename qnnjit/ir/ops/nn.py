@@ -50,7 +50,7 @@ def window_output_size(
     return out
 
 
-def _spatial_out(ctx, shape, kernel, attrs, ceil_mode=False) -> list:
+def spatial_out(ctx, shape, kernel, attrs, ceil_mode=False) -> list:
     """Output spatial dims of a conv/pool; symbolic dims stay symbolic when
     the window map is the identity (stride 1, 'same' padding)."""
     n = len(kernel)
@@ -174,7 +174,7 @@ class Conv:
             bias = ctx.type(2)
             if bias.shape is not None and len(bias.shape) != 1:
                 raise ctx.error(f"bias must be 1-D, got {bias.shape}")
-        spatial = _spatial_out(ctx, x.shape, w.shape[2:], ctx.attrs)
+        spatial = spatial_out(ctx, x.shape, w.shape[2:], ctx.attrs)
         return [TensorType(x.dtype, (x.shape[0], m, *spatial))]
 
     def evaluate(inputs, attrs):
@@ -259,7 +259,7 @@ def _pool_infer(ctx):
         raise ctx.error("pooling needs an input of known rank")
     kernel = ctx.attrs["kernel_shape"]
     _check_spatial_attrs(ctx, len(x.shape), len(kernel))
-    spatial = _spatial_out(ctx, x.shape, kernel, ctx.attrs, ctx.attrs["ceil_mode"])
+    spatial = spatial_out(ctx, x.shape, kernel, ctx.attrs, ctx.attrs["ceil_mode"])
     return [TensorType(x.dtype, (*x.shape[:2], *spatial))]
 
 

@@ -39,8 +39,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ... import numerics
 from .. import dtypes
 from ..types import Accumulator, QuantParams, TensorType
-from . import _dims, broadcast_shapes, op
-from .nn import conv_float64, window_output_size
+from . import broadcast_shapes, op
+from .nn import conv_float64, spatial_out
 
 INT32_MIN = -(1 << 31)
 
@@ -263,25 +263,12 @@ class DynamicQuantize:
 
 
 def _conv_spatial(ctx, x_shape, kernel, attrs) -> list:
+    """Output spatial dims of an integer conv: the float conv's window arithmetic."""
     n = len(kernel)
-    pads, strides, dilations = attrs["pads"], attrs["strides"], attrs["dilations"]
     for name, length in (("strides", n), ("dilations", n), ("pads", 2 * n)):
         if len(attrs[name]) != length:
             raise ctx.error(f"{name} has {len(attrs[name])} entries, expected {length}")
-    out = []
-    for axis in range(n):
-        size, k = x_shape[2 + axis], kernel[axis]
-        lo, hi, s, d = pads[axis], pads[n + axis], strides[axis], dilations[axis]
-        if isinstance(size, int) and isinstance(k, int):
-            result = window_output_size(size, k, s, lo, hi, d)
-            if result <= 0:
-                raise ctx.error(f"spatial axis {axis}: input {size} is smaller than the kernel")
-            out.append(result)
-        elif isinstance(k, int) and s == 1 and lo + hi == d * (k - 1):
-            out.append(size)
-        else:
-            out.append(_dims.fresh(ctx, f"d{2 + axis}"))
-    return out
+    return spatial_out(ctx, x_shape, kernel, attrs)
 
 
 @op("qconv", summary="int32 acc = sum (x - x_zp) * (w - w_zp) over conv windows, + bias")
