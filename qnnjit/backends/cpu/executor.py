@@ -45,6 +45,7 @@ from ...errors import QnnjitError
 from ...ir import ops
 from ...ir.graph import Graph, Node
 from .kernels import Decline, Kernel, LowerContext
+from .kernels._lowering import numpy_kernel
 
 
 def resolve_num_threads(num_threads: int | None = None) -> int:
@@ -254,16 +255,4 @@ def _flattenable(node: Node) -> bool:
 
 def _reference_kernel(node: Node) -> Kernel:
     """A step that runs the node's reference semantics (NumPy)."""
-    opdef = ops.get(node.op)
-    template = [None if v is None else (v.const if v.is_constant else None) for v in node.inputs]
-    runtime = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_constant]
-    attrs = node.attrs
-
-    def run(*arrays):
-        args = list(template)
-        for index, array in zip(runtime, arrays):
-            args[index] = array
-        return [np.asarray(r) for r in opdef.evaluate(args, attrs)]
-
-    inputs = [node.inputs[i] for i in runtime]
-    return Kernel(f"reference:{node.op}", run, inputs, node.outputs, [node])
+    return numpy_kernel(node, "reference")

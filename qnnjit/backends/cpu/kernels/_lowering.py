@@ -151,3 +151,24 @@ def static_shape(value: Value) -> tuple | None:
     if shape is None:
         return None
     return tuple(shape)
+
+
+def numpy_kernel(node: Node, label: str) -> Kernel:
+    """A step that runs the node's registered NumPy semantics (constants bound
+    once here, run-time operands passed in). Serves both the reference fallback
+    and the data-movement ops NumPy already does as fast as a kernel would."""
+    from ....ir import ops
+
+    opdef = ops.get(node.op)
+    template = [None if v is None else (v.const if v.is_constant else None) for v in node.inputs]
+    runtime = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_constant]
+    attrs = node.attrs
+
+    def run(*arrays):
+        args = list(template)
+        for index, array in zip(runtime, arrays):
+            args[index] = array
+        return [np.asarray(r) for r in opdef.evaluate(args, attrs)]
+
+    inputs = [node.inputs[i] for i in runtime]
+    return Kernel(f"{label}:{node.op}", run, inputs, node.outputs, [node])

@@ -118,27 +118,25 @@ def matmul_batched(
 # ---- lowering ------------------------------------------------------------------------
 
 
-def _row_zero_points(zp, m_dim) -> np.ndarray:
-    """a's zero point as one value per row (size M), or one value."""
+def _vector_zero_points(zp, size: int, axis: int, what: str) -> np.ndarray:
+    """A zero point as one value, or one value per index of `axis` (-1: a's
+    rows, given as [M] or [M, 1]; -2: b's columns, given as [N] or [1, N])."""
     if zp is None:
         return np.zeros(1, np.int64)
     zp = np.asarray(zp).astype(np.int64)
     if zp.size == 1:
         return zp.reshape(1)
-    if zp.size == m_dim and (zp.ndim == 1 or zp.shape[-1] == 1):
+    if zp.size == size and (zp.ndim == 1 or zp.shape[axis] == 1):
         return zp.reshape(-1)
-    raise Decline(f"a zero point of shape {zp.shape}")
+    raise Decline(f"{what} zero point of shape {zp.shape}")
+
+
+def _row_zero_points(zp, m_dim) -> np.ndarray:
+    return _vector_zero_points(zp, m_dim, -1, "a")
 
 
 def _col_zero_points(zp, n_dim) -> np.ndarray:
-    if zp is None:
-        return np.zeros(1, np.int64)
-    zp = np.asarray(zp).astype(np.int64)
-    if zp.size == 1:
-        return zp.reshape(1)
-    if zp.size == n_dim and (zp.ndim == 1 or zp.shape[-2] == 1):
-        return zp.reshape(-1)
-    raise Decline(f"b zero point of shape {zp.shape}")
+    return _vector_zero_points(zp, n_dim, -2, "b")
 
 
 def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ....ir import ops
 from ....ir.graph import Node
-from ._lowering import Kernel, LowerContext, const_input
+from ._lowering import Kernel, LowerContext, const_input, numpy_kernel
 
 SHAPE_OPS = ("flatten", "reshape", "squeeze", "unsqueeze", "identity")
 COPY_OPS = ("concat", "transpose")
@@ -43,16 +43,4 @@ def lower_view(node: Node, ctx: LowerContext) -> Kernel:
 
 
 def lower_copy(node: Node, ctx: LowerContext) -> Kernel:
-    opdef = ops.get(node.op)
-    template = [None if v is None else (v.const if v.is_constant else None) for v in node.inputs]
-    runtime = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_constant]
-    attrs = node.attrs
-
-    def run(*arrays):
-        args = list(template)
-        for index, array in zip(runtime, arrays):
-            args[index] = array
-        return opdef.evaluate(args, attrs)
-
-    inputs = [node.inputs[i] for i in runtime]
-    return Kernel(f"numpy-copy:{node.op}", run, inputs, node.outputs, [node])
+    return numpy_kernel(node, "numpy-copy")
