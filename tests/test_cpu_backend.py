@@ -204,7 +204,7 @@ def test_conv_integer(case):
     assert "conv_" in kernel_names(cpu._executor)
 
 
-def test_conv_uses_depthwise_and_gemm_kernels():
+def test_conv_uses_depthwise_nhwc_and_grouped_gemm_kernels():
     base = dict(
         batch=1, size=[5, 6], kernel=[3, 3], strides=[1, 1], dilations=[1, 1],
         pads=[1, 1, 1, 1], x_dtype=np.uint8, w_dtype=np.int8, w_zp="channel",
@@ -212,8 +212,25 @@ def test_conv_uses_depthwise_and_gemm_kernels():
     )  # fmt: skip
     depthwise = check_model(*_conv_model(dict(base, groups=4, cin_g=1, m_g=1)))
     dense = check_model(*_conv_model(dict(base, groups=1, cin_g=3, m_g=4)))
+    grouped = check_model(*_conv_model(dict(base, groups=2, cin_g=3, m_g=4)))
     assert "conv_depthwise" in kernel_names(depthwise._executor)
-    assert "conv_gemm" in kernel_names(dense._executor)
+    assert "conv_nhwc" in kernel_names(dense._executor)
+    assert "conv_gemm" in kernel_names(grouped._executor)
+
+
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("w_dtype,w_zp", [(np.int8, "zero"), (np.uint8, "channel")])
+def test_pointwise_conv_channels_last(x_dtype, w_dtype, w_zp):
+    """1x1 convolutions with C % 4 == 0: unsigned activations are read in
+    place as the GEMM's A rows, signed ones copied; a weight zero point adds
+    the per-pixel row sums. Two images, so tiles start at image offsets."""
+    case = dict(
+        batch=2, groups=1, cin_g=8, m_g=20, size=[5, 7], kernel=[1, 1], strides=[1, 1],
+        dilations=[1, 1], pads=[0, 0, 0, 0], x_dtype=x_dtype, w_dtype=w_dtype, w_zp=w_zp,
+        per_channel=True, bias=True, pow2=True, seed=11,
+    )  # fmt: skip
+    cpu = check_model(*_conv_model(case))
+    assert "conv_nhwc" in kernel_names(cpu._executor)
 
 
 def test_conv_bias_wraps_int32():

@@ -28,6 +28,11 @@ process or loaded from the on-disk cache (`kernels/_numba.py`). A warm-up run
 on zero inputs at construction compiles or loads all of them, so
 `qnnjit.compile` returns a model whose first inference is not a compile.
 
+Layouts: values keep their logical shapes; kernels that compute
+channels-last return transposed views of NHWC buffers (`kernels/layout.py`).
+Kernels that do not declare `strided_inputs` get C-contiguous copies, and so
+do the caller's outputs.
+
 Threads: kernels split their tasks over a shared pool of `num_threads`
 (`kernels/_threads.py`) when a call has enough work.
 """
@@ -201,8 +206,11 @@ class CpuExecutor:
         for s, array in zip(self._input_slots, arrays):
             env[s] = array
         for step, reads, writes, dtypes, frees in self._plan_steps:
+            args = [env[s] for s in reads]
+            if not step.strided_inputs:
+                args = [_contiguous(a) for a in args]
             try:
-                results = step.run(*[env[s] for s in reads])
+                results = step.run(*args)
             except QnnjitError:
                 raise
             except Exception as exc:
@@ -219,7 +227,7 @@ class CpuExecutor:
                 env[s] = result
             for s in frees:
                 env[s] = None
-        return [env[s] if s is not None else const for s, const in self._outputs]
+        return [_contiguous(env[s]) if s is not None else const for s, const in self._outputs]
 
     # ---- reporting ------------------------------------------------------------------
 
@@ -251,6 +259,14 @@ def _flattenable(node: Node) -> bool:
     return isinstance(body, Graph) and all(
         v.producer is not None and not v.is_constant for v in body.outputs
     )
+
+
+def _contiguous(array):
+    """A channels-last result (a transposed view, `kernels/layout.py`) as the
+    C-contiguous array a kernel without `strided_inputs`, or the user, gets."""
+    if isinstance(array, np.ndarray) and not array.flags.c_contiguous:
+        return np.ascontiguousarray(array)
+    return array
 
 
 def _reference_kernel(node: Node) -> Kernel:

@@ -43,13 +43,18 @@ class Decline(Exception):
 class Kernel:
     """One step of the execution plan: `run(*arrays)` takes the arrays of
     `inputs` (run-time values, in order) and returns one array per value of
-    `outputs`. `nodes` are the IR nodes it computes, `name` says how."""
+    `outputs`. `nodes` are the IR nodes it computes, `name` says how.
+
+    Arrays arrive C-contiguous unless `strided_inputs`: a kernel that reads
+    channels-last memory through transposed views (`layout`) says so, and
+    the executor then passes its operands as they are."""
 
     name: str
     run: Callable[..., list[np.ndarray]]
     inputs: list[Value]
     outputs: list[Value]
     nodes: list[Node]
+    strided_inputs: bool = False
 
 
 @dataclass

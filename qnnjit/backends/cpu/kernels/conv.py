@@ -35,11 +35,33 @@ import numpy as np
 
 from ....ir import dtypes
 from ....ir.graph import Node
-from ....ir.ops.nn import window_output_size
+from ._conv_geometry import (
+    GCG,
+    GDH,
+    GDW,
+    GG,
+    GH,
+    GHP,
+    GKH,
+    GKW,
+    GMG,
+    GOH,
+    GOW,
+    GPH,
+    GPOINT,
+    GPT,
+    GPW,
+    GSH,
+    GSW,
+    GW,
+    GWP,
+    conv_geometry,
+)  # fmt: skip
 from ._gemm import C_COL, C_KG, C_NR, conv_gemm_tile, plan_conv_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
+from .conv_nhwc import ChannelsLastConv
 from .requant import (
     build_epilogue,
     byte_codes,
@@ -48,32 +70,6 @@ from .requant import (
     output_buffer,
     unsigned_view,
 )
-
-# geo slots (int64 array)
-(GN, GC, GH, GW, GG, GCG, GMG, GKH, GKW, GSH, GSW, GPH, GPW, GDH, GDW, GOH, GOW, GPT, GHP,
- GWP, GPOINT) = range(21)  # fmt: skip
-
-
-def _geometry(x_shape, w_shape, attrs, group, tile_rows=0):
-    n, c, h, w = (int(d) for d in x_shape)
-    m, cg, kh, kw = w_shape
-    sh, sw = attrs["strides"]
-    dh, dw = attrs["dilations"]
-    pt, pl, pb, pr = attrs["pads"]
-    oh = window_output_size(h, kh, sh, pt, pb, dh)
-    ow = window_output_size(w, kw, sw, pl, pr, dw)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"input {tuple(x_shape)} is smaller than the kernel")
-    hp = max(h + pt + pb, (oh - 1) * sh + (kh - 1) * dh + 1)
-    wp = max(w + pl + pr, (ow - 1) * sw + (kw - 1) * dw + 1)
-    pointwise = kh == kw == sh == sw == 1 and not any(attrs["pads"])
-    geo = np.array(
-        [n, c, h, w, group, cg, m // group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, tile_rows,
-         hp, wp, pointwise],
-        dtype=np.int64,
-    )  # fmt: skip
-    return geo
-
 
 # ---- kernels -------------------------------------------------------------------------
 
@@ -327,7 +323,6 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     plan = None
 
     if eight_bit and cg > 1:
-        kind = "conv_gemm"
         za = x_zp + x_off  # zero point and pad as stored bytes (+128 when signed)
         pad_byte = pad_code + x_off
         if w_dt == dtypes.uint8:
@@ -337,11 +332,19 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         mg = m // group
         w_groups = [wb[g * mg : (g + 1) * mg].reshape(mg, k) for g in range(group)]
         wsum = np.concatenate([w_.astype(np.int64).sum(axis=1) for w_ in w_groups])
-        # sum_k (x - za)(w - zw) = C + 128 sum w + 16384 K - za sum w + K za zw - zw sum x
-        base_bias = base_bias + (128 - za) * wsum + 16384 * k + k * za * zw
-        need_rowsum = bool(np.any(zw != 0))
-        zw = kernel_array(zw, np.int64)
-        plan = plan_conv_gemm(w_groups, _static_pixels(x, w4.shape, attrs, group))
+        pixels = _static_pixels(x, w4.shape, attrs, group)
+        if group == 1:
+            kind = "conv_nhwc"
+            # sum_k (x - za)(w - zw) = sum_k x w - za sum w + K za zw - zw sum x
+            base_bias = base_bias - za * wsum + k * za * zw
+            channels_last = ChannelsLastConv(wb, zw, pixels, ctx.num_threads)
+        else:
+            kind = "conv_gemm"
+            # sum_k (x - za)(w - zw) = C + 128 sum w + 16384 K - za sum w + K za zw - zw sum x
+            base_bias = base_bias + (128 - za) * wsum + 16384 * k + k * za * zw
+            need_rowsum = bool(np.any(zw != 0))
+            zw = kernel_array(zw, np.int64)
+            plan = plan_conv_gemm(w_groups, pixels)
     elif eight_bit:
         kind = "conv_depthwise"
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
@@ -353,12 +356,15 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
 
     def launch(x_shape, other_shape):
         """Everything that depends on the input shape, computed once per shape."""
-        geo = _geometry(x_shape, w4.shape, attrs, group)
+        geo = conv_geometry(x_shape, w4.shape, attrs, group)
         n, oh, ow = x_shape[0], int(geo[GOH]), int(geo[GOW])
         out_shape = (n, m, oh, ow)
         final_shape = out_shape if rank == 4 else (n, m, ow)
         sc_i, sc_f = ep.scalars(final_shape, other_shape)
-        if kind == "conv_gemm":
+        if kind == "conv_nhwc":
+            geo[GPT] = channels_last.tile_pixels(oh * ow, n)
+            tasks, extra = 0, ()
+        elif kind == "conv_gemm":
             p = oh * ow
             geo[GPT] = tile = _tile_pixels(p, n * group, plan.nr, ctx.num_threads)
             tasks = n * group * -(-p // tile)
@@ -375,6 +381,11 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         if entry is None:
             entry = launches[key] = launch(*key)
         geo, out_shape, final_shape, sc_i, sc_f, tasks, work, extra = entry
+        if kind == "conv_nhwc":
+            ep.check_other(other, final_shape)
+            other4 = other if other is None or rank == 4 else other[:, :, None, :]
+            result = channels_last.run(x4, geo, x_flip, pad_byte, ep, sc_i, sc_f, other4, out_shape)
+            return [result.reshape(final_shape) if rank == 3 else result]
         out, flat = output_buffer(out_shape, ep.out_dtype)
         ob = ep.other_bytes(other, final_shape)
         threads = ctx.num_threads
@@ -404,7 +415,9 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     inputs = [x] + ([ep.other] if ep.other is not None else [])
     name = f"{kind}[{_describe(x_dt, w_dt, group, w4.shape)}]"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
-    return Kernel(label, run, inputs, nodes[-1].outputs, nodes)
+    return Kernel(
+        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind == "conv_nhwc"
+    )
 
 
 def _tap_offsets(geo) -> np.ndarray:
@@ -421,7 +434,7 @@ def _static_pixels(x, w_shape, attrs, group) -> int:
     spatial = shape[2:] if len(shape) == 4 else (1, *shape[2:])
     if not all(isinstance(d, int) for d in spatial):
         return 256
-    geo = _geometry((1, shape[1], *spatial), w_shape, attrs, group)
+    geo = conv_geometry((1, shape[1], *spatial), w_shape, attrs, group)
     return int(geo[GOH] * geo[GOW])
 
 

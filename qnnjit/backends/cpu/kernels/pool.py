@@ -1,4 +1,5 @@
-"""Pooling on integer tensors: max_pool (8 and 16 bits, 1-D and 2-D windows)
+"""Pooling on integer tensors: max_pool (8 bits channels-last, 16 bits NCHW;
+1-D and 2-D windows)
 and qaverage_pool (ONNX Runtime's QLinearAveragePool, 2-D).
 
 The maximum is taken over the window taps inside the input; padding never
@@ -18,6 +19,7 @@ from ....ir.ops.nn import window_output_size
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
+from .layout import channels_last_output, nhwc_bytes
 from .requant import byte_codes, cvt_saturate, unsigned_view
 
 
@@ -54,6 +56,42 @@ def max_pool_2d(t0, t1, x, geo, flip, out):
                 out[U(base + oh * OW + ow)] = best[U(ow)] ^ flip
 
 
+@jit()
+def max_pool_2d_nhwc(t0, t1, x, geo, flip, out):
+    """Output rows t0..t1 (image, oh) of a channels-last 8-bit x [N, H, W, C]
+    into out [N, OH, OW, C] (flat): each output pixel is the running maximum
+    of its taps inside the input, over C contiguous channels (vectorized),
+    on flipped codes starting at 0, the lowest (a window with no tap inside
+    gives the type's lowest value)."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, KW, SH, SW, PH, PW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    DH, DW, OH, OW = geo[6], geo[7], geo[8], geo[9]
+    xf = x.reshape(x.size)
+    fl = np.uint8(flip)
+    best = np.empty(C, np.uint8)
+    for t in range(t0, t1):
+        n = t // OH
+        oh = t - n * OH
+        for ow in range(OW):
+            best[:] = 0
+            for kh in range(KH):
+                ih = oh * SH - PH + kh * DH
+                if ih < 0 or ih >= H:
+                    continue
+                for kw in range(KW):
+                    iw = ow * SW - PW + kw * DW
+                    if iw < 0 or iw >= W:
+                        continue
+                    src = ((n * H + ih) * W + iw) * C
+                    for c in range(C):
+                        v = xf[U(src + c)] ^ fl
+                        b = best[U(c)]
+                        best[U(c)] = v if v > b else b
+            dst = (t * OW + ow) * C
+            for c in range(C):
+                out[U(dst + c)] = best[U(c)] ^ fl
+
+
 def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
     x = node.inputs[0]
     dt = x.type.dtype
@@ -71,6 +109,8 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
         pads = [0, pads[0], 0, pads[1]]
     flip, _ = byte_codes(dt)
     one_d = len(node.attrs["kernel_shape"]) == 1
+    # 8-bit maps run channels-last (the convolutions around them do); 16-bit NCHW
+    channels_last = dt.bits == 8
 
     def run(x_array):
         x4 = x_array[:, :, None, :] if one_d else x_array
@@ -80,8 +120,14 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
         hp = max(h + pads[0] + pads[2], (oh - 1) * strides[0] + (kernel[0] - 1) * dilations[0] + 1)
         wp = max(w + pads[1] + pads[3], (ow - 1) * strides[1] + (kernel[1] - 1) * dilations[1] + 1)
         geo = np.array([*kernel, *strides, pads[0], pads[1], *dilations, oh, ow, hp, wp], np.int64)
-        out = np.empty((n, c, oh, ow), x_array.dtype)
         work = n * c * oh * ow * kernel[0] * kernel[1]
+        if channels_last:
+            out, flat = channels_last_output((n, c, oh, ow), x_array.dtype)
+            run_tasks(
+                max_pool_2d_nhwc, n * oh, work, ctx.num_threads, nhwc_bytes(x4), geo, flip, flat
+            )
+            return [out[:, :, 0, :] if one_d else out]
+        out = np.empty((n, c, oh, ow), x_array.dtype)
         run_tasks(
             max_pool_2d,
             n * c,
@@ -94,7 +140,8 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
         )
         return [out[:, :, 0, :] if one_d else out]
 
-    return Kernel(f"max_pool_2d[{dt} {'x'.join(map(str, kernel))}]", run, [x], node.outputs, [node])
+    name = f"max_pool_2d{'_nhwc' if channels_last else ''}[{dt} {'x'.join(map(str, kernel))}]"
+    return Kernel(name, run, [x], node.outputs, [node], strided_inputs=channels_last)
 
 
 @jit()

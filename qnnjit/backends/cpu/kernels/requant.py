@@ -179,6 +179,31 @@ def qmul_scalar(p, r, zc, qmin, qmax):
     return cvt_saturate(np.float32(np.float32(p) * r) + zc, qmin, qmax)
 
 
+@jit(inline=True)
+def _fast_post(acc, bias, mf, zp, lof, hif, o, post, yfirst, ry, ro, fixed, zy, zo, rmul, zc,
+               plo, phi):  # fmt: skip
+    """One element of the vectorized requantize -> qadd / qmul path: float
+    requantization (`lof`/`hif` the clamp bounds minus the zero point), then
+    with the other operand's code `o` the post op's formula and saturation.
+    The bias add wraps to int32, as everywhere. (Scalars, not the sc_* arrays:
+    loads from an array inside the loop are not hoisted past the stores.)"""
+    v = np.rint(np.float32(np.int32(acc + bias)) * mf)
+    v = min(max(v, lof), hif)
+    y = np.int32(v) + zp
+    if post == P_QADD:
+        if yfirst:
+            t = fma_f32(np.float32(y), ry, fma_f32(np.float32(o), ro, fixed))
+        else:
+            t = fma_f32(np.float32(o), ro, fma_f32(np.float32(y), ry, fixed))
+    else:
+        p = (y - zy) * (o - zo)
+        t = np.float32(np.float32(p) * rmul) + zc
+    q = np.rint(t)
+    ok = q >= np.float32(-2147483648.0) and q < np.float32(2147483648.0)
+    q = min(max(q, plo), phi)
+    return np.int32(q) if ok else np.int32(plo)
+
+
 @jit()
 def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, inner, channels,
             chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
@@ -195,11 +220,14 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
     yfirst = sc_i[I_YFIRST] != 0
     zy, zo, yqmin = sc_i[I_ZY], sc_i[I_ZO], sc_i[I_YQMIN]
     ry, ro, fixed, rmul, zc = sc_f[F_RY], sc_f[F_RO], sc_f[F_FIXED], sc_f[F_RMUL], sc_f[F_ZC]
-    if sc_i[I_FAST] != 0 and (post == P_QADD or post == P_QMUL) and inner == 0:
-        if stride_c == 1 and cs_c == 0:
-            # A residual qadd / qmul after the requantize, rows of one channel
-            # stored contiguously: the same formulas as `qadd_scalar` /
-            # `qmul_scalar`, written as selects so the loop vectorizes.
+    if sc_i[I_FAST] != 0 and (post == P_QADD or post == P_QMUL) and inner == 0 and stride_c == 1:
+        # A residual qadd / qmul after the requantize, each row of the tile
+        # stored contiguously: the same formulas as `qadd_scalar` /
+        # `qmul_scalar`, written as selects so the loops vectorize.
+        oflip32, ooff32 = np.int32(oflip), np.int32(ooff)
+        zy32, zo32 = np.int32(zy), np.int32(zo)
+        plof, phif = np.float32(plo), np.float32(phi)
+        if cs_c == 0:  # one channel per row (a channel-major conv tile)
             for r in range(r0, r1):
                 c = U(c0 + r * cs_r)
                 bias, mf, zp = np.int32(chan_i[0, c]), chan_f[c], np.int32(chan_i[3, c])
@@ -207,22 +235,26 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
                 row = base + r * stride_r
                 for j in range(cols):
                     i = U(row + j)
-                    v = np.rint(np.float32(acc[U(r), U(j)] + bias) * mf)
-                    v = min(max(v, lof), hif)
-                    y = np.int32(v) + zp
-                    o = (np.int32(other[i]) ^ np.int32(oflip)) - np.int32(ooff)
-                    if post == P_QADD:
-                        if yfirst:
-                            t = fma_f32(np.float32(y), ry, fma_f32(np.float32(o), ro, fixed))
-                        else:
-                            t = fma_f32(np.float32(o), ro, fma_f32(np.float32(y), ry, fixed))
-                    else:
-                        p = (y - np.int32(zy)) * (o - np.int32(zo))
-                        t = np.float32(np.float32(p) * rmul) + zc
-                    q = np.rint(t)
-                    ok = q >= np.float32(-2147483648.0) and q < np.float32(2147483648.0)
-                    q = min(max(q, np.float32(plo)), np.float32(phi))
-                    out[i] = np.int32(q) if ok else np.int32(plo)
+                    o = (np.int32(other[i]) ^ oflip32) - ooff32
+                    out[i] = _fast_post(
+                        acc[U(r), U(j)], bias, mf, zp, lof, hif, o, post, yfirst, ry, ro, fixed,
+                        zy32, zo32, rmul, zc, plof, phif,
+                    )  # fmt: skip
+            return
+        if cs_c == 1:  # one channel per column (a matmul or channels-last tile)
+            for r in range(r0, r1):
+                c1 = c0 + r * cs_r
+                row = base + r * stride_r
+                for j in range(cols):
+                    c = U(c1 + j)
+                    i = U(row + j)
+                    zp = chan_i[3, c]
+                    o = (np.int32(other[i]) ^ oflip32) - ooff32
+                    out[i] = _fast_post(
+                        acc[U(r), U(j)], np.int32(chan_i[0, c]), chan_f[c], np.int32(zp),
+                        np.float32(lo - zp), np.float32(hi - zp), o, post, yfirst, ry, ro, fixed,
+                        zy32, zo32, rmul, zc, plof, phif,
+                    )  # fmt: skip
             return
     if sc_i[I_FAST] != 0 and post == P_NONE and inner == 0 and stride_c == 1:
         # The common case, as loops LLVM vectorizes: float rounding, finite
@@ -329,14 +361,19 @@ class Epilogue:
             return self.sc_i_swapped, self.sc_f_swapped
         return self.sc_i, self.sc_f
 
-    def other_bytes(self, other: np.ndarray | None, out_shape) -> np.ndarray:
-        if other is None:
-            return _EMPTY_U8
-        if other.shape != out_shape:
+    def check_other(self, other: np.ndarray | None, out_shape) -> None:
+        """The post op's operand must have the result's shape (no broadcasting)."""
+        if other is not None and other.shape != tuple(out_shape):
             raise ValueError(
                 f"fused {self.nodes[-1].op} operand has shape {other.shape}, "
                 f"the result {tuple(out_shape)}"
             )
+
+    def other_bytes(self, other: np.ndarray | None, out_shape) -> np.ndarray:
+        """The post op's operand as flat bytes in the result's (C) order."""
+        self.check_other(other, out_shape)
+        if other is None:
+            return _EMPTY_U8
         return unsigned_view(other).reshape(-1)
 
 

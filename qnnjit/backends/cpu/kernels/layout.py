@@ -1,0 +1,49 @@
+"""Channels-last (NHWC) tensors between the CPU kernels, without a layout pass.
+
+Values keep their logical (ONNX, NCHW) shapes everywhere: in the IR, in the
+executor's slots and at every kernel boundary. A kernel that computes
+channels-last writes an [N, H, W, C] buffer and returns the *view*
+`buffer.transpose(0, 3, 1, 2)`: an array of the logical shape [N, C, H, W]
+whose memory is NHWC. So correctness never depends on who reads it:
+
+- a channels-last kernel (`Kernel.strided_inputs`) gets the NHWC buffer back
+  for free (`nhwc_bytes`: the transpose of that view is C-contiguous), so a
+  chain conv -> pool -> conv -> residual add never transposes;
+- every other kernel receives a C-contiguous copy (the executor makes it), and
+  the NumPy fallbacks read the logical array as NumPy does;
+- graph outputs are made C-contiguous before they are returned.
+
+A transpose is paid only where a channels-last producer feeds another kind of
+consumer (or the other way round), once per such edge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+             8: np.dtype(np.uint64)}  # fmt: skip
+
+
+def nhwc_bytes(array: np.ndarray) -> np.ndarray:
+    """The [N, H, W, C] C-contiguous, writable unsigned view of a logical
+    [N, C, H, W] array: free when its memory is already channels-last, else
+    one transposing copy."""
+    hwc = array.transpose(0, 2, 3, 1)
+    flags = hwc.flags
+    if not (flags.c_contiguous and flags.writeable):
+        hwc = np.ascontiguousarray(hwc)
+    return hwc.view(_UNSIGNED[hwc.dtype.itemsize])
+
+
+def nchw_view(buffer: np.ndarray) -> np.ndarray:
+    """The logical [N, C, H, W] view of a channels-last [N, H, W, C] buffer."""
+    return buffer.transpose(0, 3, 1, 2)
+
+
+def channels_last_output(shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(logical [N, C, H, W] result, flat unsigned view of its NHWC memory that a
+    kernel writes) for an output of logical `shape`."""
+    n, c, h, w = shape
+    buffer = np.empty((n, h, w, c), dtype=dtype)
+    return nchw_view(buffer), buffer.view(_UNSIGNED[buffer.dtype.itemsize]).reshape(-1)
