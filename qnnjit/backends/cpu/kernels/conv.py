@@ -61,7 +61,7 @@ from ._gemm import C_COL, C_KG, C_NR, conv_gemm_tile, plan_conv_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
-from .conv_nhwc import ChannelsLastConv
+from .conv_nhwc import ChannelsLastConv, ChannelsLastDepthwise
 from .requant import (
     build_epilogue,
     byte_codes,
@@ -345,6 +345,10 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
             need_rowsum = bool(np.any(zw != 0))
             zw = kernel_array(zw, np.int64)
             plan = plan_conv_gemm(w_groups, pixels)
+    elif eight_bit and group == m and ChannelsLastDepthwise.fits(kh * kw):
+        kind = "conv_depthwise_nhwc"
+        shifted = w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]
+        channels_last = ChannelsLastDepthwise(shifted, ctx.num_threads)
     elif eight_bit:
         kind = "conv_depthwise"
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
@@ -364,6 +368,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         if kind == "conv_nhwc":
             geo[GPT] = channels_last.tile_pixels(oh * ow, n)
             tasks, extra = 0, ()
+        elif kind == "conv_depthwise_nhwc":
+            tasks, extra = 0, ()
         elif kind == "conv_gemm":
             p = oh * ow
             geo[GPT] = tile = _tile_pixels(p, n * group, plan.nr, ctx.num_threads)
@@ -381,10 +387,14 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         if entry is None:
             entry = launches[key] = launch(*key)
         geo, out_shape, final_shape, sc_i, sc_f, tasks, work, extra = entry
-        if kind == "conv_nhwc":
+        if kind in ("conv_nhwc", "conv_depthwise_nhwc"):
             ep.check_other(other, final_shape)
             other4 = other if other is None or rank == 4 else other[:, :, None, :]
-            result = channels_last.run(x4, geo, x_flip, pad_byte, ep, sc_i, sc_f, other4, out_shape)
+            if kind == "conv_nhwc":
+                args = (x_flip, pad_byte)
+            else:
+                args = (x_flip, x_zp + x_off, pad_code - x_zp)
+            result = channels_last.run(x4, geo, *args, ep, sc_i, sc_f, other4, out_shape)
             return [result.reshape(final_shape) if rank == 3 else result]
         out, flat = output_buffer(out_shape, ep.out_dtype)
         ob = ep.other_bytes(other, final_shape)
@@ -416,7 +426,7 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     name = f"{kind}[{_describe(x_dt, w_dt, group, w4.shape)}]"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(
-        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind == "conv_nhwc"
+        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind.endswith("_nhwc")
     )
 
 

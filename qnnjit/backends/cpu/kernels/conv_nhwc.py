@@ -1,4 +1,5 @@
-"""qconv channels-last: 8-bit, ungrouped convolutions as GEMMs over NHWC pixels.
+"""qconv channels-last: 8-bit ungrouped convolutions as GEMMs over NHWC pixels,
+and 8-bit depthwise convolutions as vector loops over NHWC channels.
 
 The activations are the GEMM engine's u8 operand A, one row per output pixel,
 and the weights its packed s8 operand B, [K, M] with k = (kh, kw, c), packed
@@ -23,6 +24,12 @@ bias at compile time); only `zw[m] * sum_k x[p]` is per pixel, and only when
 some `zw` is nonzero (uint8 weights, or an asymmetric weight zero point). Pad
 taps hold the pad byte, so the identity holds over all K taps. Everything is
 exact modulo 2^32, as the reference's int64-then-wrap.
+
+Depthwise (one input channel per output channel): per output pixel, a
+vector of C sums accumulates `(w[tap, c] - zw[c]) * (x - za)` tap by tap,
+each tap one contiguous loop over the channels (in float32, exactly); pad
+taps read `pad - za` (zero, unless a pad value other than the zero point was
+folded in). Then the epilogue stores the output row.
 """
 
 from __future__ import annotations
@@ -30,7 +37,22 @@ from __future__ import annotations
 import numpy as np
 
 from .. import drivers
-from ._conv_geometry import GDH, GDW, GKH, GKW, GOH, GOW, GPH, GPOINT, GPT, GPW, GSH, GSW
+from ._conv_geometry import (
+    GDH,
+    GDW,
+    GHP,
+    GKH,
+    GKW,
+    GOH,
+    GOW,
+    GPH,
+    GPOINT,
+    GPT,
+    GPW,
+    GSH,
+    GSW,
+    GWP,
+)  # fmt: skip
 from ._gemm import G_DESC, G_K4, G_KCG, G_KG, G_MR, G_NC, G_NR, G_PANEL_BYTES, plan_gemm
 from ._numba import U, jit
 from ._threads import run_tasks
@@ -136,6 +158,87 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
 
 
+@jit()
+def _window_row(x, n, ih, flip, za, pad, xr, dst, PW):
+    """xr[dst : dst + WP*C] = input row ih of image n as float32 `code - za`,
+    `pad` in the PW columns left of it, right of it, and for rows outside."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    row_len = xr.shape[1]
+    if ih < 0 or ih >= H:
+        xr[dst, :] = pad
+        return
+    xr[dst, : PW * C] = pad
+    xr[dst, (PW + W) * C :] = pad
+    xf = x.reshape(x.size)
+    src = (n * H + ih) * W * C
+    fl, z = np.int32(flip), np.int32(za)
+    o = PW * C
+    for q in range(min(W * C, row_len - o)):
+        xr[U(dst), U(o + q)] = np.float32((np.int32(xf[U(src + q)]) ^ fl) - z)
+
+
+@jit()
+def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, out,
+                   chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+    """Output rows t0..t1 (image, oh) of a depthwise convolution of the NHWC
+    bytes x [N, H, W, C]; `ws` float32 [KH*KW, C] the shifted weights and
+    `wrow` [KH*KW, OW*C] the same repeated along an output row (unit stride
+    and dilation only, else empty); `za` the activation zero point as u8
+    (stored byte ^ flip), `pad_shift` = pad - za.
+
+    Input rows are converted once each into a ring of float32 rows `xr`
+    (code - za, padded to WP columns with pad_shift), as many as one window
+    spans, so consecutive output rows reuse them. Then each tap is a float
+    multiply-add over the output row: with unit stride one loop of OW*C
+    (weights from `wrow`), else one loop of C per output pixel. The float32
+    sums are exact: every product and partial sum is an integer below 2^24 in
+    magnitude (the lowering checks KH*KW*255*255)."""
+    _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
+    C = x.shape[3]
+    KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
+    PH, PW, DH, DW = geo[GPH], geo[GPW], geo[GDH], geo[GDW]
+    OH, OW, WP = geo[GOH], geo[GOW], geo[GWP]
+    pad = np.float32(pad_shift)
+    span = (KH - 1) * DH + 1
+    xr = np.empty((span, WP * C), np.float32)
+    held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    acc = np.empty(OW * C, np.float32)
+    sums = np.empty(OW * C, np.int32)
+    tile = sums.reshape(OW, C)
+    slot = np.empty(KH, np.int64)
+    for t in range(t0, t1):
+        n = t // OH
+        oh = t - n * OH
+        for kh in range(KH):
+            ih = oh * SH - PH + kh * DH
+            s_ = (ih + PH) % span  # ih + PH in [0, HP): the padded row
+            key = n * geo[GHP] + ih + PH
+            if held[s_] != key:
+                _window_row(x, n, ih, flip, za, pad, xr, s_, PW)
+                held[s_] = key
+            slot[kh] = s_
+        acc[:] = 0
+        for kh in range(KH):
+            row = xr[slot[kh]]
+            for kw in range(KW):
+                tap = kh * KW + kw
+                if wrow.shape[0] > 0:  # unit stride: one loop over the output row
+                    wt = wrow[tap]
+                    xrow = row[kw * C :]
+                    for q in range(OW * C):
+                        acc[U(q)] += wt[U(q)] * xrow[U(q)]
+                else:
+                    for ow in range(OW):
+                        src = (ow * SW + kw * DW) * C
+                        dst = ow * C
+                        for c in range(C):
+                            acc[U(dst + c)] += ws[U(tap), U(c)] * row[U(src + c)]
+        for q in range(OW * C):
+            sums[U(q)] = np.int32(acc[U(q)])
+        ep_tile(tile, _0, OW, C, out, t * OW * C, C, _1, _0, _0, _1, _0, C,
+                chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
 class ChannelsLastConv:
     """The compile-time half: weights packed as B [K = (kh, kw, c), M], the
     run-time half (`run`) builds the NHWC operands and launches the tasks."""
@@ -153,10 +256,12 @@ class ChannelsLastConv:
         return bool(geo[GPOINT]) and flip == 0 and self.channels % 4 == 0
 
     def tile_pixels(self, pixels: int, images: int) -> int:
-        """Output pixels per task: the engine's cache-sized MC, cut so that every
-        thread gets a task when there are few images."""
+        """Output pixels per task: the engine's cache-sized MC, at most what keeps
+        the int32 C tile (which the epilogue reads back) in L1/L2, and cut so
+        that every thread gets a task when there are few images."""
         mr = self.plan.mr
-        tile = min(self.plan.config.mc, _round_up(pixels, mr))
+        c_rows = max(mr, _C_TILE_BYTES // (4 * self.plan.n) // mr * mr)
+        tile = min(self.plan.config.mc, c_rows, _round_up(pixels, mr))
         if images * _ceil_div(pixels, tile) < self.num_threads and pixels > mr:
             parts = _ceil_div(self.num_threads, images)
             tile = max(mr, _round_up(_ceil_div(pixels, parts), mr))
@@ -182,7 +287,51 @@ class ChannelsLastConv:
         return out
 
 
+class ChannelsLastDepthwise:
+    """A depthwise convolution (one input channel per output channel) over
+    NHWC rows: weights shifted by their zero points, as float32 [taps, C]
+    (exact: see `depthwise_nhwc`; `fits` says whether a window qualifies)."""
+
+    @staticmethod
+    def fits(taps: int) -> bool:
+        return taps * 255 * 255 < 1 << 24
+
+    def __init__(self, w_shifted: np.ndarray, num_threads: int):
+        m, kh, kw = w_shifted.shape
+        assert self.fits(kh * kw) and np.abs(w_shifted).max(initial=0) <= 255
+        self.ws = np.ascontiguousarray(w_shifted.reshape(m, kh * kw).T, dtype=np.float32)
+        self.num_threads = num_threads
+        self._rows: dict[int, np.ndarray] = {}
+
+    def weight_rows(self, geo) -> np.ndarray:
+        """`ws` repeated along an output row of OW pixels (unit stride and
+        dilation), else empty: built once per output width."""
+        if not (geo[GSW] == 1 and geo[GDW] == 1):
+            return _EMPTY_ROWS
+        ow = int(geo[GOW])
+        if ow not in self._rows:
+            self._rows[ow] = np.ascontiguousarray(np.tile(self.ws, (1, ow)))
+        return self._rows[ow]
+
+    def run(self, x4, geo, flip, za, pad_shift, ep, sc_i, sc_f, other, out_shape):
+        n, m, oh, ow = out_shape
+        out, flat = channels_last_output(out_shape, ep.out_dtype.numpy)
+        ob = _EMPTY if other is None else nhwc_bytes(other).reshape(-1)
+        work = n * m * oh * ow * self.ws.shape[0]
+        run_tasks(
+            depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, flip, za,
+            pad_shift, self.ws, self.weight_rows(geo), flat, ep.chan_i, ep.chan_f, sc_i, sc_f,
+            ep.table, ob,
+        )  # fmt: skip
+        return out
+
+
 _EMPTY = np.zeros(0, np.uint8)
+_EMPTY_ROWS = np.zeros((0, 0), np.float32)
+# The GEMM's int32 output tile, written by the microkernels and read back by
+# the epilogue; sized to stay in L2 next to the A tile (swept on MobileNetV2's
+# pointwise layers: 32-128 KiB within noise, 4.8 MiB (a whole image) 3x slower).
+_C_TILE_BYTES = 64 * 1024
 
 
 def _ceil_div(a: int, b: int) -> int:
