@@ -6,7 +6,7 @@ packed into four small arrays of fixed types, so one compiled kernel serves
 every layer (Numba compiles per argument *types*, and these never change):
 
     chan_i  int64[4, C]   bias (int32 values), fixed-point multiplier, shift, zp
-    chan_f  float32[C]    float multiplier
+    chan_f  float32[4, C] float multiplier, clamp bounds minus zp, zp (FM_* rows)
     sc_i    int64[16]     rounding, clamp lo/hi, post op, operand codes (below)
     sc_f    float32[8]    post-op ratios and constants
     table   int64[T]      lookup table (post op), else empty
@@ -58,6 +58,9 @@ P_NONE, P_QADD, P_QMUL, P_LOOKUP = 0, 1, 2, 3
  I_FAST) = range(13)  # fmt: skip
 # sc_f slots
 F_RY, F_RO, F_FIXED, F_RMUL, F_ZC = range(5)
+# chan_f rows: the float path's per-channel constants, precomputed so its
+# loops only load them (bounds and zero points of at most 16 bits are exact)
+FM_MULT, FM_LO, FM_HI, FM_ZP = range(4)
 
 ROUNDING_CODES = {
     "half_even_float": R_FLOAT,
@@ -230,8 +233,8 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
         if cs_c == 0:  # one channel per row (a channel-major conv tile)
             for r in range(r0, r1):
                 c = U(c0 + r * cs_r)
-                bias, mf, zp = np.int32(chan_i[0, c]), chan_f[c], np.int32(chan_i[3, c])
-                lof, hif = np.float32(lo - chan_i[3, c]), np.float32(hi - chan_i[3, c])
+                bias, mf, zp = np.int32(chan_i[0, c]), chan_f[FM_MULT, c], np.int32(chan_i[3, c])
+                lof, hif = chan_f[FM_LO, c], chan_f[FM_HI, c]
                 row = base + r * stride_r
                 for j in range(cols):
                     i = U(row + j)
@@ -248,12 +251,11 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
                 for j in range(cols):
                     c = U(c1 + j)
                     i = U(row + j)
-                    zp = chan_i[3, c]
                     o = (np.int32(other[i]) ^ oflip32) - ooff32
                     out[i] = _fast_post(
-                        acc[U(r), U(j)], np.int32(chan_i[0, c]), chan_f[c], np.int32(zp),
-                        np.float32(lo - zp), np.float32(hi - zp), o, post, yfirst, ry, ro, fixed,
-                        zy32, zo32, rmul, zc, plof, phif,
+                        acc[U(r), U(j)], np.int32(chan_i[0, c]), chan_f[FM_MULT, c],
+                        np.int32(chan_i[3, c]), chan_f[FM_LO, c], chan_f[FM_HI, c], o, post,
+                        yfirst, ry, ro, fixed, zy32, zo32, rmul, zc, plof, phif,
                     )  # fmt: skip
             return
     if sc_i[I_FAST] != 0 and post == P_NONE and inner == 0 and stride_c == 1:
@@ -263,23 +265,24 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
         if cs_c == 0:  # one channel per row (a conv tile: rows are channels)
             for r in range(r0, r1):
                 c = U(c0 + r * cs_r)
-                bias, mf, zp = np.int32(chan_i[0, c]), chan_f[c], np.int32(chan_i[3, c])
-                lof, hif = np.float32(lo - chan_i[3, c]), np.float32(hi - chan_i[3, c])
+                bias, mf, zp = np.int32(chan_i[0, c]), chan_f[FM_MULT, c], np.int32(chan_i[3, c])
+                lof, hif = chan_f[FM_LO, c], chan_f[FM_HI, c]
                 row = base + r * stride_r
                 for j in range(cols):
-                    v = np.rint(np.float32(acc[U(r), U(j)] + bias) * mf)
+                    v = np.rint(np.float32(np.int32(acc[U(r), U(j)] + bias)) * mf)
                     v = min(max(v, lof), hif)
                     out[U(row + j)] = np.int32(v) + zp
-        else:  # one channel per column (a matmul tile)
+        else:  # one channel per column (a matmul or channels-last tile)
+            bias_c, mult_c = chan_i[0], chan_f[FM_MULT]
+            lo_c, hi_c, zp_c = chan_f[FM_LO], chan_f[FM_HI], chan_f[FM_ZP]
             for r in range(r0, r1):
                 c1 = c0 + r * cs_r
                 row = base + r * stride_r
                 for j in range(cols):
                     c = U(c1 + j)
-                    zp = chan_i[3, c]
-                    v = np.rint(np.float32(np.int32(acc[U(r), U(j)] + chan_i[0, c])) * chan_f[c])
-                    v = min(max(v, np.float32(lo - zp)), np.float32(hi - zp))
-                    out[U(row + j)] = np.int32(v) + np.int32(zp)
+                    v = np.rint(np.float32(np.int32(acc[U(r), U(j)] + bias_c[c])) * mult_c[c])
+                    v = min(max(v, lo_c[c]), hi_c[c]) + zp_c[c]  # exact: 16-bit values
+                    out[U(row + j)] = np.int32(v)
         return
     for r in range(r0, r1):
         for j in range(cols):
@@ -290,7 +293,7 @@ def ep_tile(acc, r0, r1, cols, out, base, stride_r, stride_c, c0, cs_r, cs_c, in
                 out[idx] = a
                 continue
             y = requantize_scalar(
-                a, mode, chan_f[c], chan_i[1, c], chan_i[2, c], chan_i[3, c], lo, hi
+                a, mode, chan_f[FM_MULT, c], chan_i[1, c], chan_i[2, c], chan_i[3, c], lo, hi
             )
             if post == P_NONE:
                 out[idx] = y
@@ -462,7 +465,7 @@ def _raw_epilogue(bias, channels, nodes, notes) -> Epilogue:
     sc_i[I_ROUND] = R_NONE
     sc_f = np.zeros(8, np.float32)
     return Epilogue(
-        chan_i, np.zeros(channels, np.float32), sc_i, sc_i, sc_f, sc_f, _EMPTY_I64,
+        chan_i, np.zeros((4, channels), np.float32), sc_i, sc_i, sc_f, sc_f, _EMPTY_I64,
         dtypes.int32, nodes, notes=notes,
     )  # fmt: skip
 
@@ -521,7 +524,10 @@ def _requantize_part(rq: Node, acc: Value, channels: int, axis, bias) -> Epilogu
     fast = rounding == "half_even_float" and dtype.bits <= 16 and np.all(np.isfinite(mult))
     sc_i[I_FAST] = int(bool(fast))
     sc_f = np.zeros(8, np.float32)
-    return Epilogue(chan_i, mult, sc_i, sc_i.copy(), sc_f, sc_f.copy(), _EMPTY_I64, dtype)
+    chan_f = np.zeros((4, channels), np.float32)
+    chan_f[FM_MULT] = mult
+    chan_f[FM_LO], chan_f[FM_HI], chan_f[FM_ZP] = lo - zp, hi - zp, zp  # used when `fast`
+    return Epilogue(chan_i, chan_f, sc_i, sc_i.copy(), sc_f, sc_f.copy(), _EMPTY_I64, dtype)
 
 
 def _scalar_f32(value) -> np.float32:
