@@ -20,7 +20,6 @@ from ..spinteam import run_ranges_spinning
 MIN_PARALLEL_WORK = 1 << 20
 
 
-
 def run_tasks(kernel, tasks: int, work: float, threads: int, *args) -> None:
     """`kernel(t0, t1, *args)` over the tasks [0, tasks), split into at most
     `threads` contiguous ranges when `work` is worth it."""
