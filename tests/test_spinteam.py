@@ -20,16 +20,20 @@ def test_every_task_runs_once(tasks, threads):
     assert hits.tolist() == [1] * tasks
 
 
-def test_helper_error_reaches_the_caller():
+@pytest.mark.parametrize("threads", [2, 3])
+def test_helper_errors_reach_the_caller(threads):
+    """Every helper fails; the caller raises once all are done, and the team
+    is in step for the next call."""
+
     def fail_after_first(t0, t1):
         if t0 > 0:
             raise ValueError(f"task range {t0}..{t1}")
 
     with pytest.raises(ValueError, match="task range"):
-        spinteam.run_ranges_spinning(fail_after_first, 4, 2)
-    hits = np.zeros(4, np.int64)  # the team still works afterwards
-    spinteam.run_ranges_spinning(_mark, 4, 2, hits)
-    assert hits.tolist() == [1] * 4
+        spinteam.run_ranges_spinning(fail_after_first, 6, threads)
+    hits = np.zeros(6, np.int64)
+    spinteam.run_ranges_spinning(_mark, 6, threads, hits)
+    assert hits.tolist() == [1] * 6
 
 
 def test_sleeping_helper_is_woken():

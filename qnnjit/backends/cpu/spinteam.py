@@ -104,12 +104,12 @@ class _Helper:
             self.cond.notify()
         return target
 
-    def wait(self, target: int) -> None:
+    def wait(self, target: int) -> BaseException | None:
+        """Wait until the work handed over as `target` is done; its exception."""
         while _spin_until_changed(self.state, 1, target - 1, 1 << 20) != target:
             time.sleep(0)  # the helper is descheduled: let others run
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        error, self.error = self.error, None
+        return error
 
 
 _LOCK = threading.Lock()
@@ -136,9 +136,11 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
         ]
         try:
             kernel(bounds[0], bounds[1], *args)
-        finally:
-            for h, target in zip(helpers, targets):
-                h.wait(target)
+        finally:  # every helper finished before anything is raised
+            errors = [h.wait(target) for h, target in zip(helpers, targets)]
+        for error in errors:
+            if error is not None:
+                raise error
 
 
 _LOCK_CALL = threading.Lock()
