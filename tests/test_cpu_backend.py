@@ -230,7 +230,9 @@ def test_pointwise_conv_channels_last(x_dtype, w_dtype, w_zp):
         per_channel=True, bias=True, pow2=True, seed=11,
     )  # fmt: skip
     cpu = check_model(*_conv_model(case))
-    assert "conv_nhwc" in kernel_names(cpu._executor)
+    names = kernel_names(cpu._executor)
+    assert "conv_nhwc" in names
+    assert ("(A in place)" in names) == (x_dtype == np.uint8), names
 
 
 def test_conv_bias_wraps_int32():

@@ -26,10 +26,19 @@ def conv_geometry(x_shape, w_shape, attrs, group, tile_rows=0):
         raise ValueError(f"input {tuple(x_shape)} is smaller than the kernel")
     hp = max(h + pt + pb, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl + pr, (ow - 1) * sw + (kw - 1) * dw + 1)
-    pointwise = kh == kw == sh == sw == 1 and not any(attrs["pads"])
+    pointwise = is_pointwise((kh, kw), attrs)
     geo = np.array(
         [n, c, h, w, group, cg, m // group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, tile_rows,
          hp, wp, pointwise],
         dtype=np.int64,
     )  # fmt: skip
     return geo
+
+
+def is_pointwise(kernel_shape, attrs) -> bool:
+    """A 1x1, stride-1, unpadded convolution: its taps are the input itself."""
+    return (
+        tuple(kernel_shape) == (1, 1)
+        and tuple(attrs["strides"]) == (1, 1)
+        and not any(attrs["pads"])
+    )

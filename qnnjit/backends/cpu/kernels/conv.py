@@ -56,6 +56,7 @@ from ._conv_geometry import (
     GW,
     GWP,
     conv_geometry,
+    is_pointwise,
 )  # fmt: skip
 from ._gemm import C_COL, C_KG, C_NR, conv_gemm_tile, plan_conv_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
@@ -70,6 +71,9 @@ from .requant import (
     output_buffer,
     unsigned_view,
 )
+
+# The kinds computed channels-last (conv_nhwc.py), whose results are NHWC views.
+CHANNELS_LAST = ("conv_nhwc", "conv_depthwise_nhwc")
 
 # ---- kernels -------------------------------------------------------------------------
 
@@ -337,7 +341,10 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
             kind = "conv_nhwc"
             # sum_k (x - za)(w - zw) = sum_k x w - za sum w + K za zw - zw sum x
             base_bias = base_bias - za * wsum + k * za * zw
-            channels_last = ChannelsLastConv(wb, zw, pixels, ctx.num_threads)
+            channels_last = ChannelsLastConv(
+                wb, zw, flip=x_flip, pad_byte=pad_byte, pointwise=is_pointwise((kh, kw), attrs),
+                pixels_hint=pixels, num_threads=ctx.num_threads,
+            )  # fmt: skip
         else:
             kind = "conv_gemm"
             # sum_k (x - za)(w - zw) = C + 128 sum w + 16384 K - za sum w + K za zw - zw sum x
@@ -348,7 +355,10 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     elif eight_bit and group == m and ChannelsLastDepthwise.fits(kh * kw):
         kind = "conv_depthwise_nhwc"
         shifted = w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]
-        channels_last = ChannelsLastDepthwise(shifted, ctx.num_threads)
+        channels_last = ChannelsLastDepthwise(
+            shifted, flip=x_flip, za=x_zp + x_off, pad_shift=pad_code - x_zp,
+            num_threads=ctx.num_threads,
+        )  # fmt: skip
     elif eight_bit:
         kind = "conv_depthwise"
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
@@ -365,11 +375,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         out_shape = (n, m, oh, ow)
         final_shape = out_shape if rank == 4 else (n, m, ow)
         sc_i, sc_f = ep.scalars(final_shape, other_shape)
-        if kind == "conv_nhwc":
-            geo[GPT] = channels_last.tile_pixels(oh * ow, n)
-            tasks, extra = 0, ()
-        elif kind == "conv_depthwise_nhwc":
-            tasks, extra = 0, ()
+        if kind in CHANNELS_LAST:
+            tasks, extra = 0, channels_last.prepare(geo, n)
         elif kind == "conv_gemm":
             p = oh * ow
             geo[GPT] = tile = _tile_pixels(p, n * group, plan.nr, ctx.num_threads)
@@ -387,14 +394,10 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         if entry is None:
             entry = launches[key] = launch(*key)
         geo, out_shape, final_shape, sc_i, sc_f, tasks, work, extra = entry
-        if kind in ("conv_nhwc", "conv_depthwise_nhwc"):
+        if kind in CHANNELS_LAST:
             ep.check_other(other, final_shape)
             other4 = other if other is None or rank == 4 else other[:, :, None, :]
-            if kind == "conv_nhwc":
-                args = (x_flip, pad_byte)
-            else:
-                args = (x_flip, x_zp + x_off, pad_code - x_zp)
-            result = channels_last.run(x4, geo, *args, ep, sc_i, sc_f, other4, out_shape)
+            result = channels_last.run(x4, geo, extra, ep, sc_i, sc_f, other4, out_shape)
             return [result.reshape(final_shape) if rank == 3 else result]
         out, flat = output_buffer(out_shape, ep.out_dtype)
         ob = ep.other_bytes(other, final_shape)
@@ -424,9 +427,11 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     nodes = [node, *ep.nodes]
     inputs = [x] + ([ep.other] if ep.other is not None else [])
     name = f"{kind}[{_describe(x_dt, w_dt, group, w4.shape)}]"
+    if kind == "conv_nhwc" and channels_last.in_place:
+        name += "(A in place)"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(
-        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind.endswith("_nhwc")
+        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind in CHANNELS_LAST
     )
 
 

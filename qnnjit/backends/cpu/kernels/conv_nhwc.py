@@ -46,7 +46,6 @@ from ._conv_geometry import (
     GOH,
     GOW,
     GPH,
-    GPOINT,
     GPT,
     GPW,
     GSH,
@@ -240,20 +239,22 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, out,
 
 
 class ChannelsLastConv:
-    """The compile-time half: weights packed as B [K = (kh, kw, c), M], the
-    run-time half (`run`) builds the NHWC operands and launches the tasks."""
+    """A GEMM convolution over NHWC pixels. Built once per layer (weights packed
+    as B [K = (kh, kw, c), M]); `prepare` once per input shape (tile size,
+    microkernels), `run` per call. `in_place`: A is the input itself (a 1x1,
+    stride-1, unpadded conv of unsigned activations with C % 4 == 0)."""
 
-    def __init__(self, w_int8: np.ndarray, zw: np.ndarray, pixels_hint: int, num_threads: int):
+    def __init__(self, w_int8: np.ndarray, zw: np.ndarray, *, flip: int, pad_byte: int,
+                 pointwise: bool, pixels_hint: int, num_threads: int):  # fmt: skip
         m, c, kh, kw = w_int8.shape
         b = np.ascontiguousarray(w_int8.transpose(2, 3, 1, 0).reshape(kh * kw * c, m))
         self.plan = plan_gemm([b], max(pixels_hint, 1))
         self.zw = np.ascontiguousarray(zw, dtype=np.int64)
         self.need_rowsum = bool(np.any(self.zw != 0))
         self.channels = c
+        self.flip, self.pad_byte = flip, pad_byte
+        self.in_place = pointwise and flip == 0 and c % 4 == 0
         self.num_threads = num_threads
-
-    def direct(self, geo, flip: int) -> bool:
-        return bool(geo[GPOINT]) and flip == 0 and self.channels % 4 == 0
 
     def tile_pixels(self, pixels: int, images: int) -> int:
         """Output pixels per task: the engine's cache-sized MC, at most what keeps
@@ -267,63 +268,73 @@ class ChannelsLastConv:
             tile = max(mr, _round_up(_ceil_div(pixels, parts), mr))
         return tile
 
-    def run(self, x4, geo, flip, pad_byte, ep, sc_i, sc_f, other, out_shape):
-        """The logical NCHW result (NHWC memory) of the conv and its epilogue."""
-        n, m, oh, ow = out_shape
-        pixels = oh * ow
-        tile = int(geo[GPT])
+    def prepare(self, geo, images: int) -> tuple:
+        """Per input shape: the tile size (into `geo`), its microkernels."""
+        pixels = int(geo[GOH] * geo[GOW])
+        geo[GPT] = tile = self.tile_pixels(pixels, images)
         self.plan.ensure_rows(min(tile, pixels))
         self.plan.ensure_rows(pixels % tile or tile)
-        out, flat = channels_last_output(out_shape, ep.out_dtype.numpy)
-        ob = _EMPTY if other is None else nhwc_bytes(other).reshape(-1)
-        tasks = n * _ceil_div(pixels, tile)
-        work = n * pixels * m * int(geo[GKH] * geo[GKW]) * self.channels
+        return ()
+
+    def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
+        """The logical NCHW result (NHWC memory) of the conv and its epilogue."""
+        n, m, oh, ow = out_shape
+        out, flat, ob = _channels_last_io(ep, other, out_shape)
+        tasks = n * _ceil_div(oh * ow, int(geo[GPT]))
+        work = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
         plan = self.plan
         run_tasks(
-            conv_gemm_nhwc, tasks, work, self.num_threads, nhwc_bytes(x4), geo, flip, pad_byte,
-            self.direct(geo, flip), self.zw, self.need_rowsum, plan.fptrs, plan.data, plan.init,
-            plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
+            conv_gemm_nhwc, tasks, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
+            self.pad_byte, self.in_place, self.zw, self.need_rowsum, plan.fptrs, plan.data,
+            plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 
 
 class ChannelsLastDepthwise:
     """A depthwise convolution (one input channel per output channel) over
-    NHWC rows: weights shifted by their zero points, as float32 [taps, C]
-    (exact: see `depthwise_nhwc`; `fits` says whether a window qualifies)."""
+    NHWC rows, with the same build / `prepare` / `run` stages as
+    `ChannelsLastConv`: weights shifted by their zero points, as float32
+    [taps, C] (exact: see `depthwise_nhwc`; `fits` says whether a window
+    qualifies); `za` the activation zero point as u8, `pad_shift` pad - za."""
 
     @staticmethod
     def fits(taps: int) -> bool:
         return taps * 255 * 255 < 1 << 24
 
-    def __init__(self, w_shifted: np.ndarray, num_threads: int):
+    def __init__(self, w_shifted: np.ndarray, *, flip: int, za: int, pad_shift: int,
+                 num_threads: int):  # fmt: skip
         m, kh, kw = w_shifted.shape
         assert self.fits(kh * kw) and np.abs(w_shifted).max(initial=0) <= 255
         self.ws = np.ascontiguousarray(w_shifted.reshape(m, kh * kw).T, dtype=np.float32)
+        self.flip, self.za, self.pad_shift = flip, za, pad_shift
         self.num_threads = num_threads
-        self._rows: dict[int, np.ndarray] = {}
 
-    def weight_rows(self, geo) -> np.ndarray:
-        """`ws` repeated along an output row of OW pixels (unit stride and
-        dilation), else empty: built once per output width."""
+    def prepare(self, geo, images: int) -> tuple:
+        """Per input shape: `ws` repeated along an output row of OW pixels (the
+        unit-stride loop's weights), else empty."""
         if not (geo[GSW] == 1 and geo[GDW] == 1):
-            return _EMPTY_ROWS
-        ow = int(geo[GOW])
-        if ow not in self._rows:
-            self._rows[ow] = np.ascontiguousarray(np.tile(self.ws, (1, ow)))
-        return self._rows[ow]
+            return (_EMPTY_ROWS,)
+        return (np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW])))),)
 
-    def run(self, x4, geo, flip, za, pad_shift, ep, sc_i, sc_f, other, out_shape):
+    def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         n, m, oh, ow = out_shape
-        out, flat = channels_last_output(out_shape, ep.out_dtype.numpy)
-        ob = _EMPTY if other is None else nhwc_bytes(other).reshape(-1)
+        out, flat, ob = _channels_last_io(ep, other, out_shape)
+        (weight_rows,) = prepared
         work = n * m * oh * ow * self.ws.shape[0]
         run_tasks(
-            depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, flip, za,
-            pad_shift, self.ws, self.weight_rows(geo), flat, ep.chan_i, ep.chan_f, sc_i, sc_f,
-            ep.table, ob,
+            depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
+            self.za, self.pad_shift, self.ws, weight_rows, flat, ep.chan_i, ep.chan_f, sc_i,
+            sc_f, ep.table, ob,
         )  # fmt: skip
         return out
+
+
+def _channels_last_io(ep, other, out_shape):
+    """(logical result, its flat NHWC bytes, the post op's operand as NHWC bytes)."""
+    out, flat = channels_last_output(out_shape, ep.out_dtype.numpy)
+    ob = _EMPTY if other is None else nhwc_bytes(other).reshape(-1)
+    return out, flat, ob
 
 
 _EMPTY = np.zeros(0, np.uint8)

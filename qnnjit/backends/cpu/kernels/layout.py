@@ -23,7 +23,9 @@ import numpy as np
 
 from ._numba import U, jit
 
-_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+# The unsigned type of each element width: kernels see every integer tensor
+# through such a view (signed codes as their two's-complement bits).
+UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
              8: np.dtype(np.uint64)}  # fmt: skip
 
 
@@ -34,13 +36,13 @@ def nhwc_bytes(array: np.ndarray) -> np.ndarray:
     hwc = array.transpose(0, 2, 3, 1)
     flags = hwc.flags
     if flags.c_contiguous and flags.writeable:
-        return hwc.view(_UNSIGNED[hwc.dtype.itemsize])
+        return hwc.view(UNSIGNED[hwc.dtype.itemsize])
     if array.dtype.itemsize == 1 and array.flags.c_contiguous:
         n, c, h, w = array.shape
         out = np.empty((n, h, w, c), np.uint8)
         _nchw_to_nhwc_bytes(array.view(np.uint8).reshape(n, c, h * w), out.reshape(n, h * w, c))
         return out
-    return np.ascontiguousarray(hwc).view(_UNSIGNED[hwc.dtype.itemsize])
+    return np.ascontiguousarray(hwc).view(UNSIGNED[hwc.dtype.itemsize])
 
 
 @jit()
@@ -68,4 +70,4 @@ def channels_last_output(shape, dtype) -> tuple[np.ndarray, np.ndarray]:
     kernel writes) for an output of logical `shape`."""
     n, c, h, w = shape
     buffer = np.empty((n, h, w, c), dtype=dtype)
-    return nchw_view(buffer), buffer.view(_UNSIGNED[buffer.dtype.itemsize]).reshape(-1)
+    return nchw_view(buffer), buffer.view(UNSIGNED[buffer.dtype.itemsize]).reshape(-1)

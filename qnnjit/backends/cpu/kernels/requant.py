@@ -50,6 +50,7 @@ from ....ir.ops.qlinear_contrib import ort_broadcast_mode
 from ._lowering import Chain, Decline, Kernel, LowerContext, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
+from .layout import UNSIGNED
 
 # sc_i slots
 R_NONE, R_FLOAT, R_FIXED_DOUBLE, R_FIXED_SINGLE = 0, 1, 2, 3
@@ -92,11 +93,7 @@ def unsigned_view(array: np.ndarray) -> np.ndarray:
     flags = array.flags
     if not (flags.c_contiguous and flags.writeable):
         array = np.array(array, order="C")
-    return array.view(_UNSIGNED[array.dtype.itemsize])
-
-
-_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
-             8: np.dtype(np.uint64)}  # fmt: skip
+    return array.view(UNSIGNED[array.dtype.itemsize])
 
 
 def kernel_array(array: np.ndarray, dtype=None) -> np.ndarray:
@@ -603,7 +600,7 @@ def _add_post(ep: Epilogue, post: Node, y: Value) -> None:
 def output_buffer(shape, dtype: dtypes.DType):
     """(result array, flat unsigned view the kernel writes)."""
     out = np.empty(shape, dtype=dtype.numpy)
-    return out, out.view(_UNSIGNED[out.dtype.itemsize]).reshape(-1)
+    return out, out.view(UNSIGNED[out.dtype.itemsize]).reshape(-1)
 
 
 # ---- standalone requantize ---------------------------------------------------------
