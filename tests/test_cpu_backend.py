@@ -235,6 +235,28 @@ def test_pointwise_conv_channels_last(x_dtype, w_dtype, w_zp):
     assert ("(A in place)" in names) == (x_dtype == np.uint8), names
 
 
+@pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])
+@pytest.mark.parametrize("groups,strides", [(6, 1), (6, 2), (1, 1), (1, 2)])
+def test_conv_pad_value_other_than_the_zero_point(x_dtype, groups, strides):
+    """Zero-point folding leaves `pad_value` (padding holds a code other than
+    x's zero point): the channels-last depthwise kernel's pad rows and the
+    GEMM kernel's pad bytes, against the reference, int32 accumulators."""
+    rng = np.random.default_rng(groups * 10 + strides)
+    info = np.iinfo(x_dtype.numpy)
+    g = Graph()
+    x = g.add_input("x", TensorType(x_dtype, (2, 6, 5, 7)))
+    w = g.constant(rng.integers(-128, 128, (6, 6 // groups, 3, 3)).astype(np.int8), "w")
+    x_zp = g.constant(x_dtype.numpy.type(info.min + 3), "x_zp")
+    attrs = {"strides": [strides] * 2, "pads": [1, 2, 2, 1], "dilations": [1, 1],
+             "group": groups, "pad_value": int(info.max - 5)}  # fmt: skip
+    node = g.add_node("qconv", [x, w, x_zp], attrs, name="conv")
+    g.set_outputs(node.outputs)
+    feed = rng.integers(info.min, info.max + 1, (2, 6, 5, 7)).astype(x_dtype.numpy)
+    cpu = check_graph(g, [feed])
+    kind = "conv_depthwise_nhwc" if groups == 6 else "conv_nhwc"
+    assert kind in kernel_names(cpu), kernel_names(cpu)
+
+
 def test_conv_bias_wraps_int32():
     """bias + sum beyond int32 wraps (two's complement), before requantizing."""
     x = np.full((1, 2, 3, 3), 255, np.uint8)
