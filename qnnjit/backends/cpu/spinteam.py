@@ -112,7 +112,8 @@ class _Helper:
         return error
 
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # guards the team's growth
+_LOCK_CALL = threading.Lock()  # one kernel on the team at a time
 _TEAM: list[_Helper] = []
 
 
@@ -142,5 +143,3 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
             if error is not None:
                 raise error
 
-
-_LOCK_CALL = threading.Lock()
