@@ -142,4 +142,3 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
         for error in errors:
             if error is not None:
                 raise error
-
