@@ -271,19 +271,32 @@ def test_conv_bias_wraps_int32():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-def test_conv_on_every_gemm_path(isa, monkeypatch):
-    """The GEMM engine's other paths (when the host runs them) give the same bits."""
+@pytest.mark.parametrize("layer", ["dense", "depthwise"])
+def test_conv_on_every_gemm_path(isa, layer, monkeypatch):
+    """The other ISA paths (when the host runs them) give the same bits: the
+    GEMM engine's, and the depthwise row kernels' (channels that leave a
+    partial vector, stride 2 with dilation, a row narrower than one block)."""
     from qnnjit.backends.cpu.features import runnable_isas
 
     if isa not in runnable_isas():
         pytest.skip(reason=f"host cannot run {isa}")
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
-    case = dict(
-        batch=2, groups=1, cin_g=7, m_g=20, size=[6, 5], kernel=[3, 3], strides=[1, 1],
-        dilations=[1, 1], pads=[1, 1, 1, 1], x_dtype=np.int8, w_dtype=np.int8, w_zp="channel",
-        per_channel=True, bias=True, pow2=False, seed=11,
-    )  # fmt: skip
-    check_model(*_conv_model(case))
+    if layer == "dense":
+        case = dict(
+            batch=2, groups=1, cin_g=7, m_g=20, size=[6, 5], kernel=[3, 3], strides=[1, 1],
+            dilations=[1, 1], pads=[1, 1, 1, 1], x_dtype=np.int8, w_dtype=np.int8,
+            w_zp="channel", per_channel=True, bias=True, pow2=False, seed=11,
+        )  # fmt: skip
+        check_model(*_conv_model(case))
+        return
+    for strides, dilations, size in (([1, 1], [1, 1], [7, 19]), ([2, 2], [2, 2], [9, 11])):
+        case = dict(
+            batch=2, groups=21, cin_g=1, m_g=1, size=size, kernel=[3, 3], strides=strides,
+            dilations=dilations, pads=[1, 2, 1, 0], x_dtype=np.uint8, w_dtype=np.int8,
+            w_zp="channel", per_channel=True, bias=True, pow2=False, seed=12,
+        )  # fmt: skip
+        cpu = check_model(*_conv_model(case))
+        assert "conv_depthwise_nhwc" in kernel_names(cpu._executor)
 
 
 # ---- qmatmul -------------------------------------------------------------------------

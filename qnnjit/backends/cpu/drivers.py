@@ -20,7 +20,7 @@ A is read in place (row stride ``lda``), never packed: its four k per
 broadcast are already contiguous in a row-major A, and packing would cost a
 full pass over A (up to a third of the run time for N = 64 layers).
 
-Microkernels are called through their addresses (``call_ukernel``, an
+Microkernels are called through their addresses (``calls.call_ukernel``, an
 intrinsic that emits an indirect call), so the compiled driver holds no
 process-specific pointer and stays cacheable. ``fptrs[rows - 1]`` is the kernel
 for a tile of ``rows`` rows; only full tiles and the one remainder of M occur.
@@ -29,12 +29,12 @@ for a tile of ``rows`` rows; only full tiles and the one remainder of M occur.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .calls import call_ukernel
+
 __all__ = [
-    "call_ukernel",
     "run_tasks",
     "run_claimed",
     "run_serial",
@@ -42,34 +42,6 @@ __all__ = [
     "task_count",
     "row_sums",
 ]
-
-_ARG_KINDS = "piipiipiiii"  # p: pointer, i: i64, as in the microkernel ABI (ukernels.py)
-
-
-@intrinsic
-def call_ukernel(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc):
-    """``(*fptr)(a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc)``; every
-    argument an integer (addresses as integers)."""
-    args = (fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc)
-    if not all(isinstance(t, types.Integer) for t in args):
-        return None
-    sig = types.void(*args)
-
-    def codegen(context, builder, signature, llargs):
-        i64 = ir.IntType(64)
-        ptr = ir.IntType(8).as_pointer()
-        params = [ptr if k == "p" else i64 for k in _ARG_KINDS[1:]]
-        fnty = ir.FunctionType(ir.VoidType(), params)
-        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(llargs, signature.args)]
-        fn = builder.inttoptr(vals[0], fnty.as_pointer())
-        call_args = [
-            builder.inttoptr(v, ptr) if k == "p" else v for v, k in zip(vals[1:], _ARG_KINDS[1:])
-        ]
-        builder.call(fn, call_args)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
 
 @njit(cache=True, nogil=True)
 def _task(t, fptrs, a, lda, m, k_groups, b, panel_bytes, nr, c, ldc, n, init, mr, kcg, mc, nc,

@@ -25,18 +25,22 @@ some `zw` is nonzero (uint8 weights, or an asymmetric weight zero point). Pad
 taps hold the pad byte, so the identity holds over all K taps. Everything is
 exact modulo 2^32, as the reference's int64-then-wrap.
 
-Depthwise (one input channel per output channel): per output pixel, a
-vector of C sums accumulates `(w[tap, c] - zw[c]) * (x - za)` tap by tap,
-each tap one contiguous loop over the channels (in float32, exactly); pad
-taps read `pad - za` (zero, unless a pad value other than the zero point was
-folded in). Then the epilogue stores the output row.
+Depthwise (one input channel per output channel): each input row is
+converted once into a ring of float32 rows `x - za` (pad taps read `pad - za`:
+zero, unless a pad value other than the zero point was folded in); a row
+kernel generated per window (`dwkernels`: registers hold the taps' weights
+and a block of output pixels' sums) computes each output row's sums
+`(w[tap, c] - zw[c]) * (x - za)`, exactly in float32; then the epilogue stores
+the output row. The portable path runs the taps as Numba loops instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import drivers
+from .. import drivers, dwkernels
+from ..calls import call_depthwise_row
+from ..features import select_isa
 from ._conv_geometry import (
     GDH,
     GDW,
@@ -158,53 +162,61 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
 
 
 @jit()
-def _window_row(x, n, ih, flip, za, pad, xr, dst, PW):
-    """xr[dst : dst + WP*C] = input row ih of image n as float32 `code - za`,
-    `pad` in the PW columns left of it, right of it, and for rows outside."""
+def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
+    """xr[dst] = input row ih of image n as float32 `code - za`, CP floats per
+    pixel (channels C..CP stay as they are), `pad` in the PW columns left of
+    it, right of it, and for rows outside."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     row_len = xr.shape[1]
     if ih < 0 or ih >= H:
         xr[dst, :] = pad
         return
-    xr[dst, : PW * C] = pad
-    xr[dst, (PW + W) * C :] = pad
+    xr[dst, : PW * CP] = pad
+    xr[dst, (PW + W) * CP :] = pad
     xf = x.reshape(x.size)
     src = (n * H + ih) * W * C
     fl, z = np.int32(flip), np.int32(za)
-    o = PW * C
-    for q in range(min(W * C, row_len - o)):
-        xr[U(dst), U(o + q)] = np.float32((np.int32(xf[U(src + q)]) ^ fl) - z)
+    o = PW * CP
+    if CP == C:
+        for q in range(min(W * C, row_len - o)):
+            xr[U(dst), U(o + q)] = np.float32((np.int32(xf[U(src + q)]) ^ fl) - z)
+        return
+    for iw in range(W):
+        for c in range(C):
+            v = np.int32(xf[U(src + iw * C + c)])
+            xr[U(dst), U(o + iw * CP + c)] = np.float32((v ^ fl) - z)
 
 
 @jit()
-def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, out,
+def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
                    chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Output rows t0..t1 (image, oh) of a depthwise convolution of the NHWC
-    bytes x [N, H, W, C]; `ws` float32 [KH*KW, C] the shifted weights and
-    `wrow` [KH*KW, OW*C] the same repeated along an output row (unit stride
-    and dilation only, else empty); `za` the activation zero point as u8
-    (stored byte ^ flip), `pad_shift` = pad - za.
+    bytes x [N, H, W, C]; `ws` float32 [KH*KW, CP] the shifted weights (CP >=
+    C: channels padded with zeros to the row kernel's vector width); `za` the
+    activation zero point as u8 (stored byte ^ flip), `pad_shift` = pad - za.
 
     Input rows are converted once each into a ring of float32 rows `xr`
     (code - za, padded to WP columns with pad_shift), as many as one window
-    spans, so consecutive output rows reuse them. Then each tap is a float
-    multiply-add over the output row: with unit stride one loop of OW*C
-    (weights from `wrow`), else one loop of C per output pixel. The float32
-    sums are exact: every product and partial sum is an integer below 2^24 in
-    magnitude (the lowering checks KH*KW*255*255)."""
+    spans, so consecutive output rows reuse them. Then `fptr`, the row kernel
+    (`dwkernels`), computes the output row. Without one (the portable path),
+    each tap is a float multiply-add loop over the output row: with unit
+    stride one loop of OW*C (weights from `wrow`, `ws` repeated OW times),
+    else one loop of C per output pixel. The float32 sums are exact: every
+    product and partial sum is an integer below 2^24 in magnitude (the
+    lowering checks KH*KW*255*255)."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
-    C = x.shape[3]
-    KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
-    PH, PW, DH, DW = geo[GPH], geo[GPW], geo[GDH], geo[GDW]
+    C, CP = x.shape[3], ws.shape[1]
+    KH, SH, PH, PW, DH = geo[GKH], geo[GSH], geo[GPH], geo[GPW], geo[GDH]
     OH, OW, WP = geo[GOH], geo[GOW], geo[GWP]
     pad = np.float32(pad_shift)
     span = (KH - 1) * DH + 1
-    xr = np.empty((span, WP * C), np.float32)
+    xr = np.zeros((span, WP * CP), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
-    acc = np.empty(OW * C, np.float32)
-    sums = np.empty(OW * C, np.int32)
-    tile = sums.reshape(OW, C)
+    acc = np.empty(OW * CP, np.float32)
+    sums = np.empty(OW * CP, np.int32)
+    tile = sums.reshape(OW, CP)
     slot = np.empty(KH, np.int64)
+    rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     for t in range(t0, t1):
         n = t // OH
         oh = t - n * OH
@@ -213,29 +225,44 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, out,
             s_ = (ih + PH) % span  # ih + PH in [0, HP): the padded row
             key = n * geo[GHP] + ih + PH
             if held[s_] != key:
-                _window_row(x, n, ih, flip, za, pad, xr, s_, PW)
+                _window_row(x, n, ih, flip, za, pad, xr, s_, PW, CP)
                 held[s_] = key
             slot[kh] = s_
-        acc[:] = 0
-        for kh in range(KH):
-            row = xr[slot[kh]]
-            for kw in range(KW):
-                tap = kh * KW + kw
-                if wrow.shape[0] > 0:  # unit stride: one loop over the output row
-                    wt = wrow[tap]
-                    xrow = row[kw * C :]
-                    for q in range(OW * C):
-                        acc[U(q)] += wt[U(q)] * xrow[U(q)]
-                else:
-                    for ow in range(OW):
-                        src = (ow * SW + kw * DW) * C
-                        dst = ow * C
-                        for c in range(C):
-                            acc[U(dst + c)] += ws[U(tap), U(c)] * row[U(src + c)]
-        for q in range(OW * C):
-            sums[U(q)] = np.int32(acc[U(q)])
+        if fptr != 0:
+            for kh in range(KH):
+                rows[kh] = xr[slot[kh]].ctypes.data
+            call_depthwise_row(
+                fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, sums.ctypes.data
+            )
+        else:
+            _depthwise_taps(xr, slot, ws, wrow, geo, acc)
+            for q in range(OW * C):
+                sums[U(q)] = np.int32(acc[U(q)])
         ep_tile(tile, _0, OW, C, out, t * OW * C, C, _1, _0, _0, _1, _0, C,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
+@jit()
+def _depthwise_taps(xr, slot, ws, wrow, geo, acc):
+    """acc[:OW*C] = one output row's sums, tap by tap (the portable path)."""
+    C = ws.shape[1]
+    KH, KW, SW, DW, OW = geo[GKH], geo[GKW], geo[GSW], geo[GDW], geo[GOW]
+    acc[:] = 0
+    for kh in range(KH):
+        row = xr[slot[kh]]
+        for kw in range(KW):
+            tap = kh * KW + kw
+            if wrow.shape[0] > 0:  # unit stride: one loop over the output row
+                wt = wrow[tap]
+                xrow = row[kw * C :]
+                for q in range(OW * C):
+                    acc[U(q)] += wt[U(q)] * xrow[U(q)]
+            else:
+                for ow in range(OW):
+                    src = (ow * SW + kw * DW) * C
+                    dst = ow * C
+                    for c in range(C):
+                        acc[U(dst + c)] += ws[U(tap), U(c)] * row[U(src + c)]
 
 
 class ChannelsLastConv:
@@ -295,8 +322,10 @@ class ChannelsLastDepthwise:
     """A depthwise convolution (one input channel per output channel) over
     NHWC rows, with the same build / `prepare` / `run` stages as
     `ChannelsLastConv`: weights shifted by their zero points, as float32
-    [taps, C] (exact: see `depthwise_nhwc`; `fits` says whether a window
-    qualifies); `za` the activation zero point as u8, `pad_shift` pad - za."""
+    [taps, CP] (exact: see `depthwise_nhwc`; `fits` says whether a window
+    qualifies); `za` the activation zero point as u8, `pad_shift` pad - za.
+    On the SIMD paths a generated row kernel (`dwkernels`) computes each
+    output row; the portable path runs Numba loops."""
 
     @staticmethod
     def fits(taps: int) -> bool:
@@ -306,26 +335,35 @@ class ChannelsLastDepthwise:
                  num_threads: int):  # fmt: skip
         m, kh, kw = w_shifted.shape
         assert self.fits(kh * kw) and np.abs(w_shifted).max(initial=0) <= 255
-        self.ws = np.ascontiguousarray(w_shifted.reshape(m, kh * kw).T, dtype=np.float32)
+        self.isa = select_isa()
+        lanes = dwkernels.LANES.get(self.isa, 1)
+        self.ws = np.zeros((kh * kw, _round_up(m, lanes)), np.float32)
+        self.ws[:, :m] = w_shifted.reshape(m, kh * kw).T
         self.flip, self.za, self.pad_shift = flip, za, pad_shift
         self.num_threads = num_threads
 
     def prepare(self, geo, images: int) -> tuple:
-        """Per input shape: `ws` repeated along an output row of OW pixels (the
-        unit-stride loop's weights), else empty."""
+        """Per input shape: the row kernel's address (0 on the portable path);
+        for the portable loops with unit stride, `ws` repeated along an output
+        row of OW pixels."""
+        if self.isa in dwkernels.LANES:
+            spec = dwkernels.DepthwiseSpec(
+                self.isa, int(geo[GKH]), int(geo[GKW]), int(geo[GSW]), int(geo[GDW])
+            )
+            return dwkernels.depthwise_kernel(spec), _EMPTY_ROWS
         if not (geo[GSW] == 1 and geo[GDW] == 1):
-            return (_EMPTY_ROWS,)
-        return (np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW])))),)
+            return 0, _EMPTY_ROWS
+        return 0, np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW]))))
 
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
-        (weight_rows,) = prepared
+        fptr, weight_rows = prepared
         work = n * m * oh * ow * self.ws.shape[0]
         run_tasks(
             depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
-            self.za, self.pad_shift, self.ws, weight_rows, flat, ep.chan_i, ep.chan_f, sc_i,
-            sc_f, ep.table, ob,
+            self.za, self.pad_shift, self.ws, weight_rows, fptr, flat, ep.chan_i, ep.chan_f,
+            sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 
