@@ -1,5 +1,5 @@
 """Calls from Numba code to the kernels compiled from LLVM IR (``ukernels``,
-``dwkernels``, ``rqkernels``), through their addresses.
+``dwkernels``), through their addresses.
 
 Each intrinsic emits one indirect call to a function pointer passed as an
 integer, so the Numba functions that call kernels hold no process-specific
@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["call_ukernel", "call_depthwise_row", "call_requantize_row"]
+__all__ = ["call_ukernel", "call_depthwise_row"]
 
 
 def _indirect_call(context, builder, signature, llargs, kinds: str):
@@ -50,10 +50,3 @@ def call_ukernel(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulat
 def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out):
     """``(*fptr)(rows, w, cp, ow, out)``: a depthwise row kernel (ABI in ``dwkernels``)."""
     return _typed((fptr, rows, w, cp, ow, out), "ppiip")
-
-
-@intrinsic
-def call_requantize_row(typingctx, fptr, acc, n, bias, f, ldf, out):
-    """``(*fptr)(acc, n, bias, f, ldf, out)``: the requantize row kernel (ABI in
-    ``rqkernels``)."""
-    return _typed((fptr, acc, n, bias, f, ldf, out), "pippip")
