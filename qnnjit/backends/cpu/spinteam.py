@@ -64,8 +64,12 @@ def _spin_until_changed(state, index, old, checks):
 
 
 @njit(cache=True, nogil=True)
-def _bump(state, index):
-    _fetch_add(state[index:], 1)
+def _complete_and_spin(state, seen, checks):
+    """Bump the completion count, then spin for the next generation, in one
+    GIL-free call: the caller, spinning on that count, then finds the GIL
+    free (a separate bump call would take it just when the caller wants it)."""
+    _fetch_add(state[1:], 1)
+    return _spin_until_changed(state, 0, seen, checks)
 
 
 class _Helper:
@@ -80,8 +84,8 @@ class _Helper:
     def _loop(self):
         seen = 0
         checks = int(SPIN_SECONDS * _CHECKS_PER_SECOND)
+        gen = _spin_until_changed(self.state, 0, seen, checks)
         while True:
-            gen = _spin_until_changed(self.state, 0, seen, checks)
             if gen == seen:
                 with self.cond:
                     while self.state[0] == seen:
@@ -93,7 +97,7 @@ class _Helper:
                 kernel(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self.error = exc
-            _bump(self.state, 1)
+            gen = _complete_and_spin(self.state, seen, checks)
 
     def start(self, kernel, args) -> int:
         """Hand `kernel(*args)` over; returns the completion count to wait for."""
