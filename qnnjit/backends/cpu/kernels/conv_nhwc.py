@@ -308,7 +308,8 @@ class ChannelsLastConv:
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         tasks = n * _ceil_div(oh * ow, int(geo[GPT]))
-        work = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
+        macs = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
+        work = macs // _GEMM_MACS_PER_WORK
         plan = self.plan
         run_tasks(
             conv_gemm_nhwc, tasks, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
@@ -359,7 +360,7 @@ class ChannelsLastDepthwise:
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         fptr, weight_rows = prepared
-        work = n * m * oh * ow * self.ws.shape[0]
+        work = n * m * oh * ow * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK
         run_tasks(
             depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
             self.za, self.pad_shift, self.ws, weight_rows, fptr, flat, ep.chan_i, ep.chan_f,
@@ -375,6 +376,14 @@ def _channels_last_io(ep, other, out_shape):
     return out, flat, ob
 
 
+# Multiply-adds per unit of `run_tasks` work: a second thread costs 15-30 us
+# per call (the GIL handed to the helper and back), so a call goes parallel
+# only above _threads.MIN_PARALLEL_WORK units, about 80 us on one thread here.
+# Measured per layer on MobileNetV2 / ResNet-18, 1 vs 2 threads: GEMM convs
+# (~200 GMAC/s) under 16 M multiply-adds and depthwise ones (~20 GMAC/s with
+# their row conversion and epilogue) under 2 M were slower on two threads.
+_GEMM_MACS_PER_WORK = 16
+_DEPTHWISE_MACS_PER_WORK = 2
 _EMPTY = np.zeros(0, np.uint8)
 _EMPTY_ROWS = np.zeros((0, 0), np.float32)
 # The GEMM's int32 output tile, written by the microkernels and read back by
