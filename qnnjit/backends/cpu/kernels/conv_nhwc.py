@@ -175,16 +175,21 @@ def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
     xr[dst, (PW + W) * CP :] = pad
     xf = x.reshape(x.size)
     src = (n * H + ih) * W * C
-    fl, z = np.int32(flip), np.int32(za)
+    # u8 -> f32, then the zero point subtracted in float32 (exact: small
+    # integers); int32 arithmetic would be widened to int64 by Numba's typing
+    # and vectorize at half the width.
+    fl, z = np.uint8(flip), np.float32(za)
     o = PW * CP
+    row = xr[dst]
     if CP == C:
-        for q in range(min(W * C, row_len - o)):
-            xr[U(dst), U(o + q)] = np.float32((np.int32(xf[U(src + q)]) ^ fl) - z)
+        seg = row[o : o + min(W * C, row_len - o)]
+        xs = xf[src : src + seg.size]
+        for q in range(seg.size):
+            seg[q] = np.float32(xs[q] ^ fl) - z
         return
     for iw in range(W):
         for c in range(C):
-            v = np.int32(xf[U(src + iw * C + c)])
-            xr[U(dst), U(o + iw * CP + c)] = np.float32((v ^ fl) - z)
+            row[U(o + iw * CP + c)] = np.float32(xf[U(src + iw * C + c)] ^ fl) - z
 
 
 @jit()
