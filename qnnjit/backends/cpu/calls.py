@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["call_ukernel", "call_depthwise_row"]
+__all__ = ["call_ukernel", "call_ukernel_requant", "call_depthwise_row"]
 
 
 def _indirect_call(context, builder, signature, llargs, kinds: str):
@@ -44,6 +44,15 @@ def call_ukernel(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulat
     """``(*fptr)(a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc)``: a GEMM
     microkernel (ABI in ``ukernels``)."""
     return _typed((fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc), "pipipipiii")
+
+
+@intrinsic
+def call_ukernel_requant(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc,
+                         ep):  # fmt: skip
+    """``(*fptr)(a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc, ep)``: a
+    requantizing GEMM microkernel (``ukernels`` REQUANT_DOC)."""
+    args = (fptr, a, lda, b, kg, c, ldc, init, nvalid, accumulate, desc, ep)
+    return _typed(args, "pipipipiiip")
 
 
 @intrinsic

@@ -43,6 +43,7 @@ __all__ = [
     "row_sums",
 ]
 
+
 @njit(cache=True, nogil=True)
 def _task(t, fptrs, a, lda, m, k_groups, b, panel_bytes, nr, c, ldc, n, init, mr, kcg, mc, nc,
           n_nblocks, desc):  # fmt: skip

@@ -50,6 +50,24 @@ Kernel ABI (C, all pointers unaligned-safe):
                                                 //   generic kernels; ignored here
 
 ``drivers.portable_ukernel`` implements the same ABI in plain Numba code.
+
+REQUANT_DOC. A ``requant`` kernel (the last K block of a GEMM whose epilogue
+is the plain float requantize to bytes) takes one more argument, ``const
+int64 *ep`` = {bias, f, ldf, out, ldo}: instead of storing C it stores, for
+column n (its channel),
+
+    v = rint(f32(i32(acc + bias[n])) * mult[n]);  y = min(max(v, lo[n]), hi[n]) + zp[n]
+    out[r*ldo + n] = i32(y) truncated to a byte
+
+with ``bias`` int64 (int32 values), ``mult, lo, hi, zp`` float32 rows of ``f``
+``ldf`` apart (lo, hi: the clamp bounds minus zp): the same steps, in the same
+precision, as ``kernels/requant.ep_tile``'s fast path, so the bytes are
+identical. The tile never goes through memory as int32. A ``requant="qadd"``
+kernel then adds the residual operand's byte at ``other[r*ldo + n]`` as
+``requant._fast_post`` does: ``o = (byte ^ oflip) - ooff``, MLAS's
+``fma(A, rA, fma(B, rB, fixed))`` (``yfirst``: the code is A; ``ratios``
+points at float32 {ry, ro, fixed}), rint, out-of-int32-range -> ``plo``,
+saturation to [plo, phi]. Fields: ``REQUANT_FIELDS``.
 """
 
 from __future__ import annotations
@@ -59,6 +77,12 @@ from dataclasses import dataclass
 __all__ = ["UkernelSpec", "ukernel_ir", "kernel_name", "UNROLL"]
 
 UNROLL = 4  # k-groups per main-loop iteration
+# The requantizing kernels' ``ep`` argument: int64 fields, in this order
+# (REQUANT_DOC); the qadd fields only for requant="qadd".
+REQUANT_FIELDS = (
+    "bias", "f", "ldf", "out", "ldo",
+    "other", "oflip", "ooff", "yfirst", "plo", "phi", "ratios",
+)  # fmt: skip
 
 _ARGS = (
     "ptr noalias nocapture readonly %a, i64 %lda, ptr noalias nocapture readonly %b, "
@@ -77,6 +101,7 @@ class UkernelSpec:
     nr: int
     a_signed: bool = False
     pairs: str = "exact"  # avx2 only: "exact" | "i16"
+    requant: str = ""  # "": store C; "plain" / "qadd": store bytes (REQUANT_DOC)
 
     def __post_init__(self):
         lanes = _LANES.get(self.isa)
@@ -88,6 +113,8 @@ class UkernelSpec:
             raise ValueError(f"pairs must be 'exact' or 'i16', not {self.pairs!r}")
         if self.isa != "avx2" and self.pairs != "exact":
             raise ValueError("pairs='i16' exists only on the avx2 path")
+        if self.requant not in ("", "plain", "qadd"):
+            raise ValueError(f"requant must be '', 'plain' or 'qadd', not {self.requant!r}")
 
     @property
     def lanes(self) -> int:
@@ -105,11 +132,27 @@ _MADDWD = "@llvm.x86.avx2.pmadd.wd"
 def kernel_name(spec: UkernelSpec, rows: int) -> str:
     sign = "s8" if spec.a_signed else "u8"
     variant = "" if spec.isa != "avx2" else f"_{spec.pairs}"
-    return f"qnnjit_gemm_{spec.isa}{variant}_{sign}_{rows}x{spec.nr}"
+    stage = f"_rq_{spec.requant}" if spec.requant else ""
+    return f"qnnjit_gemm_{spec.isa}{variant}_{sign}_{rows}x{spec.nr}{stage}"
 
 
 def _splat(ty: str, lanes: int, value: int) -> str:
     return "<" + ", ".join(f"{ty} {value}" for _ in range(lanes)) + ">"
+
+
+def _requant_declarations(lanes: int) -> str:
+    return (
+        f"declare <{lanes} x float> @llvm.rint.v{lanes}f32(<{lanes} x float>)\n"
+        f"declare <{lanes} x i64> @llvm.masked.load.v{lanes}i64.p0(ptr, i32, <{lanes} x i1>, "
+        f"<{lanes} x i64>)\n"
+        f"declare <{lanes} x float> @llvm.masked.load.v{lanes}f32.p0(ptr, i32, <{lanes} x i1>, "
+        f"<{lanes} x float>)\n"
+        f"declare void @llvm.masked.store.v{lanes}i8.p0(<{lanes} x i8>, ptr, i32, <{lanes} x i1>)\n"
+        f"declare <{lanes} x i8> @llvm.masked.load.v{lanes}i8.p0(ptr, i32, <{lanes} x i1>, "
+        f"<{lanes} x i8>)\n"
+        f"declare <{lanes} x float> @llvm.fma.v{lanes}f32(<{lanes} x float>, <{lanes} x float>, "
+        f"<{lanes} x float>)\n"
+    )
 
 
 def _declarations(isa: str) -> str:
@@ -310,16 +353,132 @@ class _Emitter:
 
         label("store")
         final = self.phis("accf_", [(mid, "mid"), (rem_out, "rem")])
-        for r in range(rows):
-            for j in range(nj):
-                e(
-                    f"call void @llvm.masked.store.{suffix}.p0({vec} {final[r, j]}, "
-                    f"ptr %cp{r}_{j}, i32 4, <{lanes} x i1> %mask{j})"
-                )
+        if spec.requant:
+            self.requantize_store(final)
+        else:
+            for r in range(rows):
+                for j in range(nj):
+                    e(
+                        f"call void @llvm.masked.store.{suffix}.p0({vec} {final[r, j]}, "
+                        f"ptr %cp{r}_{j}, i32 4, <{lanes} x i1> %mask{j})"
+                    )
         e("ret void")
         body = "\n".join(self.lines)
         name = kernel_name(spec, rows)
-        return f"define void @{name}({_ARGS}) nounwind {{\n{body}\n}}\n"
+        args = _ARGS + (", ptr nocapture readonly %ep" if spec.requant else "")
+        return f"define void @{name}({args}) nounwind {{\n{body}\n}}\n"
+
+    def requantize_store(self, final: dict) -> None:
+        """Store the tile requantized to bytes (REQUANT_DOC), masked to nvalid columns."""
+        e, lanes, vec = self.emit, self.spec.lanes, self.vec
+        fv, i1 = f"<{lanes} x float>", f"<{lanes} x i1>"
+        for field, name in enumerate(REQUANT_FIELDS):
+            e(f"%ep.p{field} = getelementptr i64, ptr %ep, i64 {field}")
+            e(f"%ep.{name} = load i64, ptr %ep.p{field}, align 8")
+        e("%ep.bp = inttoptr i64 %ep.bias to ptr")
+        e("%ep.fp = inttoptr i64 %ep.f to ptr")
+        e("%ep.op = inttoptr i64 %ep.out to ptr")
+        if self.spec.requant == "qadd":
+            self.qadd_constants()
+        consts = {}
+        for j in range(self.nj):
+            m = f"%mask{j}"
+            e(f"%rq.bo{j} = getelementptr i64, ptr %ep.bp, i64 {j * lanes}")
+            e(f"%rq.b64_{j} = call <{lanes} x i64> @llvm.masked.load.v{lanes}i64.p0(ptr "
+              f"%rq.bo{j}, i32 8, {i1} {m}, <{lanes} x i64> zeroinitializer)")  # fmt: skip
+            e(f"%rq.b{j} = trunc <{lanes} x i64> %rq.b64_{j} to {vec}")
+            for row, what in enumerate(("m", "lo", "hi", "zp")):
+                e(f"%rq.{what}o{j} = mul i64 %ep.ldf, {row}")
+                e(f"%rq.{what}oj{j} = add i64 %rq.{what}o{j}, {j * lanes}")
+                e(f"%rq.{what}p{j} = getelementptr float, ptr %ep.fp, i64 %rq.{what}oj{j}")
+                e(f"%rq.{what}{j} = call {fv} @llvm.masked.load.v{lanes}f32.p0(ptr "
+                  f"%rq.{what}p{j}, i32 4, {i1} {m}, {fv} zeroinitializer)")  # fmt: skip
+            consts[j] = {w: f"%rq.{w}{j}" for w in ("b", "m", "lo", "hi", "zp")}
+        for r in range(self.rows):
+            e(f"%rq.oo{r} = mul i64 %ep.ldo, {r}")
+            for j in range(self.nj):
+                k, t = consts[j], f"%rq{r}_{j}"
+                e(f"{t}.oo = add i64 %rq.oo{r}, {j * lanes}")  # out (and other) offset
+                e(f"{t}.s = add {vec} {final[r, j]}, {k['b']}")  # wraps, as i32(acc + bias)
+                e(f"{t}.f = sitofp {vec} {t}.s to {fv}")
+                e(f"{t}.v = fmul {fv} {t}.f, {k['m']}")
+                e(f"{t}.r = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.v)")
+                # finite values only (the fast path's condition): select = min / max
+                e(f"{t}.gt = fcmp ogt {fv} {t}.r, {k['lo']}")
+                e(f"{t}.c1 = select {i1} {t}.gt, {fv} {t}.r, {fv} {k['lo']}")
+                e(f"{t}.lt = fcmp olt {fv} {t}.c1, {k['hi']}")
+                e(f"{t}.c2 = select {i1} {t}.lt, {fv} {t}.c1, {fv} {k['hi']}")
+                e(f"{t}.y = fadd {fv} {t}.c2, {k['zp']}")  # exact: the code y, in float
+                if self.spec.requant == "qadd":
+                    self.qadd(t, j)
+                    e(f"{t}.yb = trunc {vec} {t}.zi to <{lanes} x i8>")
+                else:
+                    e(f"{t}.yi = fptosi {fv} {t}.y to {vec}")
+                    e(f"{t}.yb = trunc {vec} {t}.yi to <{lanes} x i8>")
+                e(f"{t}.op = getelementptr i8, ptr %ep.op, i64 {t}.oo")
+                e(f"call void @llvm.masked.store.v{lanes}i8.p0(<{lanes} x i8> {t}.yb, "
+                  f"ptr {t}.op, i32 1, {i1} %mask{j})")  # fmt: skip
+
+    def splat(self, name: str, ty: str, scalar: str) -> str:
+        """`name` = a vector of `lanes` copies of the scalar `scalar` of type `ty`."""
+        lanes = self.spec.lanes
+        e = self.emit
+        e(f"{name}.i = insertelement <{lanes} x {ty}> poison, {ty} {scalar}, i64 0")
+        e(f"{name} = shufflevector <{lanes} x {ty}> {name}.i, <{lanes} x {ty}> poison, "
+          f"<{lanes} x i32> zeroinitializer")  # fmt: skip
+        return name
+
+    def qadd_constants(self) -> None:
+        """The residual qadd's scalars (REQUANT_DOC), as vectors."""
+        e = self.emit
+        e("%qa.other = inttoptr i64 %ep.other to ptr")
+        e("%qa.yfirst = icmp ne i64 %ep.yfirst, 0")
+        for name in ("oflip", "ooff"):
+            e(f"%qa.{name}32 = trunc i64 %ep.{name} to i32")
+            self.splat(f"%qa.{name}", "i32", f"%qa.{name}32")
+        for name in ("plo", "phi"):
+            e(f"%qa.{name}f = sitofp i64 %ep.{name} to float")
+            self.splat(f"%qa.{name}", "float", f"%qa.{name}f")
+        e("%qa.plo32 = trunc i64 %ep.plo to i32")
+        self.splat("%qa.ploi", "i32", "%qa.plo32")
+        e("%qa.rp = inttoptr i64 %ep.ratios to ptr")
+        for k, name in enumerate(("ry", "ro", "fixed")):
+            e(f"%qa.{name}p = getelementptr float, ptr %qa.rp, i64 {k}")
+            e(f"%qa.{name}s = load float, ptr %qa.{name}p, align 4")
+            self.splat(f"%qa.{name}", "float", f"%qa.{name}s")
+        self.splat("%qa.lo31", "float", "-2147483648.0")  # 0xC1E0000000000000
+        self.splat("%qa.hi31", "float", "2147483648.0")
+
+    def qadd(self, t: str, j: int) -> None:
+        """{t}.zi = the qadd of the code {t}.y with the other operand's byte at
+        the same place, as `requant._fast_post` computes it."""
+        e, lanes = self.emit, self.spec.lanes
+        fv, iv, i1 = f"<{lanes} x float>", f"<{lanes} x i32>", f"<{lanes} x i1>"
+        fma = f"@llvm.fma.v{lanes}f32"
+        e(f"{t}.ap = getelementptr i8, ptr %qa.other, i64 {t}.oo")
+        e(f"{t}.ab = call <{lanes} x i8> @llvm.masked.load.v{lanes}i8.p0(ptr {t}.ap, i32 1, "
+          f"{i1} %mask{j}, <{lanes} x i8> zeroinitializer)")  # fmt: skip
+        e(f"{t}.ai = zext <{lanes} x i8> {t}.ab to {iv}")
+        e(f"{t}.ax = xor {iv} {t}.ai, %qa.oflip")
+        e(f"{t}.as = sub {iv} {t}.ax, %qa.ooff")
+        e(f"{t}.of = sitofp {iv} {t}.as to {fv}")
+        # yfirst: fma(y, ry, fma(o, ro, fixed)); else fma(o, ro, fma(y, ry, fixed))
+        e(f"{t}.in1 = call {fv} {fma}({fv} {t}.of, {fv} %qa.ro, {fv} %qa.fixed)")
+        e(f"{t}.t1 = call {fv} {fma}({fv} {t}.y, {fv} %qa.ry, {fv} {t}.in1)")
+        e(f"{t}.in2 = call {fv} {fma}({fv} {t}.y, {fv} %qa.ry, {fv} %qa.fixed)")
+        e(f"{t}.t2 = call {fv} {fma}({fv} {t}.of, {fv} %qa.ro, {fv} {t}.in2)")
+        e(f"{t}.t = select i1 %qa.yfirst, {fv} {t}.t1, {fv} {t}.t2")
+        e(f"{t}.q = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.t)")
+        # cvtps2dq's range (NaN and out of range -> the low bound), then saturation
+        e(f"{t}.okl = fcmp oge {fv} {t}.q, %qa.lo31")
+        e(f"{t}.okh = fcmp olt {fv} {t}.q, %qa.hi31")
+        e(f"{t}.ok = and {i1} {t}.okl, {t}.okh")
+        e(f"{t}.qgt = fcmp ogt {fv} {t}.q, %qa.plo")
+        e(f"{t}.q1 = select {i1} {t}.qgt, {fv} {t}.q, {fv} %qa.plo")
+        e(f"{t}.qlt = fcmp olt {fv} {t}.q1, %qa.phi")
+        e(f"{t}.q2 = select {i1} {t}.qlt, {fv} {t}.q1, {fv} %qa.phi")
+        e(f"{t}.qi = fptosi {fv} {t}.q2 to {iv}")
+        e(f"{t}.zi = select {i1} {t}.ok, {iv} {t}.qi, {iv} %qa.ploi")
 
 
 def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
@@ -329,4 +488,5 @@ def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
         raise ValueError(f"rows must be in 1..{spec.mr}, got {rows}")
     counts = range(1, spec.mr + 1) if rows is None else (rows,)
     funcs = [_Emitter(spec, r).function() for r in counts]
-    return _declarations(spec.isa) + "\n" + "\n".join(funcs)
+    decl = _declarations(spec.isa) + (_requant_declarations(spec.lanes) if spec.requant else "")
+    return decl + "\n" + "\n".join(funcs)

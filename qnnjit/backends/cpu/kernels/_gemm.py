@@ -28,9 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import drivers, gemm
-from ..ukernels import UkernelSpec
+from ..calls import call_ukernel, call_ukernel_requant
+from ..ukernels import REQUANT_FIELDS, UkernelSpec
 from ._numba import jit
 
+# the requantizing microkernels' epilogue argument slots (ukernels.REQUANT_FIELDS)
+(EP_BIAS, EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI,
+ EP_RATIOS) = range(len(REQUANT_FIELDS))  # fmt: skip
 # gparams slots
 G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_GROUP_BYTES, G_NC = range(9)
 
@@ -58,10 +62,22 @@ class GemmPlan:
     def mr(self) -> int:
         return self.config.mr
 
-    def ensure_rows(self, rows: int) -> None:
-        """Compile (or load) the microkernels a tile of `rows` rows runs."""
+    def ensure_rows(self, rows: int, requant: str = "") -> None:
+        """Compile (or load) the microkernels a tile of `rows` rows runs (with
+        `requant`, also the requantizing ones of the last K block)."""
         if rows > 0:
             gemm.microkernels(self.config, self.packed, allow_i16_pairs=self.i16_ok, m=rows)
+        if rows > 0 and requant:
+            gemm.microkernels(
+                self.config, self.packed, allow_i16_pairs=self.i16_ok, m=rows, requant=requant
+            )
+
+    def requant_fptrs(self, requant: str) -> np.ndarray:
+        """The requantizing microkernels' table (`ensure_rows` compiles them)."""
+        fptrs, _ = gemm.microkernels(
+            self.config, self.packed, allow_i16_pairs=self.i16_ok, requant=requant
+        )
+        return fptrs
 
     def describe(self) -> str:
         return self.config.describe()
@@ -118,6 +134,45 @@ def gemm_tile(a, rows, c, g, fptrs, data, init, gp):
         gp[G_NC],
         gp[G_DESC],
     )
+
+
+@jit()
+def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, out, other, ldo):
+    """out[r * ldo + j] (bytes, at address `out`) = the requantized (A @ B)[r, j],
+    for rows 0..rows of A (at address `a`, row stride `lda`) and the n columns
+    of B: the engine's loops (`drivers._task`, one row block), except that the
+    last K block runs the requantizing microkernels (`rq_fptrs`), which store
+    bytes straight from their registers. `c` (int32 [>= rows, n]) holds the
+    sums between K blocks; `ep` (int64, ukernels.REQUANT_FIELDS) the kernels'
+    epilogue arguments, with bias and f at column 0 and the qadd scalars set
+    by the caller; `other` the residual operand's address (qadd), like `out`."""
+    mr, nr, kcg, k_groups = gp[G_MR], gp[G_NR], gp[G_KCG], gp[G_KG]
+    cb, bb, ib = c.ctypes.data, data.ctypes.data, init.ctypes.data
+    bias0, f0 = ep[EP_BIAS], ep[EP_F]
+    ep[EP_LDO] = ldo
+    k0 = 0
+    while True:
+        kg = min(kcg, k_groups - k0)
+        last = k0 + kg >= k_groups
+        accumulate = 1 if k0 > 0 else 0
+        for nn in range(0, n, nr):
+            bp = bb + (nn // nr) * gp[G_PANEL_BYTES] + k0 * nr * 4
+            nvalid = min(nr, n - nn)
+            ep[EP_BIAS], ep[EP_F] = bias0 + 8 * nn, f0 + 4 * nn
+            for mm in range(0, rows, mr):
+                r = min(mr, rows - mm)
+                ap, cp, ip = a + mm * lda + k0 * 4, cb + (mm * n + nn) * 4, ib + nn * 4
+                if last:
+                    ep[EP_OUT], ep[EP_OTHER] = out + mm * ldo + nn, other + mm * ldo + nn
+                    call_ukernel_requant(rq_fptrs[r - 1], ap, lda, bp, kg, cp, n, ip, nvalid,
+                                         accumulate, gp[G_DESC] | r, ep.ctypes.data)  # fmt: skip
+                else:
+                    call_ukernel(fptrs[r - 1], ap, lda, bp, kg, cp, n, ip, nvalid, accumulate,
+                                 gp[G_DESC] | r)  # fmt: skip
+        k0 += kg
+        if last:
+            break
+    ep[EP_BIAS], ep[EP_F] = bias0, f0
 
 
 # ---- channel-major GEMM for convolutions ------------------------------------------

@@ -366,6 +366,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         kind = "conv_direct"
         ws = kernel_array(w4.astype(np.int64) - m_zp[:, None, None, None])
     ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias)
+    if kind == "conv_nhwc":
+        channels_last.fuse_epilogue(ep)
     launches = {}
 
     def launch(x_shape, other_shape):
@@ -429,6 +431,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     name = f"{kind}[{_describe(x_dt, w_dt, group, w4.shape)}]"
     if kind == "conv_nhwc" and channels_last.in_place:
         name += "(A in place)"
+    if kind == "conv_nhwc" and channels_last.fused:
+        name += f"(microkernels requantize: {channels_last.requant})"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(
         label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind in CHANNELS_LAST

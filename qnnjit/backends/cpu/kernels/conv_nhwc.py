@@ -56,11 +56,45 @@ from ._conv_geometry import (
     GSW,
     GWP,
 )  # fmt: skip
-from ._gemm import G_DESC, G_K4, G_KCG, G_KG, G_MR, G_NC, G_NR, G_PANEL_BYTES, plan_gemm
+from ._gemm import (
+    EP_BIAS,
+    EP_F,
+    EP_LDF,
+    EP_OFLIP,
+    EP_OOFF,
+    EP_PHI,
+    EP_PLO,
+    EP_RATIOS,
+    EP_YFIRST,
+    G_DESC,
+    G_K4,
+    G_KCG,
+    G_KG,
+    G_MR,
+    G_NC,
+    G_NR,
+    G_PANEL_BYTES,
+    gemm_requant_rows,
+    plan_gemm,
+)  # fmt: skip
 from ._numba import U, jit
 from ._threads import run_tasks
 from .layout import channels_last_output, nhwc_bytes
-from .requant import ep_tile
+from .requant import (
+    F_RY,
+    I_FAST,
+    I_OFLIP,
+    I_OOFF,
+    I_PHI,
+    I_PLO,
+    I_POST,
+    I_ROUND,
+    I_YFIRST,
+    P_NONE,
+    P_QADD,
+    R_FLOAT,
+    ep_tile,
+)  # fmt: skip
 
 
 @jit()
@@ -115,11 +149,24 @@ def _row_sums(a, rows, K, rowsum):
 
 
 @jit()
-def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, data, init, gp,
-                   out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+def _requant_args(chan_i, chan_f, sc_i, sc_f):
+    """The requantizing microkernels' `ep` (ukernels.REQUANT_FIELDS) at column 0."""
+    ep = np.zeros(EP_RATIOS + 1, np.int64)
+    ep[EP_BIAS], ep[EP_F], ep[EP_LDF] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
+    ep[EP_OFLIP], ep[EP_OOFF], ep[EP_YFIRST] = sc_i[I_OFLIP], sc_i[I_OOFF], sc_i[I_YFIRST]
+    ep[EP_PLO], ep[EP_PHI] = sc_i[I_PLO], sc_i[I_PHI]
+    ep[EP_RATIOS] = sc_f.ctypes.data + 4 * F_RY  # ry, ro, fixed: consecutive float32
+    return ep
+
+
+@jit()
+def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, rq_fptrs, data,
+                   init, gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Tasks t0..t1 of (image, tile of GEMM_T output pixels): A rows in place
     (`direct`) or an im2col tile, the GEMM, the weight zero point's per-pixel
-    term when `need_rowsum`, then the epilogue into the NHWC output."""
+    term when `need_rowsum`, then the epilogue into the NHWC output; or, when
+    `rq_fptrs` holds the requantizing microkernels, the GEMM storing the
+    output bytes itself (`_gemm.gemm_requant_rows`)."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
     N, C = x.shape[0], x.shape[3]
     M = zw.size
@@ -132,6 +179,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
     a = np.zeros((0 if direct else Pt, K4), np.uint8)  # columns K..K4 stay zero
     rowsum = np.zeros(Pt, np.int64)
     c = np.empty((Pt, M), np.int32)
+    ep = _requant_args(chan_i, chan_f, sc_i, sc_f) if rq_fptrs.size else np.zeros(0, np.int64)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
         n = t // tiles
@@ -147,6 +195,11 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
             a_ptr, lda = a.ctypes.data, K4
             if need_rowsum:
                 _row_sums(a, rows, K, rowsum)
+        if rq_fptrs.size:
+            o = (n * P + p0) * M
+            gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, M, ep,
+                              out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
+            continue
         drivers.run_serial(
             fptrs, a_ptr, lda, rows, gp[G_KG], data.ctypes.data, gp[G_PANEL_BYTES], gp[G_NR],
             c.ctypes.data, M, M, init.ctypes.data, mr, gp[G_KCG], ((rows + mr - 1) // mr) * mr,
@@ -236,9 +289,7 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
         if fptr != 0:
             for kh in range(KH):
                 rows[kh] = xr[slot[kh]].ctypes.data
-            call_depthwise_row(
-                fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, sums.ctypes.data
-            )
+            call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, sums.ctypes.data)
         else:
             _depthwise_taps(xr, slot, ws, wrow, geo, acc)
             for q in range(OW * C):
@@ -287,6 +338,28 @@ class ChannelsLastConv:
         self.flip, self.pad_byte = flip, pad_byte
         self.in_place = pointwise and flip == 0 and c % 4 == 0
         self.num_threads = num_threads
+        self.requant = ""  # the requantizing microkernels' kind, once chosen
+        self.rq_fptrs = _EMPTY_I64
+
+    def fuse_epilogue(self, ep) -> None:
+        """Let the microkernels store the output bytes when `ep` is the float
+        requantize to 8 bits, alone or followed by a residual qadd
+        (ukernels REQUANT_DOC), and nothing comes between the GEMM and it (no
+        per-pixel weight zero point term)."""
+        sc = ep.sc_i
+        kinds = {P_NONE: "plain", P_QADD: "qadd"}
+        if (
+            self.plan.config.isa != "portable"
+            and not self.need_rowsum
+            and sc[I_FAST] and sc[I_ROUND] == R_FLOAT and int(sc[I_POST]) in kinds
+            and ep.out_dtype.bits == 8
+        ):  # fmt: skip
+            self.requant = kinds[int(sc[I_POST])]
+            self.rq_fptrs = self.plan.requant_fptrs(self.requant)
+
+    @property
+    def fused(self) -> bool:
+        return self.rq_fptrs.size > 0
 
     def tile_pixels(self, pixels: int, images: int) -> int:
         """Output pixels per task: the engine's cache-sized MC, at most what keeps
@@ -304,8 +377,8 @@ class ChannelsLastConv:
         """Per input shape: the tile size (into `geo`), its microkernels."""
         pixels = int(geo[GOH] * geo[GOW])
         geo[GPT] = tile = self.tile_pixels(pixels, images)
-        self.plan.ensure_rows(min(tile, pixels))
-        self.plan.ensure_rows(pixels % tile or tile)
+        self.plan.ensure_rows(min(tile, pixels), self.requant)
+        self.plan.ensure_rows(pixels % tile or tile, self.requant)
         return ()
 
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
@@ -318,8 +391,9 @@ class ChannelsLastConv:
         plan = self.plan
         run_tasks(
             conv_gemm_nhwc, tasks, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
-            self.pad_byte, self.in_place, self.zw, self.need_rowsum, plan.fptrs, plan.data,
-            plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
+            self.pad_byte, self.in_place, self.zw, self.need_rowsum, plan.fptrs, self.rq_fptrs,
+            plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
+            ob,
         )  # fmt: skip
         return out
 
@@ -390,6 +464,7 @@ def _channels_last_io(ep, other, out_shape):
 _GEMM_MACS_PER_WORK = 16
 _DEPTHWISE_MACS_PER_WORK = 2
 _EMPTY = np.zeros(0, np.uint8)
+_EMPTY_I64 = np.zeros(0, np.int64)
 _EMPTY_ROWS = np.zeros((0, 0), np.float32)
 # The GEMM's int32 output tile, written by the microkernels and read back by
 # the epilogue; sized to stay in L2 next to the A tile (swept on MobileNetV2's
