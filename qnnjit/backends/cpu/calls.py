@@ -56,6 +56,6 @@ def call_ukernel_requant(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, a
 
 
 @intrinsic
-def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out):
-    """``(*fptr)(rows, w, cp, ow, out)``: a depthwise row kernel (ABI in ``dwkernels``)."""
-    return _typed((fptr, rows, w, cp, ow, out), "ppiip")
+def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out, ep):
+    """``(*fptr)(rows, w, cp, ow, out, ep)``: a depthwise row kernel (ABI in ``dwkernels``)."""
+    return _typed((fptr, rows, w, cp, ow, out, ep), "ppiipp")

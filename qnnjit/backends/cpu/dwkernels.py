@@ -27,10 +27,16 @@ Kernel ABI (C):
                 const float *w,             // [KH*KW, cp]: tap t's weights at w[t*cp]
                 int64 cp,                   // channel stride, a multiple of L (> 0)
                 int64 ow,                   // output pixels in the row (>= 0)
-                int32 *out)                 // [ow, cp]: output pixel j at out[j*cp]
+                int32 *out,                 // [ow, cp]: output pixel j at out[j*cp]
+                const int64 *ep)            // requant kernels only (else ignored)
 
 Channels cp..C are padding the caller fills (with zeros): the kernel computes
 them like any other and the caller ignores them.
+
+A ``requant`` kernel stores bytes instead: ``out`` is uint8 [ow, cp] and ``ep``
+= {bias, f, ldf}, the GEMM kernels' (``ukernels`` REQUANT_DOC), whose float
+requantize it applies to each exact sum. Every one of its cp channels is
+stored, so the caller uses it only when cp is the output's channel count.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .llvmjit import compile_module
+from .ukernels import requant_declarations, requantize_code
 
 __all__ = ["DepthwiseSpec", "depthwise_ir", "depthwise_kernel", "LANES"]
 
@@ -57,6 +64,7 @@ class DepthwiseSpec:
     kw: int
     sw: int  # horizontal stride
     dw: int  # horizontal dilation
+    requant: bool = False  # store requantized bytes (see the module doc)
 
     def __post_init__(self):
         if self.isa not in LANES:
@@ -74,12 +82,13 @@ class DepthwiseSpec:
 
     @property
     def name(self) -> str:
-        return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}"
+        stage = "_rq" if self.requant else ""
+        return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}{stage}"
 
 
 _ARGS = (
     "ptr noalias nocapture readonly %rows, ptr noalias nocapture readonly %w, i64 %cp, "
-    "i64 %ow, ptr noalias nocapture %out"
+    "i64 %ow, ptr noalias nocapture %out, ptr nocapture readonly %ep"
 )
 
 
@@ -131,11 +140,34 @@ class _Emitter:
                     acc[o] = new
         e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
         e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
+        k = self.requant_constants(tag, coff) if s.requant else None
         for o in range(count):
             e(f"%{tag}.i{o} = fptosi {vec} {acc[o]} to {self.ivec}")
             e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
-            e(f"%{tag}.q{o} = getelementptr i32, ptr %out, i64 %{tag}.yo{o}")
-            e(f"store {self.ivec} %{tag}.i{o}, ptr %{tag}.q{o}, align 4")
+            if k is None:
+                e(f"%{tag}.q{o} = getelementptr i32, ptr %out, i64 %{tag}.yo{o}")
+                e(f"store {self.ivec} %{tag}.i{o}, ptr %{tag}.q{o}, align 4")
+                continue
+            t = f"%{tag}.rq{o}"
+            requantize_code(e, t, s.lanes, f"%{tag}.i{o}", k)
+            e(f"{t}.yi = fptosi {vec} {t}.y to {self.ivec}")
+            e(f"{t}.yb = trunc {self.ivec} {t}.yi to <{s.lanes} x i8>")
+            e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
+            e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
+
+    def requant_constants(self, tag: str, coff: str) -> dict:
+        """The channel block's bias, mult, lo, hi and zp vectors (requantize_code's `k`)."""
+        e, lanes, vec = self.emit, self.spec.lanes, self.vec
+        e(f"%{tag}.pb = getelementptr i64, ptr %ep.bias, i64 {coff}")
+        e(f"%{tag}.b64 = load <{lanes} x i64>, ptr %{tag}.pb, align 8")
+        e(f"%{tag}.b = trunc <{lanes} x i64> %{tag}.b64 to {self.ivec}")
+        k = {"b": f"%{tag}.b"}
+        for row, what in enumerate(("m", "lo", "hi", "zp")):
+            e(f"%{tag}.{what}o = add i64 %ep.ldf{row}, {coff}")
+            e(f"%{tag}.{what}p = getelementptr float, ptr %ep.f, i64 %{tag}.{what}o")
+            e(f"%{tag}.{what} = load {vec}, ptr %{tag}.{what}p, align 4")
+            k[what] = f"%{tag}.{what}"
+        return k
 
     def channel_loop(self, tag: str, ow0: str, count: int, done: str) -> None:
         """`count` pixels from `ow0`, every channel block, then branch to `done`;
@@ -163,6 +195,14 @@ class _Emitter:
             e(f"%cpq{q} = mul i64 %cp, {q}")
         for t in range(s.kh * s.kw):  # tap t's weight row offset
             e(f"%cpt{t} = mul i64 %cp, {t}")
+        if s.requant:  # ep: int64 {bias, f, ldf}, as the GEMM kernels' first three
+            for field, name in enumerate(("bias", "f", "ldf")):
+                e(f"%ep.p{field} = getelementptr i64, ptr %ep, i64 {field}")
+                e(f"%ep.{name}i = load i64, ptr %ep.p{field}, align 8")
+            e("%ep.bias = inttoptr i64 %ep.biasi to ptr")
+            e("%ep.f = inttoptr i64 %ep.fi to ptr")
+            for row in range(4):
+                e(f"%ep.ldf{row} = mul i64 %ep.ldfi, {row}")
         e(f"%nb = udiv i64 %cp, {lanes}")
         e(f"%full = and i64 %ow, {-ob}")  # ob is a power of two
         e("%none = icmp eq i64 %nb, 0")
@@ -201,7 +241,7 @@ def depthwise_ir(spec: DepthwiseSpec) -> str:
     decl = (
         f"declare <{lanes} x float> @llvm.fmuladd.v{lanes}f32"
         f"(<{lanes} x float>, <{lanes} x float>, <{lanes} x float>)\n"
-    )
+    ) + (requant_declarations(lanes) if spec.requant else "")
     return decl + "\n" + _Emitter(spec).function()
 
 

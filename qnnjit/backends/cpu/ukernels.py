@@ -74,7 +74,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["UkernelSpec", "ukernel_ir", "kernel_name", "UNROLL"]
+__all__ = [
+    "UkernelSpec", "ukernel_ir", "kernel_name", "UNROLL", "REQUANT_FIELDS", "requantize_code",
+    "requant_declarations",
+]  # fmt: skip
 
 UNROLL = 4  # k-groups per main-loop iteration
 # The requantizing kernels' ``ep`` argument: int64 fields, in this order
@@ -140,7 +143,7 @@ def _splat(ty: str, lanes: int, value: int) -> str:
     return "<" + ", ".join(f"{ty} {value}" for _ in range(lanes)) + ">"
 
 
-def _requant_declarations(lanes: int) -> str:
+def requant_declarations(lanes: int) -> str:
     return (
         f"declare <{lanes} x float> @llvm.rint.v{lanes}f32(<{lanes} x float>)\n"
         f"declare <{lanes} x i64> @llvm.masked.load.v{lanes}i64.p0(ptr, i32, <{lanes} x i1>, "
@@ -399,16 +402,7 @@ class _Emitter:
             for j in range(self.nj):
                 k, t = consts[j], f"%rq{r}_{j}"
                 e(f"{t}.oo = add i64 %rq.oo{r}, {j * lanes}")  # out (and other) offset
-                e(f"{t}.s = add {vec} {final[r, j]}, {k['b']}")  # wraps, as i32(acc + bias)
-                e(f"{t}.f = sitofp {vec} {t}.s to {fv}")
-                e(f"{t}.v = fmul {fv} {t}.f, {k['m']}")
-                e(f"{t}.r = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.v)")
-                # finite values only (the fast path's condition): select = min / max
-                e(f"{t}.gt = fcmp ogt {fv} {t}.r, {k['lo']}")
-                e(f"{t}.c1 = select {i1} {t}.gt, {fv} {t}.r, {fv} {k['lo']}")
-                e(f"{t}.lt = fcmp olt {fv} {t}.c1, {k['hi']}")
-                e(f"{t}.c2 = select {i1} {t}.lt, {fv} {t}.c1, {fv} {k['hi']}")
-                e(f"{t}.y = fadd {fv} {t}.c2, {k['zp']}")  # exact: the code y, in float
+                requantize_code(e, t, lanes, final[r, j], k)
                 if self.spec.requant == "qadd":
                     self.qadd(t, j)
                     e(f"{t}.yb = trunc {vec} {t}.zi to <{lanes} x i8>")
@@ -481,6 +475,24 @@ class _Emitter:
         e(f"{t}.zi = select {i1} {t}.ok, {iv} {t}.qi, {iv} %qa.ploi")
 
 
+def requantize_code(emit, t: str, lanes: int, acc: str, k: dict) -> None:
+    """Emit `{t}.y`, the requantized code (a float holding an integer) of the
+    int32 sums `acc` (<lanes x i32>): REQUANT_DOC's steps, with `k` naming the
+    per-lane bias (i32), mult, lo, hi and zp (float) vectors ("b", "m", "lo",
+    "hi", "zp"). Shared by the GEMM and depthwise (``dwkernels``) kernels."""
+    vec, fv, i1 = f"<{lanes} x i32>", f"<{lanes} x float>", f"<{lanes} x i1>"
+    emit(f"{t}.s = add {vec} {acc}, {k['b']}")  # wraps, as i32(acc + bias)
+    emit(f"{t}.f = sitofp {vec} {t}.s to {fv}")
+    emit(f"{t}.v = fmul {fv} {t}.f, {k['m']}")
+    emit(f"{t}.r = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.v)")
+    # finite values only (the fast path's condition): select = min / max
+    emit(f"{t}.gt = fcmp ogt {fv} {t}.r, {k['lo']}")
+    emit(f"{t}.c1 = select {i1} {t}.gt, {fv} {t}.r, {fv} {k['lo']}")
+    emit(f"{t}.lt = fcmp olt {fv} {t}.c1, {k['hi']}")
+    emit(f"{t}.c2 = select {i1} {t}.lt, {fv} {t}.c1, {fv} {k['hi']}")
+    emit(f"{t}.y = fadd {fv} {t}.c2, {k['zp']}")  # exact: the code y, in float
+
+
 def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
     """The LLVM IR module (text) of ``spec``: the one function for a tile of
     ``rows`` rows (``kernel_name(spec, rows)``), or all of ``spec.names()``."""
@@ -488,5 +500,5 @@ def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
         raise ValueError(f"rows must be in 1..{spec.mr}, got {rows}")
     counts = range(1, spec.mr + 1) if rows is None else (rows,)
     funcs = [_Emitter(spec, r).function() for r in counts]
-    decl = _declarations(spec.isa) + (_requant_declarations(spec.lanes) if spec.requant else "")
+    decl = _declarations(spec.isa) + (requant_declarations(spec.lanes) if spec.requant else "")
     return decl + "\n" + "\n".join(funcs)

@@ -366,7 +366,7 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         kind = "conv_direct"
         ws = kernel_array(w4.astype(np.int64) - m_zp[:, None, None, None])
     ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias)
-    if kind == "conv_nhwc":
+    if kind in CHANNELS_LAST:
         channels_last.fuse_epilogue(ep)
     launches = {}
 
@@ -433,6 +433,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         name += "(A in place)"
     if kind == "conv_nhwc" and channels_last.fused:
         name += f"(microkernels requantize: {channels_last.requant})"
+    if kind == "conv_depthwise_nhwc" and channels_last.fused:
+        name += "(row kernels requantize)"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(
         label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind in CHANNELS_LAST

@@ -246,7 +246,7 @@ def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
 
 
 @jit()
-def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
+def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, fused, out,
                    chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Output rows t0..t1 (image, oh) of a depthwise convolution of the NHWC
     bytes x [N, H, W, C]; `ws` float32 [KH*KW, CP] the shifted weights (CP >=
@@ -256,7 +256,8 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
     Input rows are converted once each into a ring of float32 rows `xr`
     (code - za, padded to WP columns with pad_shift), as many as one window
     spans, so consecutive output rows reuse them. Then `fptr`, the row kernel
-    (`dwkernels`), computes the output row. Without one (the portable path),
+    (`dwkernels`), computes the output row: its sums for the epilogue, or with
+    `fused` the output bytes themselves. Without one (the portable path),
     each tap is a float multiply-add loop over the output row: with unit
     stride one loop of OW*C (weights from `wrow`, `ws` repeated OW times),
     else one loop of C per output pixel. The float32 sums are exact: every
@@ -275,6 +276,8 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
     tile = sums.reshape(OW, CP)
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
+    ep = np.zeros(3, np.int64)  # a fused row kernel's epilogue: bias, f, ldf
+    ep[0], ep[1], ep[2] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
     for t in range(t0, t1):
         n = t // OH
         oh = t - n * OH
@@ -289,7 +292,10 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
         if fptr != 0:
             for kh in range(KH):
                 rows[kh] = xr[slot[kh]].ctypes.data
-            call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, sums.ctypes.data)
+            dst = out.ctypes.data + t * OW * C if fused else np.int64(sums.ctypes.data)
+            call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, dst, ep.ctypes.data)
+            if fused:
+                continue
         else:
             _depthwise_taps(xr, slot, ws, wrow, geo, acc)
             for q in range(OW * C):
@@ -416,11 +422,25 @@ class ChannelsLastDepthwise:
         m, kh, kw = w_shifted.shape
         assert self.fits(kh * kw) and np.abs(w_shifted).max(initial=0) <= 255
         self.isa = select_isa()
+        self.channels = m
         lanes = dwkernels.LANES.get(self.isa, 1)
         self.ws = np.zeros((kh * kw, _round_up(m, lanes)), np.float32)
         self.ws[:, :m] = w_shifted.reshape(m, kh * kw).T
         self.flip, self.za, self.pad_shift = flip, za, pad_shift
         self.num_threads = num_threads
+        self.fused = False
+
+    def fuse_epilogue(self, ep) -> None:
+        """Let the row kernels store the output bytes when `ep` is the plain
+        float requantize to 8 bits and the kernels' channel blocks are exactly
+        the output's channels (no padding channels to store)."""
+        sc, m = ep.sc_i, self.ws.shape[1]  # m: the channels rounded up to whole vectors
+        self.fused = bool(
+            self.isa in dwkernels.LANES
+            and m == self.channels
+            and sc[I_FAST] and sc[I_ROUND] == R_FLOAT and sc[I_POST] == P_NONE
+            and ep.out_dtype.bits == 8
+        )  # fmt: skip
 
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the row kernel's address (0 on the portable path);
@@ -428,8 +448,9 @@ class ChannelsLastDepthwise:
         row of OW pixels."""
         if self.isa in dwkernels.LANES:
             spec = dwkernels.DepthwiseSpec(
-                self.isa, int(geo[GKH]), int(geo[GKW]), int(geo[GSW]), int(geo[GDW])
-            )
+                self.isa, int(geo[GKH]), int(geo[GKW]), int(geo[GSW]), int(geo[GDW]),
+                requant=self.fused,
+            )  # fmt: skip
             return dwkernels.depthwise_kernel(spec), _EMPTY_ROWS
         if not (geo[GSW] == 1 and geo[GDW] == 1):
             return 0, _EMPTY_ROWS
@@ -442,8 +463,8 @@ class ChannelsLastDepthwise:
         work = n * m * oh * ow * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK
         run_tasks(
             depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
-            self.za, self.pad_shift, self.ws, weight_rows, fptr, flat, ep.chan_i, ep.chan_f,
-            sc_i, sc_f, ep.table, ob,
+            self.za, self.pad_shift, self.ws, weight_rows, fptr, self.fused, flat, ep.chan_i,
+            ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 
