@@ -271,11 +271,12 @@ def test_conv_bias_wraps_int32():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-@pytest.mark.parametrize("layer", ["dense", "depthwise"])
+@pytest.mark.parametrize("layer", ["dense", "depthwise", "max_pool"])
 def test_conv_on_every_gemm_path(isa, layer, monkeypatch):
     """The other ISA paths (when the host runs them) give the same bits: the
-    GEMM engine's, and the depthwise row kernels' (channels that leave a
-    partial vector, stride 2 with dilation, a row narrower than one block)."""
+    GEMM engine's, and the depthwise and max-pool row kernels' (channels that
+    leave a partial vector, stride 2 with dilation, a row narrower than one
+    block, padding on every side)."""
     from qnnjit.backends.cpu.features import runnable_isas
 
     if isa not in runnable_isas():
@@ -288,6 +289,13 @@ def test_conv_on_every_gemm_path(isa, layer, monkeypatch):
             w_zp="channel", per_channel=True, bias=True, pow2=False, seed=11,
         )  # fmt: skip
         check_model(*_conv_model(case))
+        return
+    if layer == "max_pool":
+        for dtype, strides, dilations in ((np.uint8, [2, 2], [1, 1]), (np.int8, [1, 2], [2, 1])):
+            x = codes(np.random.default_rng(13), dtype, (2, 64, 9, 21))
+            attrs = {"kernel_shape": [3, 3], "strides": strides, "pads": [1, 1, 1, 1],
+                     "dilations": dilations}  # fmt: skip
+            check_model(one_node_model("MaxPool", {"x": x}, {}, attrs, out=dtype), {"x": x})
         return
     # 21 channels leave a partial vector (the sums go through the epilogue);
     # 32 fill whole vectors on both SIMD paths (the row kernels requantize)
@@ -710,14 +718,16 @@ def test_quantize_clamp_attribute():
     pads=st.tuples(*[st.integers(0, 1)] * 4),
     dilations=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     ceil_mode=st.booleans(),
+    channels=st.sampled_from([3, 64]),  # 64: whole vectors, the row kernels' case
     seed=SEEDS,
 )
-def test_max_pool_integers(dtype, size, kernel, strides, pads, dilations, ceil_mode, seed):
+def test_max_pool_integers(dtype, size, kernel, strides, pads, dilations, ceil_mode, channels,
+                           seed):  # fmt: skip
     for i in range(2):
         assume(pads[i] < kernel[i] and pads[2 + i] < kernel[i])
         span = size[i] + pads[i] + pads[2 + i] - dilations[i] * (kernel[i] - 1)
         assume(span >= 1)
-    x = codes(np.random.default_rng(seed), dtype, (2, 3, *size))
+    x = codes(np.random.default_rng(seed), dtype, (2, channels, *size))
     attrs = {
         "kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
         "ceil_mode": int(ceil_mode),

@@ -65,16 +65,20 @@ class DepthwiseSpec:
     sw: int  # horizontal stride
     dw: int  # horizontal dilation
     requant: bool = False  # store requantized bytes (see the module doc)
+    op: str = "fma"  # "fma": the convolution; "umax" / "smax": max pooling of bytes
 
     def __post_init__(self):
         if self.isa not in LANES:
             raise ValueError(f"no depthwise row kernel for ISA {self.isa!r}")
         if min(self.kh, self.kw, self.sw, self.dw) < 1:
             raise ValueError(f"bad depthwise kernel spec {self}")
+        if self.op not in ("fma", "umax", "smax") or (self.requant and self.op != "fma"):
+            raise ValueError(f"bad depthwise kernel spec {self}")
 
     @property
     def lanes(self) -> int:
-        return LANES[self.isa]
+        """Elements per vector: float32 sums, or bytes (four times as many)."""
+        return LANES[self.isa] * (1 if self.op == "fma" else 4)
 
     @property
     def block(self) -> int:
@@ -82,7 +86,7 @@ class DepthwiseSpec:
 
     @property
     def name(self) -> str:
-        stage = "_rq" if self.requant else ""
+        stage = "_rq" if self.requant else "" if self.op == "fma" else f"_{self.op}"
         return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}{stage}"
 
 
@@ -95,7 +99,8 @@ _ARGS = (
 class _Emitter:
     def __init__(self, spec: DepthwiseSpec):
         self.spec = spec
-        self.vec = f"<{spec.lanes} x float>"
+        self.elem = "float" if spec.op == "fma" else "i8"
+        self.vec = f"<{spec.lanes} x {self.elem}>"
         self.ivec = f"<{spec.lanes} x i32>"
         self.fma = f"@llvm.fmuladd.v{spec.lanes}f32"
         self.lines: list[str] = []
@@ -111,6 +116,9 @@ class _Emitter:
         float offset `coff` (i64 SSA values): its taps' weights, the sums (each
         distinct input vector loaded once) and their stores."""
         s, e, vec = self.spec, self.emit, self.vec
+        if s.op != "fma":
+            self.max_block(tag, ow0, coff, count)
+            return
         for t in range(s.kh * s.kw):
             e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
             e(f"%{tag}.wp{t} = getelementptr float, ptr %w, i64 %{tag}.wo{t}")
@@ -154,6 +162,40 @@ class _Emitter:
             e(f"{t}.yb = trunc {self.ivec} {t}.yi to <{s.lanes} x i8>")
             e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
             e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
+
+    def max_block(self, tag: str, ow0: str, coff: str, count: int) -> None:
+        """`block` for max pooling: each output vector the unsigned or signed
+        byte maximum of its taps' vectors, stored as is."""
+        s, e, vec = self.spec, self.emit, self.vec
+        fn = f"@llvm.{s.op}.v{s.lanes}i8"
+        e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw}")  # the block's first input column
+        e(f"%{tag}.x0 = mul i64 %{tag}.c0, %cp")
+        e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
+        acc: list[str | None] = [None] * count
+        for kh in range(s.kh):
+            loaded: dict[int, str] = {}
+            for kw in range(s.kw):
+                for o in range(count):
+                    col = o * s.sw + kw * s.dw
+                    x = loaded.get(col)
+                    if x is None:
+                        x = loaded[col] = f"%{tag}.v{kh}_{col}"
+                        e(f"%{tag}.o{kh}_{col} = add i64 %{tag}.xb, %cpq{col}")
+                        e(f"%{tag}.p{kh}_{col} = getelementptr i8, ptr %row{kh}, "
+                          f"i64 %{tag}.o{kh}_{col}")  # fmt: skip
+                        e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align 1")
+                    if acc[o] is None:
+                        acc[o] = x
+                    else:
+                        new = f"%{tag}.a{o}_{kh}_{kw}"
+                        e(f"{new} = call {vec} {fn}({vec} {acc[o]}, {vec} {x})")
+                        acc[o] = new
+        e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
+        e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
+        for o in range(count):
+            e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
+            e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
+            e(f"store {vec} {acc[o]}, ptr %{tag}.q{o}, align 1")
 
     def requant_constants(self, tag: str, coff: str) -> dict:
         """The channel block's bias, mult, lo, hi and zp vectors (requantize_code's `k`)."""
@@ -238,6 +280,10 @@ class _Emitter:
 def depthwise_ir(spec: DepthwiseSpec) -> str:
     """The LLVM IR module (text) of ``spec``'s kernel."""
     lanes = spec.lanes
+    if spec.op != "fma":
+        vec = f"<{lanes} x i8>"
+        decl = f"declare {vec} @llvm.{spec.op}.v{lanes}i8({vec}, {vec})\n"
+        return decl + "\n" + _Emitter(spec).function()
     decl = (
         f"declare <{lanes} x float> @llvm.fmuladd.v{lanes}f32"
         f"(<{lanes} x float>, <{lanes} x float>, <{lanes} x float>)\n"

@@ -16,6 +16,9 @@ import numpy as np
 
 from ....ir.graph import Node
 from ....ir.ops.nn import window_output_size
+from .. import dwkernels
+from ..calls import call_depthwise_row
+from ..features import select_isa
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
@@ -56,40 +59,89 @@ def max_pool_2d(t0, t1, x, geo, flip, out):
                 out[U(base + oh * OW + ow)] = best[U(ow)] ^ flip
 
 
+@jit(inline=True)
+def _max_pixel(xf, n, oh, ow, geo, fl, best, out, dst):
+    """out[dst : dst + C] = output pixel (n, oh, ow): the running maximum of its
+    taps inside the input over C contiguous channels, on flipped codes starting
+    at 0, the lowest (a window with no tap inside gives the type's lowest)."""
+    C = best.size
+    H, W = geo[10], geo[11]
+    KH, KW, SH, SW, PH, PW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    DH, DW = geo[6], geo[7]
+    best[:] = 0
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        if ih < 0 or ih >= H:
+            continue
+        for kw in range(KW):
+            iw = ow * SW - PW + kw * DW
+            if iw < 0 or iw >= W:
+                continue
+            src = ((n * H + ih) * W + iw) * C
+            for c in range(C):
+                v = xf[U(src + c)] ^ fl
+                b = best[U(c)]
+                best[U(c)] = v if v > b else b
+    for c in range(C):
+        out[U(dst + c)] = best[U(c)] ^ fl
+
+
 @jit()
-def max_pool_2d_nhwc(t0, t1, x, geo, flip, out):
+def max_pool_2d_nhwc(t0, t1, x, geo, flip, out, fptr):
     """Output rows t0..t1 (image, oh) of a channels-last 8-bit x [N, H, W, C]
-    into out [N, OH, OW, C] (flat): each output pixel is the running maximum
-    of its taps inside the input, over C contiguous channels (vectorized),
-    on flipped codes starting at 0, the lowest (a window with no tap inside
-    gives the type's lowest value)."""
+    into out [N, OH, OW, C] (flat). With `fptr`, a byte-maximum row kernel
+    (`dwkernels`, unsigned or signed as the codes are), the output pixels
+    whose windows lie inside the image's columns are one kernel call per
+    output row, reading the input rows in place (a window row outside the
+    image is replaced by one inside: the maximum does not change); the others,
+    and everything without `fptr`, take the per-pixel loop."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, SH, SW, PH, PW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     DH, DW, OH, OW = geo[6], geo[7], geo[8], geo[9]
+    g = geo.copy()  # with H, W for _max_pixel
+    g[10], g[11] = H, W
     xf = x.reshape(x.size)
     fl = np.uint8(flip)
     best = np.empty(C, np.uint8)
+    # interior output columns: the window's taps all in [0, W)
+    lo = min(OW, (PW + SW - 1) // SW)
+    hi = max(lo, min(OW, (W - 1 - (KW - 1) * DW + PW) // SW + 1))
+    rows = np.empty(KH, np.int64)
+    base = np.int64(x.ctypes.data)
     for t in range(t0, t1):
         n = t // OH
         oh = t - n * OH
-        for ow in range(OW):
-            best[:] = 0
-            for kh in range(KH):
-                ih = oh * SH - PH + kh * DH
-                if ih < 0 or ih >= H:
-                    continue
-                for kw in range(KW):
-                    iw = ow * SW - PW + kw * DW
-                    if iw < 0 or iw >= W:
-                        continue
-                    src = ((n * H + ih) * W + iw) * C
-                    for c in range(C):
-                        v = xf[U(src + c)] ^ fl
-                        b = best[U(c)]
-                        best[U(c)] = v if v > b else b
-            dst = (t * OW + ow) * C
-            for c in range(C):
-                out[U(dst + c)] = best[U(c)] ^ fl
+        inside = -1  # a window row inside the image
+        for kh in range(KH):
+            ih = oh * SH - PH + kh * DH
+            if ih >= 0 and ih < H:
+                inside = ih
+        if fptr == 0 or inside < 0 or hi == lo:
+            for ow in range(OW):
+                _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
+            continue
+        for kh in range(KH):
+            ih = oh * SH - PH + kh * DH
+            ih = ih if ih >= 0 and ih < H else inside
+            rows[kh] = base + ((n * H + ih) * W + lo * SW - PW) * C
+        dst = np.int64(out.ctypes.data) + (t * OW + lo) * C
+        call_depthwise_row(fptr, rows.ctypes.data, 0, C, hi - lo, dst, 0)
+        for ow in range(lo):
+            _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
+        for ow in range(hi, OW):
+            _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
+
+
+def _max_row_kernel(kernel, strides, dilations, signed: bool, channels: int) -> int:
+    """The byte-maximum row kernel's address for this window, or 0 where there
+    is none (the portable path, or channels that do not fill whole vectors)."""
+    isa = select_isa()
+    if isa not in dwkernels.LANES:
+        return 0
+    spec = dwkernels.DepthwiseSpec(
+        isa, kernel[0], kernel[1], strides[1], dilations[1], op="smax" if signed else "umax"
+    )
+    return dwkernels.depthwise_kernel(spec) if channels % spec.lanes == 0 else 0
 
 
 def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
@@ -123,9 +175,11 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
         work = n * c * oh * ow * kernel[0] * kernel[1]
         if channels_last:
             out, flat = channels_last_output((n, c, oh, ow), x_array.dtype)
+            fptr = _max_row_kernel(kernel, strides, dilations, flip != 0, c)
             run_tasks(
-                max_pool_2d_nhwc, n * oh, work, ctx.num_threads, nhwc_bytes(x4), geo, flip, flat
-            )
+                max_pool_2d_nhwc, n * oh, work, ctx.num_threads, nhwc_bytes(x4), geo, flip, flat,
+                fptr,
+            )  # fmt: skip
             return [out[:, :, 0, :] if one_d else out]
         out = np.empty((n, c, oh, ow), x_array.dtype)
         run_tasks(
