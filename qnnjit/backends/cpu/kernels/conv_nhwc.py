@@ -159,47 +159,43 @@ def _requant_args(chan_i, chan_f, sc_i, sc_f):
     return ep
 
 
+@jit(inline=True)
+def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad):
+    """(address, row stride) of the A rows of output pixels p0.. p0 + rows of
+    image n: the input itself (`direct`: pointwise, pixel p of image n is row
+    n*P + p of x2) or the im2col tile `a`, filled here."""
+    if direct:
+        P = geo[GOH] * geo[GOW]
+        return x2[n * P + p0 : n * P + p0 + rows].ctypes.data, x2.shape[1]
+    _im2col_rows(x, n, p0, rows, geo, flip, pad, a)
+    return a.ctypes.data, a.shape[1]
+
+
 @jit()
-def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, rq_fptrs, data,
-                   init, gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, data, init, gp,
+                   out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Tasks t0..t1 of (image, tile of GEMM_T output pixels): A rows in place
     (`direct`) or an im2col tile, the GEMM, the weight zero point's per-pixel
-    term when `need_rowsum`, then the epilogue into the NHWC output; or, when
-    `rq_fptrs` holds the requantizing microkernels, the GEMM storing the
-    output bytes itself (`_gemm.gemm_requant_rows`)."""
+    term when `need_rowsum`, then the epilogue into the NHWC output."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
     N, C = x.shape[0], x.shape[3]
     M = zw.size
     P = geo[GOH] * geo[GOW]
     Pt = geo[GPT]
     K = geo[GKH] * geo[GKW] * C
-    K4 = gp[G_K4]
     mr = gp[G_MR]
     tiles = (P + Pt - 1) // Pt
-    a = np.zeros((0 if direct else Pt, K4), np.uint8)  # columns K..K4 stay zero
+    a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
     rowsum = np.zeros(Pt, np.int64)
     c = np.empty((Pt, M), np.int32)
-    ep = _requant_args(chan_i, chan_f, sc_i, sc_f) if rq_fptrs.size else np.zeros(0, np.int64)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
         n = t // tiles
         p0 = (t - n * tiles) * Pt
         rows = min(Pt, P - p0)
-        if direct:  # pointwise: pixel p of image n is row n*P + p of x2
-            src = x2[n * P + p0 : n * P + p0 + rows]
-            a_ptr, lda = src.ctypes.data, C
-            if need_rowsum:
-                _row_sums(src, rows, K, rowsum)
-        else:
-            _im2col_rows(x, n, p0, rows, geo, flip, pad, a)
-            a_ptr, lda = a.ctypes.data, K4
-            if need_rowsum:
-                _row_sums(a, rows, K, rowsum)
-        if rq_fptrs.size:
-            o = (n * P + p0) * M
-            gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, M, ep,
-                              out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
-            continue
+        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad)
+        if need_rowsum:
+            _row_sums(x2[n * P + p0 : n * P + p0 + rows] if direct else a, rows, K, rowsum)
         drivers.run_serial(
             fptrs, a_ptr, lda, rows, gp[G_KG], data.ctypes.data, gp[G_PANEL_BYTES], gp[G_NR],
             c.ctypes.data, M, M, init.ctypes.data, mr, gp[G_KCG], ((rows + mr - 1) // mr) * mr,
@@ -212,6 +208,30 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, rq
                     c[U(r), U(m)] = np.int32(c[U(r), U(m)] - zw[U(m)] * s)
         ep_tile(c, _0, rows, M, out, (n * P + p0) * M, M, _1, _0, _0, _1, _0, M,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
+@jit()
+def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, M, fptrs, rq_fptrs, data, init,
+                           gp, out, chan_i, chan_f, sc_i, sc_f, other):  # fmt: skip
+    """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
+    (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
+    none of their code to compile)."""
+    N, C = x.shape[0], x.shape[3]
+    P = geo[GOH] * geo[GOW]
+    Pt = geo[GPT]
+    tiles = (P + Pt - 1) // Pt
+    a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
+    c = np.empty((Pt, M), np.int32)  # the sums between K blocks
+    ep = _requant_args(chan_i, chan_f, sc_i, sc_f)
+    x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
+    for t in range(t0, t1):
+        n = t // tiles
+        p0 = (t - n * tiles) * Pt
+        rows = min(Pt, P - p0)
+        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad)
+        o = (n * P + p0) * M
+        gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, M, ep,
+                          out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
 
 
 @jit()
@@ -245,8 +265,24 @@ def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
             row[U(o + iw * CP + c)] = np.float32(xf[U(src + iw * C + c)] ^ fl) - z
 
 
+@jit(inline=True)
+def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot):
+    """Make the ring `xr` hold the input rows of output row oh of image n
+    (converting those it lacks, `_window_row`); slot[kh] = tap row kh's slot."""
+    KH, SH, PH, PW, DH = geo[GKH], geo[GSH], geo[GPH], geo[GPW], geo[GDH]
+    span = xr.shape[0]
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        s_ = (ih + PH) % span  # ih + PH in [0, HP): the padded row
+        key = n * geo[GHP] + ih + PH
+        if held[s_] != key:
+            _window_row(x, n, ih, flip, za, pad, xr, s_, PW, xr.shape[1] // geo[GWP])
+            held[s_] = key
+        slot[kh] = s_
+
+
 @jit()
-def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, fused, out,
+def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
                    chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Output rows t0..t1 (image, oh) of a depthwise convolution of the NHWC
     bytes x [N, H, W, C]; `ws` float32 [KH*KW, CP] the shifted weights (CP >=
@@ -256,52 +292,58 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, fused, o
     Input rows are converted once each into a ring of float32 rows `xr`
     (code - za, padded to WP columns with pad_shift), as many as one window
     spans, so consecutive output rows reuse them. Then `fptr`, the row kernel
-    (`dwkernels`), computes the output row: its sums for the epilogue, or with
-    `fused` the output bytes themselves. Without one (the portable path),
-    each tap is a float multiply-add loop over the output row: with unit
-    stride one loop of OW*C (weights from `wrow`, `ws` repeated OW times),
-    else one loop of C per output pixel. The float32 sums are exact: every
-    product and partial sum is an integer below 2^24 in magnitude (the
-    lowering checks KH*KW*255*255)."""
+    (`dwkernels`), computes the output row's sums, and the epilogue stores it.
+    Without one (the portable path), each tap is a float multiply-add loop
+    over the output row: with unit stride one loop of OW*C (weights from
+    `wrow`, `ws` repeated OW times), else one loop of C per output pixel. The
+    float32 sums are exact: every product and partial sum is an integer below
+    2^24 in magnitude (the lowering checks KH*KW*255*255)."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
     C, CP = x.shape[3], ws.shape[1]
-    KH, SH, PH, PW, DH = geo[GKH], geo[GSH], geo[GPH], geo[GPW], geo[GDH]
-    OH, OW, WP = geo[GOH], geo[GOW], geo[GWP]
-    pad = np.float32(pad_shift)
-    span = (KH - 1) * DH + 1
-    xr = np.zeros((span, WP * CP), np.float32)
+    KH, OH, OW = geo[GKH], geo[GOH], geo[GOW]
+    span = (KH - 1) * geo[GDH] + 1
+    xr = np.zeros((span, geo[GWP] * CP), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
     acc = np.empty(OW * CP, np.float32)
     sums = np.empty(OW * CP, np.int32)
     tile = sums.reshape(OW, CP)
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
-    ep = np.zeros(3, np.int64)  # a fused row kernel's epilogue: bias, f, ldf
-    ep[0], ep[1], ep[2] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
     for t in range(t0, t1):
         n = t // OH
-        oh = t - n * OH
-        for kh in range(KH):
-            ih = oh * SH - PH + kh * DH
-            s_ = (ih + PH) % span  # ih + PH in [0, HP): the padded row
-            key = n * geo[GHP] + ih + PH
-            if held[s_] != key:
-                _window_row(x, n, ih, flip, za, pad, xr, s_, PW, CP)
-                held[s_] = key
-            slot[kh] = s_
+        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot)
         if fptr != 0:
             for kh in range(KH):
                 rows[kh] = xr[slot[kh]].ctypes.data
-            dst = out.ctypes.data + t * OW * C if fused else np.int64(sums.ctypes.data)
-            call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, dst, ep.ctypes.data)
-            if fused:
-                continue
+            call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, CP, OW, sums.ctypes.data, 0)
         else:
             _depthwise_taps(xr, slot, ws, wrow, geo, acc)
             for q in range(OW * C):
                 sums[U(q)] = np.int32(acc[U(q)])
         ep_tile(tile, _0, OW, C, out, t * OW * C, C, _1, _0, _0, _1, _0, C,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
+@jit()
+def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, out, chan_i, chan_f):
+    """`depthwise_nhwc` whose row kernel (`fptr`, a requant one) stores the
+    output bytes itself: no epilogue loop (and none of its code to compile).
+    The channels fill whole vectors (CP == C)."""
+    C, KH, OH, OW = x.shape[3], geo[GKH], geo[GOH], geo[GOW]
+    span = (KH - 1) * geo[GDH] + 1
+    xr = np.zeros((span, geo[GWP] * C), np.float32)
+    held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    slot = np.empty(KH, np.int64)
+    rows = np.empty(KH, np.int64)  # the row kernel's row addresses
+    ep = np.zeros(3, np.int64)  # the row kernel's epilogue: bias, f, ldf
+    ep[0], ep[1], ep[2] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
+    for t in range(t0, t1):
+        n = t // OH
+        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot)
+        for kh in range(KH):
+            rows[kh] = xr[slot[kh]].ctypes.data
+        dst = out.ctypes.data + t * OW * C
+        call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, C, OW, dst, ep.ctypes.data)
 
 
 @jit()
@@ -395,11 +437,18 @@ class ChannelsLastConv:
         macs = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
         work = macs // _GEMM_MACS_PER_WORK
         plan = self.plan
+        x = nhwc_bytes(x4)
+        if self.fused:
+            run_tasks(
+                conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
+                self.pad_byte, self.in_place, m, plan.fptrs, self.rq_fptrs, plan.data, plan.init,
+                plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
+            )  # fmt: skip
+            return out
         run_tasks(
-            conv_gemm_nhwc, tasks, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
-            self.pad_byte, self.in_place, self.zw, self.need_rowsum, plan.fptrs, self.rq_fptrs,
-            plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
-            ob,
+            conv_gemm_nhwc, tasks, work, self.num_threads, x, geo, self.flip, self.pad_byte,
+            self.in_place, self.zw, self.need_rowsum, plan.fptrs, plan.data, plan.init,
+            plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 
@@ -461,10 +510,16 @@ class ChannelsLastDepthwise:
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         fptr, weight_rows = prepared
         work = n * m * oh * ow * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK
+        if self.fused:
+            run_tasks(
+                depthwise_nhwc_requant, n * oh, work, self.num_threads, nhwc_bytes(x4), geo,
+                self.flip, self.za, self.pad_shift, self.ws, fptr, flat, ep.chan_i, ep.chan_f,
+            )  # fmt: skip
+            return out
         run_tasks(
             depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
-            self.za, self.pad_shift, self.ws, weight_rows, fptr, self.fused, flat, ep.chan_i,
-            ep.chan_f, sc_i, sc_f, ep.table, ob,
+            self.za, self.pad_shift, self.ws, weight_rows, fptr, flat, ep.chan_i, ep.chan_f,
+            sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 

@@ -116,20 +116,17 @@ def max_pool_2d_nhwc(t0, t1, x, geo, flip, out, fptr):
             ih = oh * SH - PH + kh * DH
             if ih >= 0 and ih < H:
                 inside = ih
-        if fptr == 0 or inside < 0 or hi == lo:
-            for ow in range(OW):
+        by_kernel = fptr != 0 and inside >= 0 and hi > lo
+        if by_kernel:
+            for kh in range(KH):
+                ih = oh * SH - PH + kh * DH
+                ih = ih if ih >= 0 and ih < H else inside
+                rows[kh] = base + ((n * H + ih) * W + lo * SW - PW) * C
+            dst = np.int64(out.ctypes.data) + (t * OW + lo) * C
+            call_depthwise_row(fptr, rows.ctypes.data, 0, C, hi - lo, dst, 0)
+        for ow in range(OW):  # one call site: _max_pixel is inlined
+            if not (by_kernel and lo <= ow < hi):
                 _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
-            continue
-        for kh in range(KH):
-            ih = oh * SH - PH + kh * DH
-            ih = ih if ih >= 0 and ih < H else inside
-            rows[kh] = base + ((n * H + ih) * W + lo * SW - PW) * C
-        dst = np.int64(out.ctypes.data) + (t * OW + lo) * C
-        call_depthwise_row(fptr, rows.ctypes.data, 0, C, hi - lo, dst, 0)
-        for ow in range(lo):
-            _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
-        for ow in range(hi, OW):
-            _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
 
 
 def _max_row_kernel(kernel, strides, dilations, signed: bool, channels: int) -> int:
