@@ -161,18 +161,29 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
     # 8-bit maps run channels-last (the convolutions around them do); 16-bit NCHW
     channels_last = dt.bits == 8
 
-    def run(x_array):
-        x4 = x_array[:, :, None, :] if one_d else x_array
-        n, c, h, w = x4.shape
+    launches = {}
+
+    def launch(shape):
+        """Everything that depends on the input shape, computed once per shape."""
+        n, c, h, w = shape
         oh = window_output_size(h, kernel[0], strides[0], pads[0], pads[2], dilations[0], ceil_mode)
         ow = window_output_size(w, kernel[1], strides[1], pads[1], pads[3], dilations[1], ceil_mode)
         hp = max(h + pads[0] + pads[2], (oh - 1) * strides[0] + (kernel[0] - 1) * dilations[0] + 1)
         wp = max(w + pads[1] + pads[3], (ow - 1) * strides[1] + (kernel[1] - 1) * dilations[1] + 1)
         geo = np.array([*kernel, *strides, pads[0], pads[1], *dilations, oh, ow, hp, wp], np.int64)
+        fptr = _max_row_kernel(kernel, strides, dilations, flip != 0, c) if channels_last else 0
+        return oh, ow, geo, fptr
+
+    def run(x_array):
+        x4 = x_array[:, :, None, :] if one_d else x_array
+        n, c, h, w = x4.shape
+        entry = launches.get(x4.shape)
+        if entry is None:
+            entry = launches[x4.shape] = launch(x4.shape)
+        oh, ow, geo, fptr = entry
         work = n * c * oh * ow * kernel[0] * kernel[1]
         if channels_last:
             out, flat = channels_last_output((n, c, oh, ow), x_array.dtype)
-            fptr = _max_row_kernel(kernel, strides, dilations, flip != 0, c)
             run_tasks(
                 max_pool_2d_nhwc, n * oh, work, ctx.num_threads, nhwc_bytes(x4), geo, flip, flat,
                 fptr,
