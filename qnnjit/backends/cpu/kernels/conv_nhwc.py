@@ -435,7 +435,8 @@ class ChannelsLastConv:
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         tasks = n * _ceil_div(oh * ow, int(geo[GPT]))
         macs = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
-        work = macs // _GEMM_MACS_PER_WORK
+        copied = 0 if self.in_place else n * oh * ow * int(geo[GKH] * geo[GKW]) * self.channels
+        work = macs // _GEMM_MACS_PER_WORK + copied + _WORK_PER_OUTPUT * n * m * oh * ow
         plan = self.plan
         x = nhwc_bytes(x4)
         if self.fused:
@@ -509,7 +510,8 @@ class ChannelsLastDepthwise:
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         fptr, weight_rows = prepared
-        work = n * m * oh * ow * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK
+        outputs = n * m * oh * ow
+        work = outputs * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK + _WORK_PER_OUTPUT * outputs
         if self.fused:
             run_tasks(
                 depthwise_nhwc_requant, n * oh, work, self.num_threads, nhwc_bytes(x4), geo,
@@ -531,14 +533,15 @@ def _channels_last_io(ep, other, out_shape):
     return out, flat, ob
 
 
-# Multiply-adds per unit of `run_tasks` work: a second thread costs 15-30 us
-# per call (the GIL handed to the helper and back), so a call goes parallel
-# only above _threads.MIN_PARALLEL_WORK units, about 80 us on one thread here.
-# Measured per layer on MobileNetV2 / ResNet-18, 1 vs 2 threads: GEMM convs
-# (~200 GMAC/s) under 16 M multiply-adds and depthwise ones (~20 GMAC/s with
-# their row conversion and epilogue) under 2 M were slower on two threads.
+# A call's `run_tasks` work, in units of about 25 ps on one thread here:
+# multiply-adds / 16 for the GEMM (~200 GMAC/s), / 2 for depthwise ones, plus
+# one per im2col byte and _WORK_PER_OUTPUT per output (requantize and store).
+# A second thread costs 10-25 us per call (the GIL handed to the helper and
+# back), so a call goes parallel only above _threads.MIN_PARALLEL_WORK units.
+# Checked per layer on MobileNetV2 and ResNet-18, 1 vs 2 threads.
 _GEMM_MACS_PER_WORK = 16
 _DEPTHWISE_MACS_PER_WORK = 2
+_WORK_PER_OUTPUT = 4
 _EMPTY = np.zeros(0, np.uint8)
 _EMPTY_I64 = np.zeros(0, np.int64)
 _EMPTY_ROWS = np.zeros((0, 0), np.float32)
