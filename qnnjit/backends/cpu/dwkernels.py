@@ -124,29 +124,17 @@ class _Emitter:
             e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
             e(f"%{tag}.wp{t} = getelementptr float, ptr %w, i64 %{tag}.wo{t}")
             e(f"%{tag}.w{t} = load {vec}, ptr %{tag}.wp{t}, align 4")
-        e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw}")  # the block's first input column
-        e(f"%{tag}.x0 = mul i64 %{tag}.c0, %cp")
-        e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
-        acc: list[str | None] = [None] * count
-        for kh in range(s.kh):
-            loaded: dict[int, str] = {}
-            for kw in range(s.kw):
-                t = kh * s.kw + kw
-                for o in range(count):
-                    col = o * s.sw + kw * s.dw
-                    x = loaded.get(col)
-                    if x is None:
-                        x = loaded[col] = f"%{tag}.v{kh}_{col}"
-                        e(f"%{tag}.o{kh}_{col} = add i64 %{tag}.xb, %cpq{col}")
-                        e(f"%{tag}.p{kh}_{col} = getelementptr float, ptr %row{kh}, "
-                          f"i64 %{tag}.o{kh}_{col}")  # fmt: skip
-                        e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align 4")
-                    w, new = f"%{tag}.w{t}", f"%{tag}.a{o}_{t}"
-                    if acc[o] is None:
-                        e(f"{new} = fmul {vec} {x}, {w}")
-                    else:
-                        e(f"{new} = call {vec} {self.fma}({vec} {x}, {vec} {w}, {vec} {acc[o]})")
-                    acc[o] = new
+        fma = self.fma
+
+        def tap(o: int, t: int, x: str, acc: str | None) -> str:
+            w, new = f"%{tag}.w{t}", f"%{tag}.a{o}_{t}"
+            if acc is None:
+                e(f"{new} = fmul {vec} {x}, {w}")
+            else:
+                e(f"{new} = call {vec} {fma}({vec} {x}, {vec} {w}, {vec} {acc})")
+            return new
+
+        acc = self.window(tag, ow0, coff, count, tap)
         e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
         e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
         k = self.requant_constants(tag, coff) if s.requant else None
@@ -169,10 +157,33 @@ class _Emitter:
         byte maximum of its taps' vectors, stored as is."""
         s, e, vec = self.spec, self.emit, self.vec
         fn = f"@llvm.{s.op}.v{s.lanes}i8"
+
+        def tap(o: int, t: int, x: str, acc: str | None) -> str:
+            if acc is None:
+                return x
+            e(f"%{tag}.a{o}_{t} = call {vec} {fn}({vec} {acc}, {vec} {x})")
+            return f"%{tag}.a{o}_{t}"
+
+        acc = self.window(tag, ow0, coff, count, tap)
+        e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
+        e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
+        for o in range(count):
+            e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
+            e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
+            e(f"store {vec} {acc[o]}, ptr %{tag}.q{o}, align 1")
+
+    def window(self, tag: str, ow0: str, coff: str, count: int, tap) -> list[str]:
+        """Walk the windows of `count` output pixels from `ow0` (channel block
+        at element offset `coff`), loading each distinct input vector once;
+        `tap(o, t, x, acc)` emits output o's step for tap t on vector x and
+        returns its new accumulator (acc None at the first tap). Returns the
+        accumulators."""
+        s, e, vec = self.spec, self.emit, self.vec
+        align = 4 if self.elem == "float" else 1
         e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw}")  # the block's first input column
         e(f"%{tag}.x0 = mul i64 %{tag}.c0, %cp")
         e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
-        acc: list[str | None] = [None] * count
+        acc: list = [None] * count
         for kh in range(s.kh):
             loaded: dict[int, str] = {}
             for kw in range(s.kw):
@@ -182,21 +193,11 @@ class _Emitter:
                     if x is None:
                         x = loaded[col] = f"%{tag}.v{kh}_{col}"
                         e(f"%{tag}.o{kh}_{col} = add i64 %{tag}.xb, %cpq{col}")
-                        e(f"%{tag}.p{kh}_{col} = getelementptr i8, ptr %row{kh}, "
+                        e(f"%{tag}.p{kh}_{col} = getelementptr {self.elem}, ptr %row{kh}, "
                           f"i64 %{tag}.o{kh}_{col}")  # fmt: skip
-                        e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align 1")
-                    if acc[o] is None:
-                        acc[o] = x
-                    else:
-                        new = f"%{tag}.a{o}_{kh}_{kw}"
-                        e(f"{new} = call {vec} {fn}({vec} {acc[o]}, {vec} {x})")
-                        acc[o] = new
-        e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
-        e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
-        for o in range(count):
-            e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
-            e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
-            e(f"store {vec} {acc[o]}, ptr %{tag}.q{o}, align 1")
+                        e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align {align}")
+                    acc[o] = tap(o, kh * s.kw + kw, x, acc[o])
+        return acc
 
     def requant_constants(self, tag: str, coff: str) -> dict:
         """The channel block's bias, mult, lo, hi and zp vectors (requantize_code's `k`)."""
