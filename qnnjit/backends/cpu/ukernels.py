@@ -53,8 +53,9 @@ Kernel ABI (C, all pointers unaligned-safe):
 
 REQUANT_DOC. A ``requant`` kernel (the last K block of a GEMM whose epilogue
 is the plain float requantize to bytes) takes one more argument, ``const
-int64 *ep`` = {bias, f, ldf, out, ldo}: instead of storing C it stores, for
-column n (its channel),
+int64 *ep``, the fields ``REQUANT_FIELDS`` (the first five: bias, f, ldf,
+out, ldo; the rest for qadd): instead of storing C it stores, for column n
+(its channel),
 
     v = rint(f32(i32(acc + bias[n])) * mult[n]);  y = min(max(v, lo[n]), hi[n]) + zp[n]
     out[r*ldo + n] = i32(y) truncated to a byte
@@ -67,7 +68,7 @@ kernel then adds the residual operand's byte at ``other[r*ldo + n]`` as
 ``requant._fast_post`` does: ``o = (byte ^ oflip) - ooff``, MLAS's
 ``fma(A, rA, fma(B, rB, fixed))`` (``yfirst``: the code is A; ``ratios``
 points at float32 {ry, ro, fixed}), rint, out-of-int32-range -> ``plo``,
-saturation to [plo, phi]. Fields: ``REQUANT_FIELDS``.
+saturation to [plo, phi].
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def _splat(ty: str, lanes: int, value: int) -> str:
 
 
 def requant_declarations(lanes: int) -> str:
+    """The intrinsics the requantizing output stages call (GEMM and depthwise)."""
     return (
         f"declare <{lanes} x float> @llvm.rint.v{lanes}f32(<{lanes} x float>)\n"
         f"declare <{lanes} x i64> @llvm.masked.load.v{lanes}i64.p0(ptr, i32, <{lanes} x i1>, "
