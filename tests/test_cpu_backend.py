@@ -272,7 +272,7 @@ def test_conv_bias_wraps_int32():
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 @pytest.mark.parametrize("layer", ["dense", "depthwise", "max_pool"])
-def test_conv_on_every_gemm_path(isa, layer, monkeypatch):
+def test_conv_and_pool_on_every_isa_path(isa, layer, monkeypatch):
     """The other ISA paths (when the host runs them) give the same bits: the
     GEMM engine's, and the depthwise and max-pool row kernels' (channels that
     leave a partial vector, stride 2 with dilation, a row narrower than one

@@ -1,5 +1,8 @@
-"""Depthwise-convolution row kernels, generated as LLVM IR text (compiled and
-cached like the GEMM microkernels, by ``llvmjit``).
+"""Depthwise row kernels, generated as LLVM IR text (compiled and cached like
+the GEMM microkernels, by ``llvmjit``): the depthwise convolution (below) and,
+with ``op`` "umax" / "smax", 8-bit max pooling, which walks the same windows
+over rows of bytes (64 a vector on AVX-512, 32 on AVX2) and stores the byte
+maximum of each output pixel's taps.
 
 One kernel computes one output row of a depthwise convolution over channels-last
 float32 input rows:

@@ -260,6 +260,18 @@ class _Emitter:
                 out[r, j] = f"%{tag}{r}_{j}"
         return out
 
+    def loop_phis(self, at: int, name: str, entry: tuple, back: tuple) -> None:
+        """Insert at line `at` (a loop header's first) the accumulator phis
+        `%{name}r_j`: from `entry` = (values, block) on entry, from `back` on the
+        back edge (whose values the body emitted after the header)."""
+        (first, first_block), (last, last_block) = entry, back
+        self.lines[at:at] = [
+            f"  %{name}{r}_{j} = phi {self.vec} [ {first[r, j]}, %{first_block} ], "
+            f"[ {last[r, j]}, %{last_block} ]"
+            for r in range(self.rows)
+            for j in range(self.nj)
+        ]
+
     def function(self) -> str:
         spec, vec, lanes, rows, nj = self.spec, self.vec, self.spec.lanes, self.rows, self.nj
         e, label = self.emit, self.label
@@ -325,14 +337,7 @@ class _Emitter:
         e("%it.next = add i64 %it, 1")
         e("%mdone = icmp eq i64 %it.next, %nmain")
         e("br i1 %mdone, label %mid, label %main")
-        phis = []
-        for r in range(rows):
-            for j in range(nj):
-                phis.append(
-                    f"  %accm_{r}_{j} = phi {vec} [ {acc0[r, j]}, %start ], "
-                    f"[ {main_out[r, j]}, %main ]"
-                )
-        self.lines[phi_at:phi_at] = phis
+        self.loop_phis(phi_at, "accm_", (acc0, "start"), (main_out, "main"))
 
         label("mid")
         mid = self.phis("accd_", [(acc0, "start"), (main_out, "main")])
@@ -348,13 +353,7 @@ class _Emitter:
         e("%gr.next = add i64 %gr, 1")
         e("%rdone = icmp eq i64 %gr.next, %kg")
         e("br i1 %rdone, label %store, label %rem")
-        phis = []
-        for r in range(rows):
-            for j in range(nj):
-                phis.append(
-                    f"  %accr_{r}_{j} = phi {vec} [ {mid[r, j]}, %mid ], [ {rem_out[r, j]}, %rem ]"
-                )
-        self.lines[phi_at:phi_at] = phis
+        self.loop_phis(phi_at, "accr_", (mid, "mid"), (rem_out, "rem"))
 
         label("store")
         final = self.phis("accf_", [(mid, "mid"), (rem_out, "rem")])

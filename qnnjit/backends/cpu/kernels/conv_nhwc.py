@@ -533,7 +533,8 @@ def _channels_last_io(ep, other, out_shape):
     return out, flat, ob
 
 
-# A call's `run_tasks` work, in units of about 25 ps on one thread here:
+# A call's `run_tasks` work, in units of roughly 60 ps on one thread here
+# (MobileNetV2's layers: 1 M units ~ 60 us):
 # multiply-adds / 16 for the GEMM (~200 GMAC/s), / 2 for depthwise ones, plus
 # one per im2col byte and _WORK_PER_OUTPUT per output (requantize and store).
 # A second thread costs 10-25 us per call (the GIL handed to the helper and

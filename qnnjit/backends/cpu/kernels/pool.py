@@ -60,12 +60,12 @@ def max_pool_2d(t0, t1, x, geo, flip, out):
 
 
 @jit(inline=True)
-def _max_pixel(xf, n, oh, ow, geo, fl, best, out, dst):
+def _max_pixel(x, n, oh, ow, geo, fl, best, out, dst):
     """out[dst : dst + C] = output pixel (n, oh, ow): the running maximum of its
     taps inside the input over C contiguous channels, on flipped codes starting
     at 0, the lowest (a window with no tap inside gives the type's lowest)."""
-    C = best.size
-    H, W = geo[10], geo[11]
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(x.size)
     KH, KW, SH, SW, PH, PW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     DH, DW = geo[6], geo[7]
     best[:] = 0
@@ -98,9 +98,6 @@ def max_pool_2d_nhwc(t0, t1, x, geo, flip, out, fptr):
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, SH, SW, PH, PW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     DH, DW, OH, OW = geo[6], geo[7], geo[8], geo[9]
-    g = geo.copy()  # with H, W for _max_pixel
-    g[10], g[11] = H, W
-    xf = x.reshape(x.size)
     fl = np.uint8(flip)
     best = np.empty(C, np.uint8)
     # interior output columns: the window's taps all in [0, W)
@@ -126,7 +123,7 @@ def max_pool_2d_nhwc(t0, t1, x, geo, flip, out, fptr):
             call_depthwise_row(fptr, rows.ctypes.data, 0, C, hi - lo, dst, 0)
         for ow in range(OW):  # one call site: _max_pixel is inlined
             if not (by_kernel and lo <= ow < hi):
-                _max_pixel(xf, n, oh, ow, g, fl, best, out, (t * OW + ow) * C)
+                _max_pixel(x, n, oh, ow, geo, fl, best, out, (t * OW + ow) * C)
 
 
 def _max_row_kernel(kernel, strides, dilations, signed: bool, channels: int) -> int:
