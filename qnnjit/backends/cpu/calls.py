@@ -1,5 +1,5 @@
 """Calls from Numba code to the kernels compiled from LLVM IR (``ukernels``,
-``dwkernels``), through their addresses.
+``dwkernels``, ``im2colkernels``), through their addresses.
 
 Each intrinsic emits one indirect call to a function pointer passed as an
 integer, so the Numba functions that call kernels hold no process-specific
@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["call_ukernel", "call_ukernel_requant", "call_depthwise_row"]
+__all__ = ["call_ukernel", "call_ukernel_requant", "call_depthwise_row", "call_im2col_row"]
 
 
 def _indirect_call(context, builder, signature, llargs, kinds: str):
@@ -59,3 +59,9 @@ def call_ukernel_requant(typingctx, fptr, a, lda, b, kg, c, ldc, init, nvalid, a
 def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out, ep):
     """``(*fptr)(rows, w, cp, ow, out, ep)``: a depthwise row kernel (ABI in ``dwkernels``)."""
     return _typed((fptr, rows, w, cp, ow, out, ep), "ppiipp")
+
+
+@intrinsic
+def call_im2col_row(typingctx, fptr, rows, count, dst, lda):
+    """``(*fptr)(rows, count, dst, lda)``: an im2col row kernel (ABI in ``im2colkernels``)."""
+    return _typed((fptr, rows, count, dst, lda), "pipi")

@@ -12,7 +12,9 @@ channels contiguously, like a matmul's row.
   viewed as [pixels, C] is already a row-major A. No copy at all.
 - Anything else builds an im2col tile of A, one row per pixel, from the NHWC
   input: each tap is a run of C contiguous bytes (the pad byte outside the
-  image), flipped to u8 on the way for signed activations.
+  image), flipped to u8 on the way for signed activations. A row kernel
+  generated per run length (`im2colkernels`) copies the pixels whose window
+  lies inside the image horizontally; border pixels take a Numba loop.
 
 Zero points (`x` the activation as u8: stored byte ^ flip = code + off,
 `zab` its zero point likewise, `w` int8 weights, `zw` their zero point):
@@ -38,8 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import drivers, dwkernels
-from ..calls import call_depthwise_row
+from .. import drivers, dwkernels, im2colkernels
+from ..calls import call_depthwise_row, call_im2col_row
 from ..features import select_isa
 from ._conv_geometry import (
     GDH,
@@ -97,46 +99,84 @@ from .requant import (
 )  # fmt: skip
 
 
-@jit()
-def _im2col_rows(x, n, p0, rows, geo, flip, pad, a):
-    """a[r, :K] = the taps of output pixel p0 + r of image n, k = (kh, kw, c):
+@jit(inline=True)
+def _im2col_pixel(x, xf, n, oh, ow, geo, flip, pad, a, r):
+    """a[r, :K] = the taps of output pixel (oh, ow) of image n, k = (kh, kw, c):
     C contiguous bytes per tap from the NHWC input (flipped to u8), `pad`
     outside the image. A window row that lies inside the image with unit
-    dilation is one run of KW*C contiguous bytes."""
+    dilation is one run of KW*C contiguous bytes. `xf`: x flattened."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
-    PH, PW, DH, DW, OW = geo[GPH], geo[GPW], geo[GDH], geo[GDW], geo[GOW]
-    xf = x.reshape(x.size)
+    PH, PW, DH, DW = geo[GPH], geo[GPW], geo[GDH], geo[GDW]
     fl = np.uint8(flip)
     pb = np.uint8(pad)
     run = KW * C
-    for r in range(rows):
+    iw0 = ow * SW - PW
+    inside_row = DW == 1 and iw0 >= 0 and iw0 + KW <= W
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        k = kh * run
+        if ih < 0 or ih >= H:
+            for q in range(run):
+                a[U(r), U(k + q)] = pb
+        elif inside_row:
+            src = ((n * H + ih) * W + iw0) * C
+            for q in range(run):
+                a[U(r), U(k + q)] = xf[U(src + q)] ^ fl
+        else:
+            for kw in range(KW):
+                iw = iw0 + kw * DW
+                if iw >= 0 and iw < W:
+                    src = ((n * H + ih) * W + iw) * C
+                    for c in range(C):
+                        a[U(r), U(k + c)] = xf[U(src + c)] ^ fl
+                else:
+                    for c in range(C):
+                        a[U(r), U(k + c)] = pb
+                k += C
+
+
+@jit()
+def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
+    """a[r, :K] = the taps of output pixel p0 + r of image n (`_im2col_pixel`).
+    With an im2col row kernel (`fptr`, unit horizontal dilation: see
+    `im2colkernels`), the pixels of each output row whose window lies inside
+    the image horizontally go to the kernel, in one call per output row; the
+    border pixels, and every pixel without a kernel, to `_im2col_pixel`."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
+    PH, PW, DH, OW = geo[GPH], geo[GPW], geo[GDH], geo[GOW]
+    lda = a.shape[1]
+    xf = x.reshape(x.size)
+    lo = (PW + SW - 1) // SW  # the first ow with iw0 >= 0
+    hi = (W + PW - KW) // SW + 1 if W + PW >= KW else 0  # past the last inside one
+    if fptr == 0:
+        lo = hi = 0
+    rowptrs = np.empty(KH, np.int64)
+    # window rows outside the image read this row (flipped, as the kernel flips it back)
+    pad_row = np.full(OW * SW * C + KW * C if fptr else 0, np.uint8(pad ^ flip))
+    r = 0
+    while r < rows:
         p = p0 + r
         oh = p // OW
         ow = p - oh * OW
-        iw0 = ow * SW - PW
-        inside_row = DW == 1 and iw0 >= 0 and iw0 + KW <= W
-        for kh in range(KH):
-            ih = oh * SH - PH + kh * DH
-            k = kh * run
-            if ih < 0 or ih >= H:
-                for q in range(run):
-                    a[U(r), U(k + q)] = pb
-            elif inside_row:
-                src = ((n * H + ih) * W + iw0) * C
-                for q in range(run):
-                    a[U(r), U(k + q)] = xf[U(src + q)] ^ fl
-            else:
-                for kw in range(KW):
-                    iw = iw0 + kw * DW
-                    if iw >= 0 and iw < W:
-                        src = ((n * H + ih) * W + iw) * C
-                        for c in range(C):
-                            a[U(r), U(k + c)] = xf[U(src + c)] ^ fl
-                    else:
-                        for c in range(C):
-                            a[U(r), U(k + c)] = pb
-                    k += C
+        end = min(OW, ow + rows - r)  # this output row's pixels in the tile: ow..end
+        a0, a1 = max(ow, lo), min(end, hi)
+        if a1 <= a0:
+            a0 = a1 = end
+        if a1 > a0:
+            for kh in range(KH):
+                ih = oh * SH - PH + kh * DH
+                if ih >= 0 and ih < H:
+                    rowptrs[kh] = x.ctypes.data + ((n * H + ih) * W + a0 * SW - PW) * C
+                else:
+                    rowptrs[kh] = pad_row.ctypes.data
+            dst = a.ctypes.data + (r + a0 - ow) * lda
+            call_im2col_row(fptr, rowptrs.ctypes.data, a1 - a0, dst, lda)
+        for q in range(ow, end):
+            if q < a0 or q >= a1:  # one call site: the helper is inlined
+                _im2col_pixel(x, xf, n, oh, q, geo, flip, pad, a, r + q - ow)
+        r += end - ow
 
 
 @jit()
@@ -160,19 +200,20 @@ def _requant_args(chan_i, chan_f, sc_i, sc_f):
 
 
 @jit(inline=True)
-def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad):
+def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col):
     """(address, row stride) of the A rows of output pixels p0.. p0 + rows of
     image n: the input itself (`direct`: pointwise, pixel p of image n is row
-    n*P + p of x2) or the im2col tile `a`, filled here."""
+    n*P + p of x2) or the im2col tile `a`, filled here (with the row kernel
+    `im2col` where nonzero)."""
     if direct:
         P = geo[GOH] * geo[GOW]
         return x2[n * P + p0 : n * P + p0 + rows].ctypes.data, x2.shape[1]
-    _im2col_rows(x, n, p0, rows, geo, flip, pad, a)
+    _im2col_rows(x, n, p0, rows, geo, flip, pad, im2col, a)
     return a.ctypes.data, a.shape[1]
 
 
 @jit()
-def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, data, init, gp,
+def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, fptrs, data, init, gp,
                    out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Tasks t0..t1 of (image, tile of GEMM_T output pixels): A rows in place
     (`direct`) or an im2col tile, the GEMM, the weight zero point's per-pixel
@@ -193,7 +234,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
         n = t // tiles
         p0 = (t - n * tiles) * Pt
         rows = min(Pt, P - p0)
-        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad)
+        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
         if need_rowsum:
             _row_sums(x2[n * P + p0 : n * P + p0 + rows] if direct else a, rows, K, rowsum)
         drivers.run_serial(
@@ -211,7 +252,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, zw, need_rowsum, fptrs, da
 
 
 @jit()
-def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, M, fptrs, rq_fptrs, data, init,
+def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data, init,
                            gp, out, chan_i, chan_f, sc_i, sc_f, other):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
@@ -228,7 +269,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, M, fptrs, rq_fptrs
         n = t // tiles
         p0 = (t - n * tiles) * Pt
         rows = min(Pt, P - p0)
-        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad)
+        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
         o = (n * P + p0) * M
         gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, M, ep,
                           out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
@@ -422,12 +463,23 @@ class ChannelsLastConv:
         return tile
 
     def prepare(self, geo, images: int) -> tuple:
-        """Per input shape: the tile size (into `geo`), its microkernels."""
+        """Per input shape: the tile size (into `geo`), its microkernels, and
+        the im2col row kernel's address (0: none, `im2col_kernel`)."""
         pixels = int(geo[GOH] * geo[GOW])
         geo[GPT] = tile = self.tile_pixels(pixels, images)
         self.plan.ensure_rows(min(tile, pixels), self.requant)
         self.plan.ensure_rows(pixels % tile or tile, self.requant)
-        return ()
+        return (self.im2col_kernel(geo),)
+
+    def im2col_kernel(self, geo) -> int:
+        """The address of the im2col row kernel for this window (0 when A is
+        read in place, or the window or ISA has none: the Numba loop)."""
+        isa, c = self.plan.config.isa, self.channels
+        run = int(geo[GKW]) * c
+        if self.in_place or geo[GDW] != 1 or not im2colkernels.fits(isa, run):
+            return 0
+        spec = im2colkernels.Im2colSpec(isa, int(geo[GKH]), run, int(geo[GSW]) * c, self.flip != 0)
+        return im2colkernels.im2col_kernel(spec)
 
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         """The logical NCHW result (NHWC memory) of the conv and its epilogue."""
@@ -442,13 +494,13 @@ class ChannelsLastConv:
         if self.fused:
             run_tasks(
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
-                self.pad_byte, self.in_place, m, plan.fptrs, self.rq_fptrs, plan.data, plan.init,
+                self.pad_byte, self.in_place, prepared[0], m, plan.fptrs, self.rq_fptrs, plan.data, plan.init,
                 plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
             )  # fmt: skip
             return out
         run_tasks(
             conv_gemm_nhwc, tasks, work, self.num_threads, x, geo, self.flip, self.pad_byte,
-            self.in_place, self.zw, self.need_rowsum, plan.fptrs, plan.data, plan.init,
+            self.in_place, prepared[0], self.zw, self.need_rowsum, plan.fptrs, plan.data, plan.init,
             plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out

@@ -1,0 +1,92 @@
+"""The im2col row kernels (`im2colkernels`) and the walk that calls them
+(`conv_nhwc._im2col_rows`), against an im2col written in NumPy: every byte of
+the A tile, for tiles that start and end mid-row, windows that cross every
+border, signed activations (flipped to u8) and a pad byte unlike any code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qnnjit.backends.cpu import im2colkernels
+from qnnjit.backends.cpu.features import runnable_isas
+from qnnjit.backends.cpu.kernels._conv_geometry import (
+    GDH, GDW, GKH, GKW, GOH, GOW, GPH, GPW, GSH, GSW,
+)  # fmt: skip
+from qnnjit.backends.cpu.kernels.conv_nhwc import _im2col_rows
+
+
+def numpy_im2col(x, kernel, strides, pads, dilations, flip, pad):
+    """[N*OH*OW, KH*KW*C] taps, k = (kh, kw, c): x ^ flip inside, `pad` outside."""
+    n, h, w, c = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, strides, pads, dilations
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad, np.uint8)
+    padded[:, ph : ph + h, pw : pw + w] = x ^ np.uint8(flip)
+    taps = [
+        padded[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return np.stack(taps, axis=3).reshape(n * oh * ow, kh * kw * c), oh, ow
+
+
+CASES = [
+    # channels, (H, W), kernel, strides, pads, dilations
+    (3, (23, 30), (3, 3), (2, 2), (1, 1), (1, 1)),  # a stem: 9-byte runs
+    (3, (21, 19), (7, 7), (2, 2), (3, 3), (1, 1)),  # a 7x7 stem: 21-byte runs
+    (1, (9, 12), (3, 5), (1, 2), (0, 2), (1, 1)),  # runs under 8 bytes
+    (16, (8, 11), (3, 3), (1, 1), (1, 1), (2, 1)),  # vertical dilation
+    (64, (7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # 192-byte runs: 64-byte moves
+    (20, (6, 7), (2, 4), (3, 1), (2, 3), (1, 1)),  # padding wider than a stride
+    (5, (4, 3), (5, 5), (1, 1), (2, 2), (1, 1)),  # no pixel inside: all border
+    (8, (10, 10), (3, 3), (2, 2), (1, 1), (1, 2)),  # horizontal dilation: no kernel
+]
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}k{c[2][0]}x{c[2][1]}s{c[3][1]}")
+@pytest.mark.parametrize("flip", [0, 0x80])
+def test_im2col_rows_match_numpy(isa, case, flip):
+    if isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    c, (h, w), kernel, strides, pads, dilations = case
+    rng = np.random.default_rng(c * 1000 + kernel[1] * 10 + strides[1] + flip)
+    x = rng.integers(0, 256, (2, h, w, c), dtype=np.uint8)
+    pad = 0x5A  # not the flip of any zero point the test could confuse it with
+    want, oh, ow = numpy_im2col(x, kernel, strides, pads, dilations, flip, pad)
+    geo = np.zeros(32, np.int64)
+    geo[[GKH, GKW, GSH, GSW, GPH, GPW, GDH, GDW, GOH, GOW]] = (
+        *kernel, *strides, *pads, *dilations, oh, ow,
+    )  # fmt: skip
+    run = kernel[1] * c
+    fptr = 0
+    if dilations[1] == 1 and im2colkernels.fits(isa, run):
+        spec = im2colkernels.Im2colSpec(isa, kernel[0], run, strides[1] * c, flip != 0)
+        fptr = im2colkernels.im2col_kernel(spec)
+    K = want.shape[1]
+    pixels = oh * ow
+    # tiles of an odd size: they start and end at every position in a row
+    tile = max(1, ow * 2 // 3 + 1)
+    for n in range(2):
+        for p0 in range(0, pixels, tile):
+            rows = min(tile, pixels - p0)
+            for kernel_address in {0, fptr}:
+                a = np.full((tile, K + 4), 0xEE, np.uint8)  # + 4: the K..K4 columns
+                _im2col_rows(x, n, p0, rows, geo, flip, pad, kernel_address, a)
+                got = a[:rows, :K]
+                np.testing.assert_array_equal(got, want[n * pixels + p0 : n * pixels + p0 + rows])
+                assert (a[:, K:] == 0xEE).all(), "wrote past a row's K bytes"
+                assert (a[rows:] == 0xEE).all(), "wrote past the tile's rows"
+
+
+def test_chunks_cover_each_run_exactly():
+    """The moves of every run length cover [0, run) and nothing outside it."""
+    for widest in im2colkernels.VECTOR_BYTES.values():
+        for run in range(1, 300):
+            covered = np.zeros(run + 64, bool)
+            for offset, size in im2colkernels._chunks(run, widest):
+                assert offset >= 0 and offset + size <= run and size <= widest
+                covered[offset : offset + size] = True
+            assert covered[:run].all() and not covered[run:].any()
