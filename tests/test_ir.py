@@ -109,6 +109,26 @@ def test_verifier_catches_a_wrong_type():
         verify(g)
 
 
+def test_verifier_matches_a_rebuilt_nodes_fresh_dims():
+    """A strided conv's output dims over symbolic input dims are fresh symbols
+    named after the node; a pass that rebuilds the node under a new name and
+    keeps the value's type must verify, while a wrong rank or a static dim
+    where a symbol belongs still fails."""
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.uint8, ("n", 4, "h", "w")))
+    w = g.constant(np.ones((4, 1, 3, 3), np.int8), "w")
+    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 4}
+    first = g.add_node("qconv", [x, w], attrs, name="dw")
+    assert "dw." in str(first.outputs[0].type)  # fresh symbols, named after "dw"
+    again = g.add_node("qconv", [x, w], attrs, name="dw", output_types=[first.outputs[0].type])
+    assert again.name != "dw"
+    g.set_outputs([first.outputs[0], again.outputs[0]])
+    verify(g)
+    again.outputs[0].type = TensorType(dtypes.int32, ("n", 4, 3, "dw.d3"))
+    with pytest.raises(VerificationError, match="typed int32"):
+        verify(g)
+
+
 def test_unknown_op_is_a_clear_error():
     g = Graph()
     x = g.add_input("x", TensorType(dtypes.float32, (3,)))
