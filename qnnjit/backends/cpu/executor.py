@@ -16,6 +16,9 @@ A `fused` node (compiler/passes/fuse_epilogues.py) is not a black box: its
 body is lowered in place, its values aliased to the fused node's operands
 and results, so its chain becomes one kernel of this plan.
 
+Then `kernels/step_fusion.py` merges consecutive kernels whose intermediate
+tensor need not exist (a depthwise conv and the pointwise conv after it).
+
 A kernel is scheduled at the position of the last node it covers: every
 intermediate value of a chain has one reader inside the chain, so its only
 outputs are those of its last node, and every operand it reads (the anchor's
@@ -51,6 +54,7 @@ from ...ir import ops
 from ...ir.graph import Graph, Node
 from .kernels import Decline, Kernel, LowerContext
 from .kernels._lowering import numpy_kernel
+from .kernels.step_fusion import fuse_depthwise_pointwise
 
 
 def resolve_num_threads(num_threads: int | None = None) -> int:
@@ -89,7 +93,15 @@ class CpuExecutor:
 
     def _lower_all(self):
         self._alias: dict[int, object] = {}
-        self.steps = self._lower_graph(self.graph)
+        steps = self._lower_graph(self.graph)
+        outputs = [self._canonical(v) for v in self.graph.outputs]
+        self.steps = fuse_depthwise_pointwise(steps, self._canonical, outputs)
+
+    def _canonical(self, value):
+        """The plan's value for `value` (a fused body's values are aliases)."""
+        while id(value) in self._alias:
+            value = self._alias[id(value)]
+        return value
 
     def _lower_graph(self, graph: Graph, prefix: str = "") -> list[Kernel]:
         """Kernels for `graph`'s nodes, in a valid execution order. A `fused`
@@ -145,9 +157,7 @@ class CpuExecutor:
         slots: dict[int, int] = {}
 
         def slot(value) -> int:
-            while id(value) in self._alias:  # a fused body's value and the fused node's
-                value = self._alias[id(value)]
-            return slots.setdefault(id(value), len(slots))
+            return slots.setdefault(id(self._canonical(value)), len(slots))
 
         self._input_slots = [slot(v) for v in self.graph.inputs]
         plan = []

@@ -47,7 +47,9 @@ class Kernel:
 
     Arrays arrive C-contiguous unless `strided_inputs`: a kernel that reads
     channels-last memory through transposed views (`layout`) says so, and
-    the executor then passes its operands as they are."""
+    the executor then passes its operands as they are. `stage`: what
+    `step_fusion` needs to merge this step with a neighbour (None: it never
+    merges)."""
 
     name: str
     run: Callable[..., list[np.ndarray]]
@@ -55,6 +57,7 @@ class Kernel:
     outputs: list[Value]
     nodes: list[Node]
     strided_inputs: bool = False
+    stage: object = None
 
 
 @dataclass

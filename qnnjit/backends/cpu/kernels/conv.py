@@ -31,6 +31,9 @@ Three kernels, chosen at compile time:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from ....ir import dtypes
@@ -389,12 +392,17 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         work = n * m * oh * ow * k
         return geo, out_shape, final_shape, sc_i, sc_f, tasks, work, extra
 
-    def run(x_array, other=None):
-        x4 = x_array if rank == 4 else x_array[:, :, None, :]
-        key = (x4.shape, None if other is None else other.shape)
+    def launched(x_shape, other_shape):
+        """`launch`'s result for these shapes (computed once per shape)."""
+        key = (x_shape, other_shape)
         entry = launches.get(key)
         if entry is None:
             entry = launches[key] = launch(*key)
+        return entry
+
+    def run(x_array, other=None):
+        x4 = x_array if rank == 4 else x_array[:, :, None, :]
+        entry = launched(x4.shape, None if other is None else other.shape)
         geo, out_shape, final_shape, sc_i, sc_f, tasks, work, extra = entry
         if kind in CHANNELS_LAST:
             ep.check_other(other, final_shape)
@@ -436,9 +444,23 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     if kind == "conv_depthwise_nhwc" and channels_last.fused:
         name += "(row kernels requantize)"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
+    stage = ConvStage(channels_last, ep, launched) if kind in CHANNELS_LAST and rank == 4 else None
     return Kernel(
-        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind in CHANNELS_LAST
-    )
+        label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=kind in CHANNELS_LAST,
+        stage=stage,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConvStage:
+    """What fusing a 2-D channels-last conv step with its neighbour needs
+    (`kernels/step_fusion.py`): the layer, its epilogue, and `launched(x_shape,
+    other_shape)`: the per-shape geometry, scalars and prepared state that its
+    own `run` uses."""
+
+    layer: ChannelsLastConv | ChannelsLastDepthwise
+    ep: object
+    launched: Callable
 
 
 def _tap_offsets(geo) -> np.ndarray:

@@ -376,15 +376,67 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, out, c
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
-    ep = np.zeros(3, np.int64)  # the row kernel's epilogue: bias, f, ldf
-    ep[0], ep[1], ep[2] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
+    ep = _depthwise_requant_args(chan_i, chan_f)
     for t in range(t0, t1):
         n = t // OH
-        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot)
-        for kh in range(KH):
-            rows[kh] = xr[slot[kh]].ctypes.data
         dst = out.ctypes.data + t * OW * C
-        call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, C, OW, dst, ep.ctypes.data)
+        _depthwise_row_requant(x, n, t - n * OH, geo, flip, za, pad_shift, ws, fptr, xr, held,
+                               slot, rows, ep, dst)  # fmt: skip
+
+
+@jit()
+def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, dw_i, dw_f, band,
+                             M, fptrs, rq_fptrs, data, init, gp, out, chan_i, chan_f, sc_i, sc_f,
+                             other):  # fmt: skip
+    """A depthwise convolution (`depthwise_nhwc_requant`) and the pointwise one
+    that reads its output (`conv_gemm_nhwc_requant`, A in place), as one: task
+    t is a band of `band` output rows of one image (`geo` the depthwise
+    window's). The band's depthwise rows are stored in a buffer that is at
+    once the pointwise GEMM's A rows, so the intermediate tensor is never
+    written out, and read back, whole. `dw_i`, `dw_f`: the depthwise
+    requantize's per-channel constants; the rest as `conv_gemm_nhwc_requant`'s."""
+    C, KH, OH, OW = x.shape[3], geo[GKH], geo[GOH], geo[GOW]
+    bands = (OH + band - 1) // band
+    span = (KH - 1) * geo[GDH] + 1
+    xr = np.zeros((span, geo[GWP] * C), np.float32)
+    held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    slot = np.empty(KH, np.int64)
+    rows = np.empty(KH, np.int64)  # the row kernel's row addresses
+    dw_ep = _depthwise_requant_args(dw_i, dw_f)
+    mid = np.empty((band * OW, C), np.uint8)  # the band's depthwise output: the GEMM's A
+    c = np.empty((band * OW, M), np.int32)  # the GEMM's sums between K blocks
+    ep = _requant_args(chan_i, chan_f, sc_i, sc_f)
+    for t in range(t0, t1):
+        n = t // bands
+        oh0 = (t - n * bands) * band
+        count = min(band, OH - oh0)
+        for j in range(count):
+            dst = mid.ctypes.data + j * OW * C
+            _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, xr, held,
+                                   slot, rows, dw_ep, dst)  # fmt: skip
+        o = ((n * OH + oh0) * OW) * M
+        gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, M,
+                          ep, out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
+
+
+@jit()
+def _depthwise_requant_args(chan_i, chan_f):
+    """The requantizing row kernels' `ep` (`dwkernels`): bias, f, ldf."""
+    ep = np.zeros(3, np.int64)
+    ep[0], ep[1], ep[2] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
+    return ep
+
+
+@jit(inline=True)
+def _depthwise_row_requant(x, n, oh, geo, flip, za, pad_shift, ws, fptr, xr, held, slot, rows, ep,
+                           dst):  # fmt: skip
+    """Output row oh of image n, requantized, to the address `dst`: the ring's
+    input rows (`_ring_rows`), then the requantizing row kernel `fptr`."""
+    _ring_rows(x, n, oh, geo, flip, za, np.float32(pad_shift), xr, held, slot)
+    for kh in range(geo[GKH]):
+        rows[kh] = xr[slot[kh]].ctypes.data
+    call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, x.shape[3], geo[GOW], dst,
+                       ep.ctypes.data)  # fmt: skip
 
 
 @jit()
@@ -574,6 +626,52 @@ class ChannelsLastDepthwise:
             depthwise_nhwc, n * oh, work, self.num_threads, nhwc_bytes(x4), geo, self.flip,
             self.za, self.pad_shift, self.ws, weight_rows, fptr, flat, ep.chan_i, ep.chan_f,
             sc_i, sc_f, ep.table, ob,
+        )  # fmt: skip
+        return out
+
+
+class DepthwisePointwise:
+    """A depthwise convolution and the 1x1 convolution that alone reads its
+    output, run as one kernel (`depthwise_pointwise_nhwc`): both requantize in
+    their kernels, and the pointwise one reads its A rows in place, so a band
+    of depthwise output rows can be the GEMM's A as it is."""
+
+    @staticmethod
+    def pairs(dw, pw) -> bool:
+        return (
+            isinstance(dw, ChannelsLastDepthwise) and dw.fused
+            and isinstance(pw, ChannelsLastConv) and pw.in_place and pw.fused
+            and pw.channels == dw.channels
+        )  # fmt: skip
+
+    def __init__(self, dw: ChannelsLastDepthwise, pw: ChannelsLastConv):
+        assert self.pairs(dw, pw)
+        self.dw, self.pw = dw, pw
+
+    def prepare(self, dw_geo, pw_geo) -> int:
+        """Per input shape: output rows per band, about the pointwise layer's
+        own tile of pixels (and its microkernels for the bands' row counts)."""
+        oh, ow = int(dw_geo[GOH]), int(dw_geo[GOW])
+        band = max(1, min(oh, int(pw_geo[GPT]) // ow))
+        self.pw.plan.ensure_rows(band * ow, self.pw.requant)
+        self.pw.plan.ensure_rows((oh % band or band) * ow, self.pw.requant)
+        return band
+
+    def run(self, x4, dw_geo, dw_prepared, dw_ep, band, ep, sc_i, sc_f, other, out_shape):
+        """The pointwise layer's logical NCHW result (NHWC memory)."""
+        n, m, oh, ow = out_shape
+        out, flat, ob = _channels_last_io(ep, other, out_shape)
+        c = self.dw.channels
+        work = (
+            n * c * oh * ow * (self.dw.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK + _WORK_PER_OUTPUT)
+            + n * oh * ow * m * (c // _GEMM_MACS_PER_WORK + _WORK_PER_OUTPUT)
+        )  # fmt: skip
+        pw, plan = self.pw, self.pw.plan
+        run_tasks(
+            depthwise_pointwise_nhwc, n * _ceil_div(oh, band), work, pw.num_threads,
+            nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift, self.dw.ws,
+            dw_prepared[0], dw_ep.chan_i, dw_ep.chan_f, band, m, plan.fptrs, pw.rq_fptrs,
+            plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
         )  # fmt: skip
         return out
 
