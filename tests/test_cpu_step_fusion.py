@@ -122,3 +122,16 @@ def test_no_fusion_without_requantizing_row_kernels():
     model = dw_pw_model(rng, channels=20, out_channels=24, stride=1)
     x = rng.integers(0, 256, (1, 20, 6, 7)).astype(np.uint8)
     check(model, x, 1, fused=False)
+
+
+def test_depthwise_pointwise_fused_on_avx2(monkeypatch):
+    """The merged kernel on the AVX2 path (8-lane row kernels), when the host runs it."""
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if "avx2" not in runnable_isas():
+        pytest.skip(reason="host cannot run avx2")
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx2")
+    rng = np.random.default_rng(11)
+    model = dw_pw_model(rng, channels=24, out_channels=20, stride=2)
+    x = rng.integers(0, 256, (2, 24, 13, 9)).astype(np.uint8)
+    check(model, x, 1, fused=True)
