@@ -163,6 +163,47 @@ def _reduce(tmin: np.ndarray, tmax: np.ndarray, axis: int) -> Bounds:
     )
 
 
+def _weighted(lo: int, hi: int, d: np.ndarray, axis: int) -> Bounds:
+    """The bounds of sum_k t_k * d_k, every t_k free in [lo, hi] (an end of
+    the range per term) -- `_reduce(*_terms(lo, hi, d), axis)` without a term
+    array. With L <= H the ends in order, the extreme term is L*d for d >= 0
+    and H*d for d < 0 at the low side (the other end at the high side), so
+    per row, S+ = sum max(d, 0) and S- = sum min(d, 0):
+
+        lo  = L*S+ + H*S-                    hi  = H*S+ + L*S-
+        plo = min(L, 0)*S+ + max(H, 0)*S-    phi = max(H, 0)*S+ + min(L, 0)*S-
+
+    (the partial sums: each term's extreme clipped at 0). One pass of d and
+    two sums instead of four int64 arrays of d's size: the conv weights of a
+    ResNet are ~11M taps."""
+    low, high = min(lo, hi), max(lo, hi)
+    total = _sum(d, axis)
+    plus = _sum(np.maximum(d, 0), axis)
+    minus = total - plus
+    extreme = max(abs(low), abs(high)) * max(_magnitude(plus), _magnitude(minus))
+    if extreme >= 2**62:  # a product could leave int64: exact Python ints
+        plus, minus = plus.astype(object), minus.astype(object)
+    low0, high0 = min(low, 0), max(high, 0)
+    return Bounds(
+        low * plus + high * minus,
+        high * plus + low * minus,
+        low0 * plus + high0 * minus,
+        high0 * plus + low0 * minus,
+    )
+
+
+def _magnitude(a: np.ndarray) -> int:
+    return int(np.max(np.abs(a), initial=0))
+
+
+def _shifted(weights: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """weights - zero_point exactly: in int16 where both are 8-bit (a quarter
+    of the memory traffic of int64), else in int64."""
+    small = weights.dtype.itemsize == 1 and zero_point.dtype.itemsize == 1
+    dtype = np.int16 if small else np.int64
+    return weights.astype(dtype) - zero_point.astype(dtype)
+
+
 def _products(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     corners = [a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]]
     return min(corners), max(corners)
@@ -172,7 +213,16 @@ def pair_sum_range(u: tuple[int, int], weights: np.ndarray, adjacent: bool = Fal
     """Range of u_j * w_j + u_k * w_k for u in `u` over the rows of `weights`
     [M, K]: over any two taps j != k of a row, or (`adjacent`) over the pairs
     (2i, 2i+1) of the row as packed (an odd K pairs the last tap with 0)."""
-    w = np.asarray(weights, dtype=np.int64).reshape(weights.shape[0], -1)
+    w = np.asarray(weights).reshape(weights.shape[0], -1)
+    if not adjacent and w.shape[1] >= 2 and min(u) >= 0 and _is_integer(w.dtype):
+        # For u >= 0 a term's extremes over u are nondecreasing in w: a row's
+        # two smallest (largest) terms are those of its two smallest
+        # (largest) weights.
+        low, high = _two_ends(w)
+        low2 = _terms(u[0], u[1], low)[0].sum(axis=1)
+        high2 = _terms(u[0], u[1], high)[1].sum(axis=1)
+        return PairSums(int(low2.min()), int(high2.max()))
+    w = w.astype(np.int64)
     tmin, tmax = _terms(u[0], u[1], w)
     if adjacent:
         if w.shape[1] % 2:
@@ -183,9 +233,28 @@ def pair_sum_range(u: tuple[int, int], weights: np.ndarray, adjacent: bool = Fal
         return PairSums(int(lo.min()), int(hi.max()))
     if w.shape[1] < 2:
         return PairSums(int(min(tmin.min(), 0)), int(max(tmax.max(), 0)))
-    low2 = np.sort(tmin, axis=1)[:, :2].sum(axis=1)
+    low2 = np.sort(tmin, axis=1)[:, :2].sum(axis=1)  # u < 0: no order in w
     high2 = np.sort(tmax, axis=1)[:, -2:].sum(axis=1)
     return PairSums(int(low2.min()), int(high2.max()))
+
+
+def _is_integer(dtype: np.dtype) -> bool:
+    return dtype.kind in "iu" and np.can_cast(dtype, np.int64)
+
+
+def _two_ends(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of an integer [M, K >= 2] matrix: its two smallest and two
+    largest entries (repeats count), as int64 [M, 2] -- the first from argmin
+    / argmax, the second from the row with that one entry masked. Linear
+    scans instead of a sort of every row."""
+    rows, info = np.arange(w.shape[0]), np.iinfo(w.dtype)
+
+    def ends(first: np.ndarray, fill: int, reduce) -> np.ndarray:
+        rest = w.copy()
+        rest[rows, first] = fill  # drop one occurrence of the extreme
+        return np.stack([w[rows, first], reduce(rest, axis=1)], axis=1).astype(np.int64)
+
+    return ends(w.argmin(axis=1), info.max, np.min), ends(w.argmax(axis=1), info.min, np.max)
 
 
 # ---- value ranges ---------------------------------------------------------------
@@ -264,12 +333,12 @@ def _qconv(node: Node, ranges: Ranges) -> Analysis:
     m = w.type.shape[0]
     pairs = None
     if w.is_constant:
-        weights = w.const.astype(np.int64).reshape(m, -1)
+        weights = w.const.reshape(m, -1)
         if w_zp is None or w_zp.is_constant:
-            zw = np.zeros(1, np.int64) if w_zp is None else w_zp.const.astype(np.int64)
-            d = weights - zw.reshape(-1, 1)
-            bounds = _reduce(*_terms(t[0], t[1], d), axis=1)
+            zw = np.zeros(1, weights.dtype) if w_zp is None else w_zp.const
+            bounds = _weighted(t[0], t[1], _shifted(weights, zw.reshape(-1, 1)), axis=1)
         else:
+            weights = weights.astype(np.int64)
             zw_range = ranges(w_zp)
             d_lo = weights - zw_range[1]
             d_hi = weights - zw_range[0]
@@ -315,14 +384,14 @@ def _qmatmul(node: Node, ranges: Ranges) -> Analysis:
     pairs = None
     if b.is_constant and (b_zp is None or b_zp.is_constant) and b.type.rank >= 2:
         t = shifted(a, a_zp)
-        bounds = _reduce(*_terms(t[0], t[1], exact(b, b_zp, -1)), axis=-2)  # [..., 1, N]
+        bounds = _weighted(t[0], t[1], exact(b, b_zp, -1), axis=-2)  # [..., 1, N]
         u = _u8_operand(a, ranges(a))
         if u is not None and b.type.dtype.name == "int8":
             weights = np.moveaxis(b.const, -1, -2).reshape(-1, b.const.shape[-2])
             pairs = pair_sum_range(u, weights)
     elif a.is_constant and (a_zp is None or a_zp.is_constant) and a.type.rank >= 2:
         t = shifted(b, b_zp)
-        bounds = _reduce(*_terms(t[0], t[1], exact(a, a_zp, -2)), axis=-1)  # [..., M, 1]
+        bounds = _weighted(t[0], t[1], exact(a, a_zp, -2), axis=-1)  # [..., M, 1]
     elif isinstance(k, int):
         tmin, tmax = _products(shifted(a, a_zp), shifted(b, b_zp))
         bounds = Bounds.uniform(k, tmin, tmax)

@@ -5,7 +5,8 @@ type (float32 stays float32). Relu, LeakyRelu, Clip and PRelu also accept
 integers, as ONNX allows. Attributes are resolved by the frontend
 (`alpha`, `beta`, clip bounds as plain numbers or None, `axis` positive).
 
-erf uses scipy.special.erf when SciPy is installed (vectorized), else
+erf uses scipy.special.erf when SciPy is installed (vectorized; imported on
+the first exact erf, as it takes ~0.25 s and nothing else needs it), else
 math.erf element by element; both are evaluated in float64 and rounded once to
 the input's type. With `algorithm="ort_mlas"` (what the ONNX frontend sets)
 erf and the erf form of gelu are ONNX Runtime's float32 kernels instead, bit
@@ -14,6 +15,7 @@ for bit (`mlas_erf`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,18 +24,24 @@ from ..types import TensorType
 from . import broadcast_shapes, op
 from .elementwise import unary
 
-try:  # optional: only speeds up erf
-    from scipy.special import erf as _scipy_erf
-except ImportError:  # pragma: no cover - depends on the environment
-    _scipy_erf = None
+
+@functools.cache
+def _scipy_erf():
+    """scipy.special.erf, or None without SciPy (optional: it only speeds up erf)."""
+    try:
+        from scipy.special import erf
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return erf
 
 
 def erf(x: np.ndarray) -> np.ndarray:
     """The error function, computed in float64, returned in x's type."""
     wide = np.asarray(x, dtype=np.float64)
+    vectorized = _scipy_erf()
     result = (
-        _scipy_erf(wide)
-        if _scipy_erf is not None
+        vectorized(wide)
+        if vectorized is not None
         else np.vectorize(math.erf, otypes=[np.float64])(wide)
     )
     return result.astype(x.dtype)
