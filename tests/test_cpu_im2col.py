@@ -11,7 +11,16 @@ import pytest
 from qnnjit.backends.cpu import im2colkernels
 from qnnjit.backends.cpu.features import runnable_isas
 from qnnjit.backends.cpu.kernels._conv_geometry import (
-    GDH, GDW, GKH, GKW, GOH, GOW, GPH, GPW, GSH, GSW,
+    GDH,
+    GDW,
+    GKH,
+    GKW,
+    GOH,
+    GOW,
+    GPH,
+    GPW,
+    GSH,
+    GSW,
 )  # fmt: skip
 from qnnjit.backends.cpu.kernels.conv_nhwc import _im2col_rows
 
@@ -25,7 +34,9 @@ def numpy_im2col(x, kernel, strides, pads, dilations, flip, pad):
     padded = np.full((n, h + 2 * ph, w + 2 * pw, c), pad, np.uint8)
     padded[:, ph : ph + h, pw : pw + w] = x ^ np.uint8(flip)
     taps = [
-        padded[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+        padded[
+            :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw
+        ]
         for i in range(kh)
         for j in range(kw)
     ]

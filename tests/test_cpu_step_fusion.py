@@ -63,7 +63,8 @@ def dw_pw_model(rng, *, channels, out_channels, stride, residual=False, extra_ou
     graph = helper.make_graph(
         nodes, "dw_pw",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", c, "h", "w"])],
-        [helper.make_tensor_value_info(o, TensorProto.UINT8, ["n", "c", "oh", "ow"]) for o in outputs],
+        [helper.make_tensor_value_info(o, TensorProto.UINT8, ["n", "c", "oh", "ow"])
+         for o in outputs],
         [numpy_helper.from_array(np.asarray(a), k) for k, a in inits.items()],
     )  # fmt: skip
     model = helper.make_model(

@@ -137,9 +137,7 @@ def im2col_ir(spec: Im2colSpec) -> str:
     e("br i1 %done, label %exit, label %pixel")
     lines.append("exit:")
     e("ret void")
-    args = (
-        "ptr noalias nocapture readonly %rows, i64 %count, ptr noalias nocapture %dst, i64 %lda"
-    )
+    args = "ptr noalias nocapture readonly %rows, i64 %count, ptr noalias nocapture %dst, i64 %lda"
     body = "\n".join(lines)
     return f"define void @{spec.name}({args}) nounwind {{\n{body}\n}}\n"
 

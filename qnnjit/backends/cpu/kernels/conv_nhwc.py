@@ -161,9 +161,7 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
         oh = p // OW
         ow = p - oh * OW
         end = min(OW, ow + rows - r)  # this output row's pixels in the tile: ow..end
-        a0, a1 = max(ow, lo), min(end, hi)
-        if a1 <= a0:
-            a0 = a1 = end
+        a0, a1 = max(ow, lo), min(end, hi)  # the kernel's pixels (none if a1 <= a0)
         if a1 > a0:
             for kh in range(KH):
                 ih = oh * SH - PH + kh * DH
@@ -213,8 +211,8 @@ def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col):
 
 
 @jit()
-def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, fptrs, data, init, gp,
-                   out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, fptrs, data, init,
+                   gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Tasks t0..t1 of (image, tile of GEMM_T output pixels): A rows in place
     (`direct`) or an im2col tile, the GEMM, the weight zero point's per-pixel
     term when `need_rowsum`, then the epilogue into the NHWC output."""
@@ -252,8 +250,8 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
 
 
 @jit()
-def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data, init,
-                           gp, out, chan_i, chan_f, sc_i, sc_f, other):  # fmt: skip
+def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data,
+                           init, gp, out, chan_i, chan_f, sc_i, sc_f, other):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
     none of their code to compile)."""
@@ -546,14 +544,14 @@ class ChannelsLastConv:
         if self.fused:
             run_tasks(
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
-                self.pad_byte, self.in_place, prepared[0], m, plan.fptrs, self.rq_fptrs, plan.data, plan.init,
-                plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
+                self.pad_byte, self.in_place, prepared[0], m, plan.fptrs, self.rq_fptrs,
+                plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
             )  # fmt: skip
             return out
         run_tasks(
             conv_gemm_nhwc, tasks, work, self.num_threads, x, geo, self.flip, self.pad_byte,
-            self.in_place, prepared[0], self.zw, self.need_rowsum, plan.fptrs, plan.data, plan.init,
-            plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
+            self.in_place, prepared[0], self.zw, self.need_rowsum, plan.fptrs, plan.data,
+            plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
 
