@@ -531,14 +531,19 @@ class ChannelsLastConv:
         spec = im2colkernels.Im2colSpec(isa, int(geo[GKH]), run, int(geo[GSW]) * c, self.flip != 0)
         return im2colkernels.im2col_kernel(spec)
 
+    def work(self, geo, out_shape) -> int:
+        """A call's `run_tasks` work: multiply-adds, im2col bytes, outputs."""
+        n, m, oh, ow = out_shape
+        taps = n * oh * ow * int(geo[GKH] * geo[GKW]) * self.channels
+        copied = 0 if self.in_place else taps
+        return taps * m // _GEMM_MACS_PER_WORK + copied + _WORK_PER_OUTPUT * n * m * oh * ow
+
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         """The logical NCHW result (NHWC memory) of the conv and its epilogue."""
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         tasks = n * _ceil_div(oh * ow, int(geo[GPT]))
-        macs = n * oh * ow * m * int(geo[GKH] * geo[GKW]) * self.channels
-        copied = 0 if self.in_place else n * oh * ow * int(geo[GKH] * geo[GKW]) * self.channels
-        work = macs // _GEMM_MACS_PER_WORK + copied + _WORK_PER_OUTPUT * n * m * oh * ow
+        work = self.work(geo, out_shape)
         plan = self.plan
         x = nhwc_bytes(x4)
         if self.fused:
@@ -608,12 +613,16 @@ class ChannelsLastDepthwise:
             return 0, _EMPTY_ROWS
         return 0, np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW]))))
 
+    def work(self, out_shape) -> int:
+        """A call's `run_tasks` work: multiply-adds and outputs."""
+        outputs = int(np.prod(out_shape))
+        return outputs * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK + _WORK_PER_OUTPUT * outputs
+
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         fptr, weight_rows = prepared
-        outputs = n * m * oh * ow
-        work = outputs * self.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK + _WORK_PER_OUTPUT * outputs
+        work = self.work(out_shape)
         if self.fused:
             run_tasks(
                 depthwise_nhwc_requant, n * oh, work, self.num_threads, nhwc_bytes(x4), geo,
@@ -655,15 +664,12 @@ class DepthwisePointwise:
         self.pw.plan.ensure_rows((oh % band or band) * ow, self.pw.requant)
         return band
 
-    def run(self, x4, dw_geo, dw_prepared, dw_ep, band, ep, sc_i, sc_f, other, out_shape):
+    def run(self, x4, dw_geo, dw_prepared, dw_ep, band, pw_geo, ep, sc_i, sc_f, other, out_shape):
         """The pointwise layer's logical NCHW result (NHWC memory)."""
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
         c = self.dw.channels
-        work = (
-            n * c * oh * ow * (self.dw.ws.shape[0] // _DEPTHWISE_MACS_PER_WORK + _WORK_PER_OUTPUT)
-            + n * oh * ow * m * (c // _GEMM_MACS_PER_WORK + _WORK_PER_OUTPUT)
-        )  # fmt: skip
+        work = self.dw.work((n, c, oh, ow)) + self.pw.work(pw_geo, out_shape)
         pw, plan = self.pw, self.pw.plan
         run_tasks(
             depthwise_pointwise_nhwc, n * _ceil_div(oh, band), work, pw.num_threads,

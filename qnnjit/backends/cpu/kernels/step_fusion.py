@@ -64,8 +64,9 @@ def _merge(dw: Kernel, pw: Kernel) -> Kernel:
         if band is None:
             band = bands[key] = pair.prepare(dw_geo, geo)
         result = pair.run(
-            x4, dw_geo, dw_prepared, dw_stage.ep, band, pw_stage.ep, sc_i, sc_f, other, out_shape
-        )
+            x4, dw_geo, dw_prepared, dw_stage.ep, band, geo, pw_stage.ep, sc_i, sc_f, other,
+            out_shape,
+        )  # fmt: skip
         return [result]
 
     name = f"depthwise+pointwise[{dw.name} -> {pw.name}]"
