@@ -298,14 +298,16 @@ def test_conv_and_pool_on_every_isa_path(isa, layer, monkeypatch):
             check_model(one_node_model("MaxPool", {"x": x}, {}, attrs, out=dtype), {"x": x})
         return
     # 21 channels leave a partial vector (the sums go through the epilogue);
-    # 32 fill whole vectors on both SIMD paths (the row kernels requantize)
-    for channels, strides, dilations, size in (
-        (21, [1, 1], [1, 1], [7, 19]), (21, [2, 2], [2, 2], [9, 11]),
-        (32, [1, 1], [1, 1], [5, 13]), (32, [2, 1], [1, 2], [6, 9]),
+    # 32 fill whole vectors on both SIMD paths (the row kernels requantize).
+    # Signed activations: the ring's bytes are flipped, the zero point's term
+    # folded into the bias differs.
+    for channels, strides, dilations, size, x_dtype in (
+        (21, [1, 1], [1, 1], [7, 19], np.uint8), (21, [2, 2], [2, 2], [9, 11], np.int8),
+        (32, [1, 1], [1, 1], [5, 13], np.int8), (32, [2, 1], [1, 2], [6, 9], np.uint8),
     ):  # fmt: skip
         case = dict(
             batch=2, groups=channels, cin_g=1, m_g=1, size=size, kernel=[3, 3], strides=strides,
-            dilations=dilations, pads=[1, 2, 1, 0], x_dtype=np.uint8, w_dtype=np.int8,
+            dilations=dilations, pads=[1, 2, 1, 0], x_dtype=x_dtype, w_dtype=np.int8,
             w_zp="channel", per_channel=True, bias=True, pow2=False, seed=12,
         )  # fmt: skip
         names = kernel_names(check_model(*_conv_model(case))._executor)
