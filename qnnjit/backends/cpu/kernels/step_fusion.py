@@ -52,20 +52,26 @@ def fuse_depthwise_pointwise(steps: list[Kernel], canonical: Callable, outputs) 
 def _merge(dw: Kernel, pw: Kernel) -> Kernel:
     pair = DepthwisePointwise(dw.stage.layer, pw.stage.layer)
     dw_stage, pw_stage = dw.stage, pw.stage
-    bands: dict[tuple, int] = {}
+    launches: dict[tuple, tuple] = {}
+
+    def launch(x_shape, other_shape) -> tuple:
+        """Everything that depends on the input shapes (computed once per shape:
+        a run pays a dict lookup, not two layers' geometry, per step)."""
+        dw_geo, mid_shape, _, _, _, _, _, dw_prepared = dw_stage.launched(x_shape, None)
+        geo, out_shape, _, sc_i, sc_f, _, _, _ = pw_stage.launched(mid_shape, other_shape)
+        pair_launch = pair.prepare(dw_geo, geo, out_shape)
+        return dw_geo, dw_prepared, pair_launch, geo, out_shape, sc_i, sc_f
 
     def run(x4, other=None):
-        dw_geo, mid_shape, _, _, _, _, _, dw_prepared = dw_stage.launched(x4.shape, None)
-        other_shape = None if other is None else other.shape
-        geo, out_shape, _, sc_i, sc_f, _, _, _ = pw_stage.launched(mid_shape, other_shape)
+        key = (x4.shape, None if other is None else other.shape)
+        entry = launches.get(key)
+        if entry is None:
+            entry = launches[key] = launch(*key)
+        dw_geo, dw_prepared, pair_launch, geo, out_shape, sc_i, sc_f = entry
         pw_stage.ep.check_other(other, out_shape)
-        key = (x4.shape, other_shape)
-        band = bands.get(key)
-        if band is None:
-            band = bands[key] = pair.prepare(dw_geo, geo)
         result = pair.run(
-            x4, dw_geo, dw_prepared, dw_stage.ep, band, geo, pw_stage.ep, sc_i, sc_f, other,
-            out_shape,
+            x4, dw_geo, dw_prepared, dw_stage.ep, pair_launch, geo, pw_stage.ep, sc_i, sc_f,
+            other, out_shape,
         )  # fmt: skip
         return [result]
 
