@@ -708,6 +708,59 @@ def test_quantize_clamp_attribute():
     check_graph(g, [values.astype(np.float32)])
 
 
+def _quantize_conv_graph(shape, dtype, *, group=1, quantized_is_output=False, clamp=None):
+    """x (float32) -> per-tensor quantize -> 3x3 qconv (int32 sums), with
+    the quantized codes also a graph output when asked."""
+    rng = np.random.default_rng(sum(shape))
+    c = shape[1]
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.float32, shape))
+    attrs = {"dtype": dtype, "axis": 1, "block_size": 0}
+    if clamp is not None:
+        attrs["clamp"] = clamp
+    zp = dtype.numpy.type(3)
+    q = g.add_node("quantize", [x, g.constant(np.float32(0.05)), g.constant(zp)], attrs,
+                   name="q")  # fmt: skip
+    w = g.constant(rng.integers(-128, 128, (4 * group, c // group, 3, 3)).astype(np.int8), "w")
+    conv_attrs = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": group}
+    conv = g.add_node("qconv", [q.outputs[0], w, g.constant(zp)], conv_attrs, name="conv")
+    g.set_outputs(conv.outputs + (q.outputs if quantized_is_output else []))
+    feed = (rng.standard_normal(shape) * 4).astype(np.float32)
+    feed.flat[:5] = [np.nan, np.inf, -np.inf, 1e30, -0.0]
+    return g, feed
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 9, 31), (2, 5, 17, 16)])
+@pytest.mark.parametrize("dtype", [dtypes.uint8, dtypes.int8])
+def test_quantize_writes_nhwc_for_a_channels_last_conv(shape, dtype):
+    """A per-tensor quantize whose only reader is a channels-last conv writes
+    its codes NHWC (no transpose at that edge): images of 3 channels and of
+    5 (the generic interleave), two images, pixel counts that leave a short
+    last block; NaN and infinities; a clamp."""
+    for clamp in (None, (-2, 90) if dtype == dtypes.int8 else (5, 200)):
+        g, feed = _quantize_conv_graph(shape, dtype, clamp=clamp)
+        names = kernel_names(check_graph(g, [feed]))
+        assert "quantize_to_nhwc" in names and "conv_nhwc" in names, names
+
+
+@pytest.mark.parametrize("group,output", [(3, False), (1, True)])
+def test_quantize_stays_nchw_for_other_readers(group, output):
+    """A grouped conv (not channels-last) or a graph output reads the codes
+    NCHW: the quantize writes them so."""
+    g, feed = _quantize_conv_graph((1, 3, 6, 7), dtypes.uint8, group=group,
+                                   quantized_is_output=output)  # fmt: skip
+    names = kernel_names(check_graph(g, [feed]))
+    assert "quantize_flat" in names and "quantize_to_nhwc" not in names, names
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 20, 30), (2, 5, 3, 100), (1, 64, 2, 3)])
+def test_nhwc_bytes_transposes(shape):
+    from qnnjit.backends.cpu.kernels.layout import nhwc_bytes
+
+    x = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    np.testing.assert_array_equal(nhwc_bytes(x), x.transpose(0, 2, 3, 1))
+
+
 # ---- pooling -------------------------------------------------------------------------
 
 
