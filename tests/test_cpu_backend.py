@@ -493,6 +493,7 @@ def chains(draw):
         rounding=draw(st.sampled_from(ROUNDINGS)),
         clamp=draw(st.booleans()),
         post=draw(st.sampled_from(["none", "qadd", "qadd_first", "qmul", "lookup"])),
+        clip=draw(st.sampled_from([None, "relu", "both", "upper", "empty"])),
         dtype=draw(st.sampled_from([dtypes.uint8, dtypes.int8])),
         per_channel=draw(st.booleans()),
         pow2=draw(st.booleans()),
@@ -504,7 +505,9 @@ def chains(draw):
 @given(chains())
 def test_epilogue_chains(case):
     """anchor -> [bias add] -> requantize (any rounding, clamp) -> [qadd | qmul |
-    lookup] computed by one kernel, against the unfused reference."""
+    lookup [-> integer clip]] computed by one kernel, against the unfused
+    reference. A clip with an empty interval (min > max) stays a kernel of
+    its own."""
     rng = np.random.default_rng(case["seed"])
     dt = case["dtype"]
     g = Graph()
@@ -573,9 +576,52 @@ def test_epilogue_chains(case):
         y = g.add_node(
             op, [a, s[0], z[0], b, s[1], z[1], s[2], z[2]], {"rounding": rounding}
         ).outputs[0]
+    clip = case["clip"] if post not in ("none", "lookup") else None
+    if clip is not None:
+        y = g.add_node("clip", [y], _clip_attrs(clip, dt)).outputs[0]
     g.set_outputs([y])
     cpu = check_graph(g, inputs)
-    assert len(cpu.steps) == 1, kernel_names(cpu)  # the whole chain is one kernel
+    steps = 2 if clip == "empty" else 1  # else the whole chain is one kernel
+    assert len(cpu.steps) == steps, kernel_names(cpu)
+
+
+def _clip_attrs(kind: str, dt) -> dict:
+    """An integer clip's bounds: a relu at a code above qmin, both bounds
+    (one outside the type: the cast wraps it), only the upper one, or an
+    empty interval (min > max: every code becomes max)."""
+    return {
+        "relu": {"min": dt.qmin + 9, "max": None},
+        "both": {"min": dt.qmin + 40, "max": dt.qmax + 251},  # max wraps to qmax - 5
+        "upper": {"min": None, "max": dt.qmax - 30},
+        "empty": {"min": dt.qmin + 50, "max": dt.qmin + 20},
+    }[kind]
+
+
+@pytest.mark.parametrize("dt", [dtypes.uint8, dtypes.int8])
+def test_clip_after_an_overflowing_qadd(dt):
+    """A qadd whose scale ratio sends its sums past int32 stores qmin there
+    (MLAS's conversion), which the clip then raises to its lower bound: the
+    folded saturation bounds give the same codes."""
+    rng = np.random.default_rng(5)
+    g = Graph()
+    x_val = codes(rng, dt.numpy, (2, 5, 4, 3))
+    x = _int_input(g, "x", dt, x_val.shape)
+    acc = g.add_node("qreduce_sum", [x, g.constant(np.asarray(7, dt.numpy))], {"axes": [2, 3]})
+    y = g.add_node(
+        "requantize",
+        [acc.outputs[0], g.constant(np.float32(1 / 64)), g.constant(np.asarray(3, dt.numpy))],
+        {"dtype": dt, "rounding": "half_even_float", "axis": None},
+    ).outputs[0]
+    other_val = codes(rng, dt.numpy, y.type.shape)
+    other = _int_input(g, "other", dt, other_val.shape)
+    s = [g.constant(np.float32(v)) for v in (1e6, 1e-3, 1e-4)]
+    z = [g.constant(np.asarray(v, dt.numpy)) for v in (1, 2, 3)]
+    y = g.add_node("qadd", [y, s[0], z[0], other, s[1], z[1], s[2], z[2]],
+                   {"rounding": "mlas_fma"}).outputs[0]  # fmt: skip
+    y = g.add_node("clip", [y], _clip_attrs("both", dt)).outputs[0]
+    g.set_outputs([y])
+    cpu = check_graph(g, [x_val, other_val])
+    assert len(cpu.steps) == 1, kernel_names(cpu)
 
 
 # ---- elementwise: qadd / qmul / lookup -----------------------------------------------

@@ -244,6 +244,29 @@ def test_a_contested_add_joins_the_later_conv():
     assert "qadd joins the group of conv2" in " ".join(graph.metadata["fusion_log"].applied)
 
 
+@pytest.mark.parametrize("clip_reader", [False, True])
+def test_an_integer_clip_after_the_add_joins_the_group(clip_reader):
+    """The relu after a residual add that stayed an integer clip (symmetric
+    s8 activations) closes the group, unless the add's codes have another
+    reader (then the clip stays outside)."""
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.uint8, (1, 1, 3, 3)))
+    w = g.constant(np.ones((1, 1, 1, 1), np.int8), "w")
+    r1 = _requantize(g, g.add_node("qconv", [x, w], CONV, name="conv").outputs[0], 0.5, "r1")
+    added = _qadd(g, r1, x)
+    clipped = g.add_node("clip", [added], {"min": 40, "max": 200}, name="relu").outputs[0]
+    g.set_outputs([clipped, added] if clip_reader else [clipped])
+    x_value = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3) * 30
+    graph = fuse_and_compare(g, [x_value])
+    (group,) = groups(graph)
+    if clip_reader:
+        assert group.attrs["kind"] == "conv+requantize+add"
+        assert "clip" in top_ops(graph)
+    else:
+        assert group.attrs["kind"] == "conv+requantize+add+clip"
+        assert top_ops(graph) == ["fused"]
+
+
 # ---- fusion: negative (one test per precondition) -----------------------------------
 
 

@@ -8,10 +8,15 @@ A group is a rooted chain, anchored at an accumulating op:
                                            a folded zero-point correction)
       -> requantize                        with its clamp, if activation fusion set one
       [-> qadd | qmul | lookup]            at most one elementwise op on the result
+        [-> clip]                          after qadd / qmul: an integer clip of its codes
 
 giving kinds such as "conv+requantize+add" (the residual block: conv, bias,
 requantize, relu as clamp, residual add with its own rescale),
 "matmul+bias+requantize" or "reduce_sum+requantize" (global average pool).
+The clip is the relu after a residual add when activation fusion could not
+move it into a requantize (`fuse_activation`'s `integer_clip`: symmetric s8
+activations): a backend folds it into the add's saturation bounds, where
+alone it would cost a pass over the tensor.
 
 Preconditions (each check fails with a reason, logged for the report in
 `graph.metadata["fusion_log"]`):
@@ -100,6 +105,21 @@ def _epilogue(m: Matcher, chain: Chain) -> Node:
     return user
 
 
+def _clip_after(m: Matcher, op: Node) -> Node | None:
+    """The integer clip that alone reads the qadd / qmul `op`'s result, if any."""
+    if op.op not in ("qadd", "qmul"):
+        return None
+    try:
+        user = m.sole_user(op.outputs[0])
+    except Mismatch:
+        return None
+    if user.op != "clip" or user.inputs[0] is not op.outputs[0]:
+        return None
+    if len(user.inputs) != 1 or not user.outputs[0].type.dtype.is_int:
+        return None
+    return user
+
+
 def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
     """Group every anchor with its epilogue; see the module doc."""
     log = log if log is not None else graph.metadata.setdefault("fusion_log", RuleLog())
@@ -124,6 +144,10 @@ def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
         winner = max(claimants, key=lambda c: order[c.nodes[0]])
         winner.nodes.append(op)
         winner.kind.append(op.op.removeprefix("q"))
+        clip = _clip_after(m, op)
+        if clip is not None:
+            winner.nodes.append(clip)
+            winner.kind.append("clip")
         for chain in claimants:
             if chain is not winner:
                 chain.epilogue_reason = f"{op.name} joins the group of {winner.nodes[0].name}"

@@ -67,11 +67,12 @@ class Chain:
     bias: Node | None = None
     requantize: Node | None = None
     post: Node | None = None
+    clip: Node | None = None  # an integer clip of the post op's codes
     reasons: list[str] = field(default_factory=list)  # why the chain stops where it does
 
     @property
     def nodes(self) -> list[Node]:
-        return [n for n in (self.bias, self.requantize, self.post) if n is not None]
+        return [n for n in (self.bias, self.requantize, self.post, self.clip) if n is not None]
 
 
 @dataclass
@@ -128,6 +129,9 @@ class LowerContext:
             chain.reasons.append(f"{user.name} reads {value.name} as a parameter")
             return chain
         chain.post = user
+        user, _ = self.sole_reader(user.outputs[0])
+        if user is not None and user.op == "clip" and user.inputs[0] is chain.post.outputs[0]:
+            chain.clip = user
         return chain
 
 
@@ -152,6 +156,17 @@ def const_input(node: Node, index: int, what: str) -> np.ndarray | None:
     if not value.is_constant:
         raise Decline(f"{what} of {node.name} is not a compile-time constant")
     return value.const
+
+
+def clip_bounds(clip: Node, dtype) -> tuple[int, int]:
+    """An integer clip's (lo, hi) as the reference takes them: each bound cast
+    to the codes' type (`astype`, C conversion; absent: the type's limit),
+    then applied max first, min second."""
+    return tuple(
+        default if clip.attrs.get(key) is None
+        else int(np.asarray(clip.attrs[key]).astype(dtype.numpy))
+        for key, default in (("min", dtype.qmin), ("max", dtype.qmax))
+    )  # fmt: skip
 
 
 def static_shape(value: Value) -> tuple | None:

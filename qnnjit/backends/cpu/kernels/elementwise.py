@@ -16,7 +16,7 @@ from .... import numerics
 from ....ir import dtypes
 from ....ir.graph import Node
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
-from ._lowering import Decline, Kernel, LowerContext, const_input
+from ._lowering import Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
 from .requant import byte_codes, cvt_saturate, kernel_array, unsigned_view
@@ -213,12 +213,7 @@ def lower_clip(node: Node, ctx: LowerContext) -> Kernel:
         raise Decline(f"{dt} input (float clip runs in NumPy)")
     flip, _ = byte_codes(dt)
     mask = (1 << dt.bits) - 1
-    bounds = []
-    for key, default in (("min", dt.qmin), ("max", dt.qmax)):
-        value = node.attrs.get(key)
-        code = default if value is None else int(np.asarray(value).astype(dt.numpy))
-        bounds.append((code & mask) ^ flip)
-    lo, hi = bounds
+    lo, hi = ((code & mask) ^ flip for code in clip_bounds(node, dt))
 
     def run(x_array):
         out = np.empty(x_array.shape, dt.numpy)

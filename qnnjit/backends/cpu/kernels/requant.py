@@ -47,7 +47,7 @@ from .... import numerics
 from ....ir import dtypes
 from ....ir.graph import Node, Value
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
-from ._lowering import Chain, Decline, Kernel, LowerContext, const_input
+from ._lowering import Chain, Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
 from .layout import UNSIGNED
@@ -451,6 +451,13 @@ def build_epilogue(
             ep.nodes.append(chain.post)
         except Decline as why:
             ep.notes.append(str(why))
+            return ep
+    if chain.clip is not None:
+        try:
+            _add_clip(ep, chain.clip)
+            ep.nodes.append(chain.clip)
+        except Decline as why:
+            ep.notes.append(str(why))
     return ep
 
 
@@ -595,6 +602,24 @@ def _add_post(ep: Epilogue, post: Node, y: Value) -> None:
     ep.other = other
     ep.y_index = y_index
     ep.out_dtype = dtype
+
+
+def _add_clip(ep: Epilogue, clip: Node) -> None:
+    """Fold the integer `clip` of the qadd / qmul result into the post op's
+    saturation: clamp(clamp(q, qmin, qmax), lo, hi) = clamp(q, max(qmin, lo),
+    min(qmax, hi)) for bounds inside [qmin, qmax] (the clip casts them to the
+    codes' type, as the reference does) with lo <= hi. The post op's
+    out-of-int32 result, qmin, then becomes max(qmin, lo) = clip(qmin) too."""
+    if ep.sc_i[I_POST] not in (P_QADD, P_QMUL):
+        raise Decline(f"{clip.name}: a clip after a non-saturating epilogue")
+    dtype = ep.out_dtype
+    if clip.outputs[0].type.dtype != dtype:
+        raise Decline(f"{clip.name}: clip of {clip.outputs[0].type.dtype} codes")
+    lo, hi = clip_bounds(clip, dtype)
+    if lo > hi:
+        raise Decline(f"{clip.name}: empty clip interval ({lo}, {hi})")
+    for sc_i in (ep.sc_i, ep.sc_i_swapped):
+        sc_i[I_PLO], sc_i[I_PHI] = max(sc_i[I_PLO], lo), min(sc_i[I_PHI], hi)
 
 
 def output_buffer(shape, dtype: dtypes.DType):
