@@ -25,11 +25,11 @@ def _qconv(name, x, w_name, ws_name, y, group, stride):
 
 
 def dw_pw_model(rng, *, channels, out_channels, stride, residual=False, extra_output=False,
-                second_reader=False):  # fmt: skip
+                second_reader=False, signed=False):  # fmt: skip
     """x (u8) -> depthwise 3x3 QLinearConv -> 1x1 QLinearConv [-> QLinearAdd x]:
-    per-channel s8 weights, u8 activations, odd zero points. `extra_output`:
-    the depthwise result is a graph output too; `second_reader`: another 1x1
-    conv reads it."""
+    per-channel s8 weights, u8 activations (`signed`: s8), odd zero points.
+    `extra_output`: the depthwise result is a graph output too;
+    `second_reader`: another 1x1 conv reads it."""
     c, m = channels, out_channels
     inits = {
         "dw_w": rng.integers(-128, 128, (c, 1, 3, 3)).astype(np.int8),
@@ -43,7 +43,9 @@ def dw_pw_model(rng, *, channels, out_channels, stride, residual=False, extra_ou
         inits["b_" + w] = rng.integers(-3000, 3000, n).astype(np.int32)
     for v, scale in (("x", 0.02), ("mid", 0.05), ("y", 0.07), ("y2", 0.07), ("out", 0.1)):
         inits["s_" + v] = np.float32(scale * rng.uniform(0.8, 1.2))
-        inits["z_" + v] = np.uint8(rng.integers(100, 140))
+        inits["z_" + v] = (
+            np.int8(rng.integers(-20, 20)) if signed else np.uint8(rng.integers(100, 140))
+        )
     nodes = [
         _qconv("dw", "x", "dw_w", "ws_dw_w", "mid", c, stride),
         _qconv("pw", "mid", "pw_w", "ws_pw_w", "y", 1, 1),
@@ -60,11 +62,11 @@ def dw_pw_model(rng, *, channels, out_channels, stride, residual=False, extra_ou
         outputs.append("y2")
     if extra_output:
         outputs.append("mid")
+    elem = TensorProto.INT8 if signed else TensorProto.UINT8
     graph = helper.make_graph(
         nodes, "dw_pw",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", c, "h", "w"])],
-        [helper.make_tensor_value_info(o, TensorProto.UINT8, ["n", "c", "oh", "ow"])
-         for o in outputs],
+        [helper.make_tensor_value_info("x", elem, ["n", c, "h", "w"])],
+        [helper.make_tensor_value_info(o, elem, ["n", "c", "oh", "ow"]) for o in outputs],
         [numpy_helper.from_array(np.asarray(a), k) for k, a in inits.items()],
     )  # fmt: skip
     model = helper.make_model(
@@ -97,6 +99,19 @@ def test_depthwise_pointwise_fused(channels, out_channels, stride, size, batch, 
     rng = np.random.default_rng(channels + stride + batch)
     model = dw_pw_model(rng, channels=channels, out_channels=out_channels, stride=stride)
     x = rng.integers(0, 256, (batch, channels, *size)).astype(np.uint8)
+    check(model, x, threads, fused=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stride,residual", [(1, False), (2, False), (1, True)])
+def test_depthwise_pointwise_fused_signed(stride, residual, threads):
+    """s8 activations: the depthwise row kernel stores its codes flipped to
+    u8 (zero point + 128), the GEMM's A as it reads it; with a residual qadd
+    of s8 codes too."""
+    rng = np.random.default_rng(13 + stride)
+    model = dw_pw_model(rng, channels=32, out_channels=32 if residual else 24, stride=stride,
+                        residual=residual, signed=True)  # fmt: skip
+    x = rng.integers(-128, 128, (2, 32, 17, 12)).astype(np.int8)
     check(model, x, threads, fused=True)
 
 

@@ -86,6 +86,7 @@ from ._threads import run_tasks
 from .layout import channels_last_output, nhwc_bytes
 from .requant import (
     F_RY,
+    FM_ZP,
     I_FAST,
     I_OFLIP,
     I_OOFF,
@@ -465,8 +466,10 @@ def _depthwise_taps(xr, slot, ws, wrow, geo, acc):
 class ChannelsLastConv:
     """A GEMM convolution over NHWC pixels. Built once per layer (weights packed
     as B [K = (kh, kw, c), M]); `prepare` once per input shape (tile size,
-    microkernels), `run` per call. `in_place`: A is the input itself (a 1x1,
-    stride-1, unpadded conv of unsigned activations with C % 4 == 0)."""
+    microkernels), `run` per call. `pixel_rows`: A's rows are the input's
+    pixels as they are, once flipped (a 1x1, stride-1, unpadded conv with
+    C % 4 == 0); `in_place`: besides, they need no flip (unsigned
+    activations), so A is the input itself."""
 
     def __init__(self, w_int8: np.ndarray, zw: np.ndarray, *, flip: int, pad_byte: int,
                  pointwise: bool, pixels_hint: int, num_threads: int):  # fmt: skip
@@ -477,7 +480,8 @@ class ChannelsLastConv:
         self.need_rowsum = bool(np.any(self.zw != 0))
         self.channels = c
         self.flip, self.pad_byte = flip, pad_byte
-        self.in_place = pointwise and flip == 0 and c % 4 == 0
+        self.pixel_rows = pointwise and c % 4 == 0
+        self.in_place = self.pixel_rows and flip == 0
         self.num_threads = num_threads
         self.requant = ""  # the requantizing microkernels' kind, once chosen
         self.rq_fptrs = _EMPTY_I64
@@ -642,20 +646,29 @@ class ChannelsLastDepthwise:
 class DepthwisePointwise:
     """A depthwise convolution and the 1x1 convolution that alone reads its
     output, run as one kernel (`depthwise_pointwise_nhwc`): both requantize in
-    their kernels, and the pointwise one reads its A rows in place, so a band
-    of depthwise output rows can be the GEMM's A as it is."""
+    their kernels, and the pointwise one's A rows are its input's pixels
+    (`pixel_rows`), so a band of depthwise output rows can be the GEMM's A as
+    it is. Signed activations, which the GEMM reads flipped to u8 (code ^
+    0x80 = code + 128), are stored flipped by the depthwise row kernel
+    itself: its requantize adds the zero point last, in float, so adding 128
+    more there (`mid_f`) yields code + 128 in [0, 255], whose byte is the
+    flipped code."""
 
     @staticmethod
     def pairs(dw, pw) -> bool:
         return (
             isinstance(dw, ChannelsLastDepthwise) and dw.fused
-            and isinstance(pw, ChannelsLastConv) and pw.in_place and pw.fused
-            and pw.channels == dw.channels
+            and isinstance(pw, ChannelsLastConv) and pw.pixel_rows and pw.fused
+            and pw.channels == dw.channels and pw.flip in (0, 0x80)
         )  # fmt: skip
 
-    def __init__(self, dw: ChannelsLastDepthwise, pw: ChannelsLastConv):
+    def __init__(self, dw: ChannelsLastDepthwise, pw: ChannelsLastConv, dw_ep):
         assert self.pairs(dw, pw)
         self.dw, self.pw = dw, pw
+        self.mid_f = dw_ep.chan_f
+        if pw.flip:
+            self.mid_f = dw_ep.chan_f.copy()
+            self.mid_f[FM_ZP] += np.float32(128)
 
     def prepare(self, dw_geo, pw_geo, out_shape) -> tuple[int, int, int]:
         """Per input shape: output rows per band, about the pointwise layer's
@@ -679,7 +692,7 @@ class DepthwisePointwise:
         run_tasks(
             depthwise_pointwise_nhwc, tasks, work, pw.num_threads,
             nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift, self.dw.ws,
-            dw_prepared[0], dw_ep.chan_i, dw_ep.chan_f, band, m, plan.fptrs, pw.rq_fptrs,
+            dw_prepared[0], dw_ep.chan_i, self.mid_f, band, m, plan.fptrs, pw.rq_fptrs,
             plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
         )  # fmt: skip
         return out

@@ -50,7 +50,7 @@ def fuse_depthwise_pointwise(steps: list[Kernel], canonical: Callable, outputs) 
 
 
 def _merge(dw: Kernel, pw: Kernel) -> Kernel:
-    pair = DepthwisePointwise(dw.stage.layer, pw.stage.layer)
+    pair = DepthwisePointwise(dw.stage.layer, pw.stage.layer, dw.stage.ep)
     dw_stage, pw_stage = dw.stage, pw.stage
     launches: dict[tuple, tuple] = {}
 
