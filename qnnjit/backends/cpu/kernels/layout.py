@@ -91,6 +91,8 @@ def reads_channels_last(graph, value) -> bool:
     for user in users:
         if user.op == "fused":
             body = user.attrs.get("body")
+            if body is None:
+                return False
             inner = [b for b, v in zip(body.inputs, user.inputs) if v is value]
             if not inner or not all(reads_channels_last(body, b) for b in inner):
                 return False
