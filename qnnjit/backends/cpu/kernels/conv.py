@@ -31,6 +31,7 @@ Three kernels, chosen at compile time:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,53 @@ from .requant import (
 
 # The kinds computed channels-last (conv_nhwc.py), whose results are NHWC views.
 CHANNELS_LAST = ("conv_nhwc", "conv_depthwise_nhwc")
+
+
+def conv_kind(x_dt, w_dt, group: int, weight_shape) -> str:
+    """Which kernel computes a qconv (`lower_qconv`), from its operand types,
+    group count and weight shape [M, C/group, *window]."""
+    m, cg = weight_shape[0], weight_shape[1]
+    taps = math.prod(weight_shape[2:])
+    if x_dt.bits != 8 or w_dt.bits != 8:
+        return "conv_direct"
+    if cg > 1:
+        return "conv_nhwc" if group == 1 else "conv_gemm"
+    if group == m and ChannelsLastDepthwise.fits(taps):
+        return "conv_depthwise_nhwc"
+    return "conv_depthwise"
+
+
+def reads_channels_last(graph, value) -> bool:
+    """Whether every reader of `value` is a 2-D qconv computed channels-last
+    (`conv_kind`) taking it as its input, directly or as the anchor of a
+    fused group. A producer that then writes NHWC saves the transpose at that
+    edge; a wrong guess (a lowering that declines) costs a copy, never a bit:
+    the executor hands other kernels a C-contiguous copy."""
+    if graph.is_output(value):
+        return False
+    users = graph.users(value)
+    for user in users:
+        if user.op == "fused":
+            body = user.attrs.get("body")
+            if body is None:
+                return False
+            inner = [b for b, v in zip(body.inputs, user.inputs) if v is value]
+            if not inner or not all(reads_channels_last(body, b) for b in inner):
+                return False
+        elif not _channels_last_input(user, value):
+            return False
+    return bool(users)
+
+
+def _channels_last_input(node: Node, value) -> bool:
+    if node.op != "qconv" or node.inputs[0] is not value:
+        return False
+    w = node.inputs[1]
+    if any(v is value for v in node.inputs[1:]) or w is None or w.type.rank != 4:
+        return False
+    group = int(node.attrs.get("group", 1))
+    return conv_kind(value.type.dtype, w.type.dtype, group, w.type.shape) in CHANNELS_LAST
+
 
 # ---- kernels -------------------------------------------------------------------------
 
@@ -324,12 +372,12 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
     base_bias = np.zeros(m, np.int64) if bias is None else bias.astype(np.int64).reshape(-1)
     chain = ctx.chain_after(node)
     x_dt, w_dt = x.type.dtype, w.type.dtype
-    eight_bit = x_dt.bits == 8 and w_dt.bits == 8
     x_flip, x_off = byte_codes(x_dt)
     k = cg * kh * kw
     plan = None
+    kind = conv_kind(x_dt, w_dt, group, w4.shape)
 
-    if eight_bit and cg > 1:
+    if kind in ("conv_nhwc", "conv_gemm"):
         za = x_zp + x_off  # zero point and pad as stored bytes (+128 when signed)
         pad_byte = pad_code + x_off
         if w_dt == dtypes.uint8:
@@ -340,8 +388,7 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         w_groups = [wb[g * mg : (g + 1) * mg].reshape(mg, k) for g in range(group)]
         wsum = np.concatenate([w_.astype(np.int64).sum(axis=1) for w_ in w_groups])
         pixels = _static_pixels(x, w4.shape, attrs, group)
-        if group == 1:
-            kind = "conv_nhwc"
+        if kind == "conv_nhwc":
             # sum_k (x - za)(w - zw) = sum_k x w - za sum w + K za zw - zw sum x
             base_bias = base_bias - za * wsum + k * za * zw
             channels_last = ChannelsLastConv(
@@ -349,24 +396,20 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
                 pixels_hint=pixels, num_threads=ctx.num_threads,
             )  # fmt: skip
         else:
-            kind = "conv_gemm"
             # sum_k (x - za)(w - zw) = C + 128 sum w + 16384 K - za sum w + K za zw - zw sum x
             base_bias = base_bias + (128 - za) * wsum + 16384 * k + k * za * zw
             need_rowsum = bool(np.any(zw != 0))
             zw = kernel_array(zw, np.int64)
             plan = plan_conv_gemm(w_groups, pixels)
-    elif eight_bit and group == m and ChannelsLastDepthwise.fits(kh * kw):
-        kind = "conv_depthwise_nhwc"
+    elif kind == "conv_depthwise_nhwc":
         shifted = w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]
         channels_last = ChannelsLastDepthwise(
             shifted, flip=x_flip, za=x_zp + x_off, pad_shift=pad_code - x_zp,
             num_threads=ctx.num_threads,
         )  # fmt: skip
-    elif eight_bit:
-        kind = "conv_depthwise"
+    elif kind == "conv_depthwise":
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
     else:
-        kind = "conv_direct"
         ws = kernel_array(w4.astype(np.int64) - m_zp[:, None, None, None])
     ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias)
     if kind in CHANNELS_LAST:

@@ -659,7 +659,7 @@ class DepthwisePointwise:
         return (
             isinstance(dw, ChannelsLastDepthwise) and dw.fused
             and isinstance(pw, ChannelsLastConv) and pw.pixel_rows and pw.fused
-            and pw.channels == dw.channels and pw.flip in (0, 0x80)
+            and pw.channels == dw.channels
         )  # fmt: skip
 
     def __init__(self, dw: ChannelsLastDepthwise, pw: ChannelsLastConv, dw_ep):

@@ -79,40 +79,6 @@ def nchw_view(buffer: np.ndarray) -> np.ndarray:
     return buffer.transpose(0, 3, 1, 2)
 
 
-def reads_channels_last(graph, value) -> bool:
-    """Whether every reader of `value` is (very likely) a channels-last kernel:
-    an ungrouped or depthwise 2-D qconv taking it as its input, directly or
-    as the anchor of a fused group. A producer that then writes NHWC saves
-    the transpose at that edge; a wrong guess costs a copy, never a bit
-    (the executor hands other kernels a C-contiguous copy)."""
-    if graph.is_output(value):
-        return False
-    users = graph.users(value)
-    for user in users:
-        if user.op == "fused":
-            body = user.attrs.get("body")
-            if body is None:
-                return False
-            inner = [b for b, v in zip(body.inputs, user.inputs) if v is value]
-            if not inner or not all(reads_channels_last(body, b) for b in inner):
-                return False
-        elif not _channels_last_conv_input(user, value):
-            return False
-    return bool(users)
-
-
-def _channels_last_conv_input(node, value) -> bool:
-    if node.op != "qconv" or node.inputs[0] is not value:
-        return False
-    if any(v is value for v in node.inputs[1:]):
-        return False
-    w = node.inputs[1]
-    if w is None or w.type.rank != 4:
-        return False
-    groups, channels = node.attrs.get("group", 1), w.type.shape[0]
-    return groups == 1 or (groups == channels and w.type.shape[1] == 1)
-
-
 def channels_last_output(shape, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(logical [N, C, H, W] result, flat unsigned view of its NHWC memory that a
     kernel writes) for an output of logical `shape`."""

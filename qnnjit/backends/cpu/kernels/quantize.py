@@ -10,7 +10,7 @@ quantize, as `numerics.quantize` with float32 precision:
 dequantize: `y = f32(f32(q - zp) * scale)`.
 
 A per-tensor quantize of an image batch [N, C, H, W] to 8 bits whose readers
-are all channels-last convolutions (`layout.reads_channels_last`: a CNN's
+are all channels-last convolutions (`conv.reads_channels_last`: a CNN's
 input) writes its codes NHWC and returns the channels-last view, so the
 first conv does not transpose them (ResNet-18's and MobileNetV2's input:
 30 + 48 us -> 34 us).
@@ -30,7 +30,8 @@ from ....ir.graph import Node
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
-from .layout import channels_last_output, interleave, reads_channels_last
+from .conv import reads_channels_last
+from .layout import channels_last_output, interleave
 from .requant import byte_codes, kernel_array, unsigned_view
 
 
