@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+from numba import njit
 
 from qnnjit.backends.cpu import spinteam
 
@@ -42,3 +43,79 @@ def test_sleeping_helper_is_woken():
     time.sleep(spinteam.SPIN_SECONDS * 20)  # long past the spin: the helper sleeps
     spinteam.run_ranges_spinning(_mark, 6, 2, hits)
     assert hits.tolist() == [2] * 6
+
+
+# The compiled hand-off (`_lead` / `_follow`): Numba kernels are called through
+# their native entry points, GIL-free on both sides.
+
+
+@njit(nogil=True)
+def _mark_compiled(t0, t1, hits, scale, grid):
+    for t in range(t0, t1):
+        hits[t] += 1
+        grid[t % grid.shape[0], t % grid.shape[1]] += scale
+
+
+@njit(nogil=True)
+def _fail_compiled(t0, t1, hits):
+    for t in range(t0, t1):
+        hits[t] += 1
+    if t0 > 0:
+        raise ValueError("compiled range failed")
+
+
+@pytest.mark.parametrize("tasks,threads", [(1, 2), (2, 2), (7, 2), (100, 3), (5, 5)])
+def test_compiled_kernels_run_every_task_once(tasks, threads):
+    hits = np.zeros(tasks, np.int64)
+    grid = np.zeros((6, 8), np.float32)[:, ::2]  # a strided view: its own array type
+    assert spinteam._native_entry(_mark_compiled, (hits, 0.5, grid)) != 0
+    spinteam.run_ranges_spinning(_mark_compiled, tasks, threads, hits, 0.5, grid)
+    assert hits.tolist() == [1] * tasks
+    assert grid.sum() == 0.5 * tasks
+
+
+def test_compiled_entry_is_per_argument_types():
+    """One kernel, two argument types: each call reaches its own overload."""
+    for dtype in (np.float32, np.float64, np.float32):
+        hits = np.zeros(9, np.int64)
+        grid = np.zeros((3, 3), dtype)
+        spinteam.run_ranges_spinning(_mark_compiled, 9, 2, hits, 2.0, grid)
+        assert hits.tolist() == [1] * 9 and grid.sum() == 18.0
+    f32 = spinteam._native_entry(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float32)))
+    f64 = spinteam._native_entry(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float64)))
+    assert f32 and f64 and f32 != f64
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_compiled_kernel_errors_reach_the_caller(threads):
+    """A Numba kernel raising in a helper: the caller re-runs the tasks, which
+    raises the kernel's own exception, and the team stays in step."""
+    hits = np.zeros(6, np.int64)
+    with pytest.raises(ValueError, match="compiled range failed"):
+        spinteam.run_ranges_spinning(_fail_compiled, 6, threads, hits)
+    hits = np.zeros(6, np.int64)
+    spinteam.run_ranges_spinning(_mark_compiled, 6, threads, hits, 1.0, np.zeros((2, 2)))
+    assert hits.tolist() == [1] * 6
+
+
+def test_sleeping_helper_is_woken_by_a_compiled_call():
+    hits = np.zeros(6, np.int64)
+    grid = np.zeros((2, 3))
+    spinteam.run_ranges_spinning(_mark_compiled, 6, 2, hits, 1.0, grid)
+    time.sleep(spinteam.SPIN_SECONDS * 20)  # long past the spin: the helper sleeps
+    assert spinteam._TEAM[0].state[spinteam._SLEEPING] == 1
+    spinteam.run_ranges_spinning(_mark_compiled, 6, 2, hits, 1.0, grid)
+    assert hits.tolist() == [2] * 6
+
+
+def test_helper_asleep_without_notice_is_woken():
+    """A helper that fell asleep just as a GIL-free bump came (it cannot see
+    one): the caller's wait notifies it until the work is done."""
+    hits = np.zeros(4, np.int64)
+    grid = np.zeros((2, 2))
+    spinteam.run_ranges_spinning(_mark_compiled, 4, 2, hits, 1.0, grid)
+    time.sleep(spinteam.SPIN_SECONDS * 20)
+    helper = spinteam._TEAM[0]
+    helper.state[spinteam._SLEEPING] = 0  # as if it had not yet said so
+    spinteam.run_ranges_spinning(_mark_compiled, 4, 2, hits, 1.0, grid)
+    assert hits.tolist() == [2] * 4

@@ -5,8 +5,8 @@ Every kernel takes a task range `(t0, t1, ...)` and releases the GIL
 (`nogil=True`), so Python threads run ranges in parallel. This replaces
 Numba's `parallel=True`, whose compile cost (1-3 s more per kernel, measured)
 would dominate the time to first inference; the price is a thread hand-off
-(15-30 us here: the helper takes the GIL to start its range), paid only when
-a call has enough work to amortize it.
+(about 9-12 us here, `spinteam`), paid only when a call has enough work to
+amortize it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from __future__ import annotations
 from ..spinteam import run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
-# roughly 25-80 us on one thread) a call runs on the calling thread only.
-MIN_PARALLEL_WORK = 1 << 20
+# roughly 15 us on one thread) a call runs on the calling thread only. The
+# two vCPUs here are one core's SMT siblings, so a second thread speeds a
+# layer up by only 1.3-1.5x; but a layer left on one thread runs ~1.25x
+# slower while the helper spins beside it, so splitting pays from about
+# 20 us of work (MobileNetV2 at 2 threads: the 28x28 and smaller layers
+# went 10-35% faster than with the threshold at 4x this).
+MIN_PARALLEL_WORK = 1 << 18
 
 
 def run_tasks(kernel, tasks: int, work: float, threads: int, *args) -> None:

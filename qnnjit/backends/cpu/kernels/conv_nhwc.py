@@ -709,9 +709,9 @@ def _channels_last_io(ep, other, out_shape):
 # (MobileNetV2's layers: 1 M units ~ 60 us):
 # multiply-adds / 16 for the GEMM (~200 GMAC/s), / 2 for depthwise ones, plus
 # one per im2col byte and _WORK_PER_OUTPUT per output (requantize and store).
-# A second thread costs 10-25 us per call (the GIL handed to the helper and
-# back), so a call goes parallel only above _threads.MIN_PARALLEL_WORK units.
-# Checked per layer on MobileNetV2 and ResNet-18, 1 vs 2 threads.
+# A second thread costs ~10 us per call (`spinteam`), so a call goes parallel
+# only above _threads.MIN_PARALLEL_WORK units. Checked per layer on
+# MobileNetV2 and ResNet-18, 1 vs 2 threads.
 _GEMM_MACS_PER_WORK = 16
 _DEPTHWISE_MACS_PER_WORK = 2
 _WORK_PER_OUTPUT = 4
