@@ -270,6 +270,39 @@ def test_conv_bias_wraps_int32():
     check_model(one_node_model("QLinearConv", {"x": x}, consts, attrs, out=np.uint8), {"x": x})
 
 
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("big_bias", [False, True])
+def test_depthwise_row_kernels_start_their_sums_from_the_bias(x_dtype, strides, big_bias):
+    """The requantizing depthwise row kernels start their float sums from the
+    bias when |bias| + |sum| < 2^24 for every channel (then clamp, round to
+    nearest even, add the zero point in int32); one channel's bias past that
+    keeps the int32 path for the layer. Power-of-two scales make ties
+    (multiplier 2^-6: every 64th sum ends in .5), small weights keep most
+    outputs inside the clamp. Both bit-exact against the reference."""
+    rng = np.random.default_rng(7 + strides)
+    c = 32  # whole vectors on both SIMD paths: the row kernels requantize
+    x = codes(rng, x_dtype, (2, c, 9, 11))
+    w = rng.integers(-8, 9, (c, 1, 3, 3)).astype(np.int8)
+    b = rng.integers(-3000, 3000, c).astype(np.int32)
+    if big_bias:
+        b[5] = 2**24 - 1000  # + up to 9 * 255 * 8 from the taps: past 2^24
+    consts = {
+        "xs": np.float32(2.0**-2), "xz": scalar(x_dtype, 3), "w": w,
+        "ws": np.full(c, 2.0**-5, np.float32), "wz": np.zeros(c, np.int8),
+        "ys": np.float32(2.0),
+        "yz": scalar(x_dtype, -5 if x_dtype == np.int8 else 131), "b": b,
+    }  # fmt: skip
+    attrs = {
+        "pads": [1, 1, 1, 1], "strides": [strides] * 2, "group": c,
+        "order": ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+    }  # fmt: skip
+    model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=x_dtype)
+    names = kernel_names(check_model(model, {"x": x})._executor)
+    assert "(row kernels requantize)" in names, names
+    assert ("(bias in sum)" in names) == (not big_bias), names
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 @pytest.mark.parametrize("layer", ["dense", "depthwise", "max_pool"])
 def test_conv_and_pool_on_every_isa_path(isa, layer, monkeypatch):

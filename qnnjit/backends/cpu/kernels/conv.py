@@ -486,6 +486,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         name += f"(microkernels requantize: {channels_last.requant})"
     if kind == "conv_depthwise_nhwc" and channels_last.fused:
         name += "(row kernels requantize)"
+    if kind == "conv_depthwise_nhwc" and channels_last.bias_in_sum:
+        name += "(bias in sum)"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     stage = ConvStage(channels_last, ep, launched) if kind in CHANNELS_LAST and rank == 4 else None
     return Kernel(

@@ -592,11 +592,14 @@ class ChannelsLastDepthwise:
         self.flip, self.za, self.pad_shift = flip, za, pad_shift
         self.num_threads = num_threads
         self.fused = False
+        self.bias_in_sum = False
 
     def fuse_epilogue(self, ep) -> None:
         """Let the row kernels store the output bytes when `ep` is the plain
         float requantize to 8 bits and the kernels' channel blocks are exactly
-        the output's channels (no padding channels to store)."""
+        the output's channels (no padding channels to store); and start their
+        sums from the bias when every channel's |bias| + |sum| stays below
+        2^24 (`dwkernels` bias_in_sum: exact in float32, no int32 wrap)."""
         sc, m = ep.sc_i, self.ws.shape[1]  # m: the channels rounded up to whole vectors
         self.fused = bool(
             self.isa in dwkernels.LANES
@@ -604,6 +607,10 @@ class ChannelsLastDepthwise:
             and sc[I_FAST] and sc[I_ROUND] == R_FLOAT and sc[I_POST] == P_NONE
             and ep.out_dtype.bits == 8
         )  # fmt: skip
+        # |x - za| <= 255 on every tap, pad taps included (pad_shift)
+        largest_sum = 255 * np.abs(self.ws.astype(np.int64)).sum(axis=0)
+        bias = np.abs(ep.chan_i[0].astype(np.int64))
+        self.bias_in_sum = self.fused and bool(np.all(bias + largest_sum < 1 << 24))
 
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the row kernel's address (0 on the portable path);
@@ -612,7 +619,7 @@ class ChannelsLastDepthwise:
         if self.isa in dwkernels.LANES:
             spec = dwkernels.DepthwiseSpec(
                 self.isa, int(geo[GKH]), int(geo[GKW]), int(geo[GSW]), int(geo[GDW]),
-                requant=self.fused,
+                requant=self.fused, bias_in_sum=self.bias_in_sum,
             )  # fmt: skip
             return dwkernels.depthwise_kernel(spec), _EMPTY_ROWS
         if not (geo[GSW] == 1 and geo[GDW] == 1):
