@@ -61,7 +61,7 @@ import functools
 from dataclasses import dataclass
 
 from .llvmjit import compile_module
-from .ukernels import requant_declarations, requantize_code
+from .ukernels import requant_declarations, requantize_int_code, requantize_sums_code
 
 __all__ = ["DepthwiseSpec", "depthwise_ir", "depthwise_kernel", "LANES"]
 
@@ -70,19 +70,6 @@ LANES = {"avx512_vnni": 16, "avx2": 8}
 # row's input vectors fit the 32 zmm registers for a 3x3 window; AVX2's 16 ymm
 # cannot hold even the 9 weights with 8 sums, so it takes fewer.
 _BLOCK = {"avx512_vnni": 8, "avx2": 4}  # powers of two
-# float32 -> int32 rounding to nearest even (`bias_in_sum`): AVX-512 names the
-# rounding ({rn-sae}); AVX2's conversion uses MXCSR's, round-to-nearest-even
-# unless a program changed it (as `llvm.rint` in the other kernels assumes).
-_CVT_RN = {
-    "avx512_vnni": "@llvm.x86.avx512.mask.cvtps2dq.512",
-    "avx2": "@llvm.x86.avx.cvt.ps2dq.256",
-}
-_CVT_RN_ARGS = {16: ", <16 x i32> zeroinitializer, i16 -1, i32 8", 8: ""}
-_CVT_RN_DECL = {
-    "avx512_vnni": "declare <16 x i32> @llvm.x86.avx512.mask.cvtps2dq.512(<16 x float>, "
-    "<16 x i32>, i16, i32)\n",
-    "avx2": "declare <8 x i32> @llvm.x86.avx.cvt.ps2dq.256(<8 x float>)\n",
-}
 
 
 @dataclass(frozen=True)
@@ -184,8 +171,7 @@ class _Emitter:
                     e(f"%{tag}.q{o} = getelementptr i32, ptr %out, i64 %{tag}.yo{o}")
                     e(f"store {self.ivec} %{tag}.i{o}, ptr %{tag}.q{o}, align 4")
                     continue
-                requantize_code(e, t, s.lanes, f"%{tag}.i{o}", k)
-                e(f"{t}.yi = fptosi {vec} {t}.y to {self.ivec}")
+                requantize_sums_code(e, t, s.lanes, f"%{tag}.i{o}", k)
             e(f"{t}.yb = trunc {self.ivec} {t}.yi to <{s.lanes} x i8>")
             e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
             e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
@@ -193,14 +179,8 @@ class _Emitter:
     def requantize_sum(self, t: str, acc: str, k: dict) -> None:
         """`{t}.yi`, the output codes (int32) of the float sums `acc` that
         include the bias: the ``bias_in_sum`` steps of the module doc."""
-        e, lanes, vec, i1 = self.emit, self.spec.lanes, self.vec, f"<{self.spec.lanes} x i1>"
-        e(f"{t}.v = fmul {vec} {acc}, {k['m']}")
-        e(f"{t}.gt = fcmp ogt {vec} {t}.v, {k['lo']}")
-        e(f"{t}.c1 = select {i1} {t}.gt, {vec} {t}.v, {vec} {k['lo']}")
-        e(f"{t}.lt = fcmp olt {vec} {t}.c1, {k['hi']}")
-        e(f"{t}.c2 = select {i1} {t}.lt, {vec} {t}.c1, {vec} {k['hi']}")
-        e(f"{t}.r = call {self.ivec} {_CVT_RN[self.spec.isa]}({vec} {t}.c2{_CVT_RN_ARGS[lanes]})")
-        e(f"{t}.yi = add {self.ivec} {t}.r, {k['zpi']}")
+        self.emit(f"{t}.v = fmul {self.vec} {acc}, {k['m']}")
+        requantize_int_code(self.emit, t, self.spec.lanes, f"{t}.v", k)
 
     def max_block(self, tag: str, ow0: str, coff: str, count: int) -> None:
         """`block` for max pooling: each output vector the unsigned or signed
@@ -250,7 +230,9 @@ class _Emitter:
         return acc
 
     def requant_constants(self, tag: str, coff: str) -> dict:
-        """The channel block's bias, mult, lo, hi and zp vectors (requantize_code's `k`)."""
+        """The channel block's bias, mult, lo, hi and zp vectors (`k` of the ukernels
+        requantize functions), zp as int32 too, and the bias as float with
+        bias_in_sum."""
         e, lanes, vec = self.emit, self.spec.lanes, self.vec
         e(f"%{tag}.pb = getelementptr i64, ptr %ep.bias, i64 {coff}")
         e(f"%{tag}.b64 = load <{lanes} x i64>, ptr %{tag}.pb, align 8")
@@ -261,10 +243,11 @@ class _Emitter:
             e(f"%{tag}.{what}p = getelementptr float, ptr %ep.f, i64 %{tag}.{what}o")
             e(f"%{tag}.{what} = load {vec}, ptr %{tag}.{what}p, align 4")
             k[what] = f"%{tag}.{what}"
-        if self.spec.bias_in_sum:  # exact: |bias| < 2^24; zp an integer
+        e(f"%{tag}.zpi = fptosi {vec} %{tag}.zp to {self.ivec}")  # exact: an integer
+        k["zpi"] = f"%{tag}.zpi"
+        if self.spec.bias_in_sum:  # exact: |bias| < 2^24
             e(f"%{tag}.bf = sitofp {self.ivec} %{tag}.b to {vec}")
-            e(f"%{tag}.zpi = fptosi {vec} %{tag}.zp to {self.ivec}")
-            k["bf"], k["zpi"] = f"%{tag}.bf", f"%{tag}.zpi"
+            k["bf"] = f"%{tag}.bf"
         return k
 
     def channel_loop(self, tag: str, ow0: str, count: int, done: str) -> None:
@@ -344,7 +327,6 @@ def depthwise_ir(spec: DepthwiseSpec) -> str:
         f"declare <{lanes} x float> @llvm.fmuladd.v{lanes}f32"
         f"(<{lanes} x float>, <{lanes} x float>, <{lanes} x float>)\n"
     ) + (requant_declarations(lanes) if spec.requant else "")
-    decl += _CVT_RN_DECL[spec.isa] if spec.bias_in_sum else ""
     return decl + "\n" + _Emitter(spec).function()
 
 

@@ -63,7 +63,10 @@ out, ldo; the rest for qadd): instead of storing C it stores, for column n
 with ``bias`` int64 (int32 values), ``mult, lo, hi, zp`` float32 rows of ``f``
 ``ldf`` apart (lo, hi: the clamp bounds minus zp): the same steps, in the same
 precision, as ``kernels/requant.ep_tile``'s fast path, so the bytes are
-identical. The tile never goes through memory as int32. A ``requant="qadd"``
+identical (the plain kernels clamp first, then round to nearest even while
+converting to int32, and add zp as an integer: the same bytes in two fewer
+operations, `requantize_int_code`). The tile never goes through memory as
+int32. A ``requant="qadd"``
 kernel then adds the residual operand's byte at ``other[r*ldo + n]`` as
 ``requant._fast_post`` does: ``o = (byte ^ oflip) - ooff``, MLAS's
 ``fma(A, rA, fma(B, rB, fixed))`` (``yfirst``: the code is A; ``ratios``
@@ -77,7 +80,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "UkernelSpec", "ukernel_ir", "kernel_name", "UNROLL", "REQUANT_FIELDS", "requantize_code",
-    "requant_declarations",
+    "requant_declarations", "requantize_int_code", "requantize_sums_code",
 ]  # fmt: skip
 
 UNROLL = 4  # k-groups per main-loop iteration
@@ -157,7 +160,7 @@ def requant_declarations(lanes: int) -> str:
         f"<{lanes} x i8>)\n"
         f"declare <{lanes} x float> @llvm.fma.v{lanes}f32(<{lanes} x float>, <{lanes} x float>, "
         f"<{lanes} x float>)\n"
-    )
+    ) + _CVT_RN_DECL[lanes]
 
 
 def _declarations(isa: str) -> str:
@@ -397,18 +400,19 @@ class _Emitter:
                 e(f"%rq.{what}p{j} = getelementptr float, ptr %ep.fp, i64 %rq.{what}oj{j}")
                 e(f"%rq.{what}{j} = call {fv} @llvm.masked.load.v{lanes}f32.p0(ptr "
                   f"%rq.{what}p{j}, i32 4, {i1} {m}, {fv} zeroinitializer)")  # fmt: skip
-            consts[j] = {w: f"%rq.{w}{j}" for w in ("b", "m", "lo", "hi", "zp")}
+            e(f"%rq.zpi{j} = fptosi {fv} %rq.zp{j} to {vec}")
+            consts[j] = {w: f"%rq.{w}{j}" for w in ("b", "m", "lo", "hi", "zp", "zpi")}
         for r in range(self.rows):
             e(f"%rq.oo{r} = mul i64 %ep.ldo, {r}")
             for j in range(self.nj):
                 k, t = consts[j], f"%rq{r}_{j}"
                 e(f"{t}.oo = add i64 %rq.oo{r}, {j * lanes}")  # out (and other) offset
-                requantize_code(e, t, lanes, final[r, j], k)
                 if self.spec.requant == "qadd":
+                    requantize_code(e, t, lanes, final[r, j], k)
                     self.qadd(t, j)
                     e(f"{t}.yb = trunc {vec} {t}.zi to <{lanes} x i8>")
                 else:
-                    e(f"{t}.yi = fptosi {fv} {t}.y to {vec}")
+                    requantize_sums_code(e, t, lanes, final[r, j], k)
                     e(f"{t}.yb = trunc {vec} {t}.yi to <{lanes} x i8>")
                 e(f"{t}.op = getelementptr i8, ptr %ep.op, i64 {t}.oo")
                 e(f"call void @llvm.masked.store.v{lanes}i8.p0(<{lanes} x i8> {t}.yb, "
@@ -481,10 +485,8 @@ def requantize_code(emit, t: str, lanes: int, acc: str, k: dict) -> None:
     int32 sums `acc` (<lanes x i32>): REQUANT_DOC's steps, with `k` naming the
     per-lane bias (i32), mult, lo, hi and zp (float) vectors ("b", "m", "lo",
     "hi", "zp"). Shared by the GEMM and depthwise (``dwkernels``) kernels."""
-    vec, fv, i1 = f"<{lanes} x i32>", f"<{lanes} x float>", f"<{lanes} x i1>"
-    emit(f"{t}.s = add {vec} {acc}, {k['b']}")  # wraps, as i32(acc + bias)
-    emit(f"{t}.f = sitofp {vec} {t}.s to {fv}")
-    emit(f"{t}.v = fmul {fv} {t}.f, {k['m']}")
+    fv, i1 = f"<{lanes} x float>", f"<{lanes} x i1>"
+    _scaled_sums(emit, t, lanes, acc, k)
     emit(f"{t}.r = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.v)")
     # finite values only (the fast path's condition): select = min / max
     emit(f"{t}.gt = fcmp ogt {fv} {t}.r, {k['lo']}")
@@ -492,6 +494,53 @@ def requantize_code(emit, t: str, lanes: int, acc: str, k: dict) -> None:
     emit(f"{t}.lt = fcmp olt {fv} {t}.c1, {k['hi']}")
     emit(f"{t}.c2 = select {i1} {t}.lt, {fv} {t}.c1, {fv} {k['hi']}")
     emit(f"{t}.y = fadd {fv} {t}.c2, {k['zp']}")  # exact: the code y, in float
+
+
+def _scaled_sums(emit, t: str, lanes: int, acc: str, k: dict) -> None:
+    """`{t}.v` = f32(i32(acc + bias)) * mult (REQUANT_DOC's first steps)."""
+    vec, fv = f"<{lanes} x i32>", f"<{lanes} x float>"
+    emit(f"{t}.s = add {vec} {acc}, {k['b']}")  # wraps, as i32(acc + bias)
+    emit(f"{t}.f = sitofp {vec} {t}.s to {fv}")
+    emit(f"{t}.v = fmul {fv} {t}.f, {k['m']}")
+
+
+def requantize_sums_code(emit, t: str, lanes: int, acc: str, k: dict) -> None:
+    """Emit `{t}.yi`, the output codes as int32 of the int32 sums `acc`: the
+    same codes as `requantize_code` (then `fptosi`), by `requantize_int_code`."""
+    _scaled_sums(emit, t, lanes, acc, k)
+    requantize_int_code(emit, t, lanes, f"{t}.v", k)
+
+
+def requantize_int_code(emit, t: str, lanes: int, v: str, k: dict) -> None:
+    """Emit `{t}.yi`, the output codes as int32, of `v`, the scaled sums
+    (float): clamp to [lo, hi], round to nearest even, add the zero point in
+    int32 (`k["zpi"]`). The same codes as `requantize_code`'s steps, in two
+    fewer operations: clamping before rounding equals rounding before
+    clamping (lo and hi are integers and rint is monotone), and adding the
+    integer zp after the conversion is exact."""
+    fv, i1, vec = f"<{lanes} x float>", f"<{lanes} x i1>", f"<{lanes} x i32>"
+    cvt, extra = _CVT_RN[lanes]
+    emit(f"{t}.gt = fcmp ogt {fv} {v}, {k['lo']}")
+    emit(f"{t}.c1 = select {i1} {t}.gt, {fv} {v}, {fv} {k['lo']}")
+    emit(f"{t}.lt = fcmp olt {fv} {t}.c1, {k['hi']}")
+    emit(f"{t}.c2 = select {i1} {t}.lt, {fv} {t}.c1, {fv} {k['hi']}")
+    emit(f"{t}.ri = call {vec} {cvt}({fv} {t}.c2{extra})")
+    emit(f"{t}.yi = add {vec} {t}.ri, {k['zpi']}")
+
+
+# float32 -> int32 rounding to nearest even, by lanes (AVX-512, AVX2): AVX-512
+# names the rounding ({rn-sae}); AVX2's conversion uses MXCSR's,
+# round-to-nearest-even unless a program changed it (which `llvm.rint`, in
+# `requantize_code`, assumes too).
+_CVT_RN = {
+    16: ("@llvm.x86.avx512.mask.cvtps2dq.512", ", <16 x i32> zeroinitializer, i16 -1, i32 8"),
+    8: ("@llvm.x86.avx.cvt.ps2dq.256", ""),
+}
+_CVT_RN_DECL = {
+    16: "declare <16 x i32> @llvm.x86.avx512.mask.cvtps2dq.512(<16 x float>, <16 x i32>, i16, "
+    "i32)\n",
+    8: "declare <8 x i32> @llvm.x86.avx.cvt.ps2dq.256(<8 x float>)\n",
+}
 
 
 def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
