@@ -204,6 +204,37 @@ def test_conv_integer(case):
     assert "conv_" in kernel_names(cpu._executor)
 
 
+def _busiest_thread(pixels, images, mr, tile, threads):
+    """(row tiles, tasks) of the busiest of `threads` contiguous task ranges,
+    by enumerating the tasks (as `run_ranges_spinning` cuts them)."""
+    sizes = [min(tile, pixels - p0) for _ in range(images) for p0 in range(0, pixels, tile)]
+    parts = max(1, min(threads, len(sizes)))
+    bounds = [len(sizes) * i // parts for i in range(parts + 1)]
+    loads = [sizes[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    return max(sum(-(-r // mr) for r in load) + 0.5 * len(load) for load in loads)
+
+
+@pytest.mark.parametrize(
+    "pixels,images,cap", [(196, 1, 60), (49, 1, 30), (784, 1, 126), (3136, 1, 252), (196, 8, 60),
+                          (7, 1, 6), (12544, 2, 252), (100, 3, 48)],
+)  # fmt: skip
+@pytest.mark.parametrize("threads", [2, 3])
+def test_conv_tiles_share_the_work_out_evenly(pixels, images, cap, threads):
+    """The channels-last conv's tile with several threads: a multiple of MR
+    no larger than the cap, no candidate leaving the busiest thread less
+    work; ResNet-18's 14x14 layers no longer split 120 / 76 pixels."""
+    from qnnjit.backends.cpu.kernels.conv_nhwc import balanced_tile
+
+    mr = 6
+    tile = balanced_tile(pixels, images, mr, cap, threads)
+    assert tile % mr == 0 and mr <= tile <= cap
+    cost = _busiest_thread(pixels, images, mr, tile, threads)
+    for other in range(mr, cap + 1, mr):
+        assert cost <= _busiest_thread(pixels, images, mr, other, threads), other
+    if (pixels, images, cap, threads) == (196, 1, 60, 2):
+        assert cost < _busiest_thread(pixels, images, mr, cap, threads)
+
+
 def test_conv_uses_depthwise_nhwc_and_grouped_gemm_kernels():
     base = dict(
         batch=1, size=[5, 6], kernel=[3, 3], strides=[1, 1], dilations=[1, 1],
