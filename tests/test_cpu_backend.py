@@ -207,9 +207,10 @@ def test_conv_integer(case):
 def _busiest_thread(pixels, images, mr, tile, threads):
     """(row tiles, tasks) of the busiest of `threads` contiguous task ranges,
     by enumerating the tasks (as `run_ranges_spinning` cuts them)."""
+    from qnnjit.backends.cpu.spinteam import task_ranges
+
     sizes = [min(tile, pixels - p0) for _ in range(images) for p0 in range(0, pixels, tile)]
-    parts = max(1, min(threads, len(sizes)))
-    bounds = [len(sizes) * i // parts for i in range(parts + 1)]
+    bounds = task_ranges(len(sizes), threads)
     loads = [sizes[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
     return max(sum(-(-r // mr) for r in load) + 0.5 * len(load) for load in loads)
 

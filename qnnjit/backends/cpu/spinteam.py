@@ -59,7 +59,7 @@ from numba.extending import intrinsic
 
 from .drivers import _fetch_add
 
-__all__ = ["run_ranges_spinning", "SPIN_SECONDS", "MAX_THREADS"]
+__all__ = ["run_ranges_spinning", "task_ranges", "SPIN_SECONDS", "MAX_THREADS"]
 
 SPIN_SECONDS = 0.002
 _CHECKS_PER_SECOND = 40_000_000  # measured: about 25 ns per check (a load and a `pause`)
@@ -295,14 +295,20 @@ def _team(count: int) -> list[_Helper]:
         return _TEAM[:count]
 
 
+def task_ranges(tasks: int, threads: int) -> list[int]:
+    """The bounds of the contiguous ranges, one per thread (at most one per
+    task), that `run_ranges_spinning` cuts [0, tasks) into."""
+    parts = max(1, min(threads, tasks))
+    return [tasks * i // parts for i in range(parts + 1)]
+
+
 def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
     """``kernel(t0, t1, *args)`` over ``[0, tasks)`` cut into ``threads``
     contiguous ranges (at most `MAX_THREADS`), the first on the calling
     thread, the others on spinning helpers. One caller at a time (the
     executor runs one kernel at a time)."""
-    parts = max(1, min(threads, tasks, MAX_THREADS))
-    bounds = [tasks * i // parts for i in range(parts + 1)]
-    helpers = _team(parts - 1)
+    bounds = task_ranges(tasks, min(threads, MAX_THREADS))
+    helpers = _team(len(bounds) - 2)
     address = _native_entry(kernel, args)
     with _LOCK_CALL:
         for i, h in enumerate(helpers):

@@ -45,6 +45,7 @@ import numpy as np
 from .. import drivers, dwkernels, im2colkernels
 from ..calls import call_depthwise_row, call_im2col_row
 from ..features import select_isa
+from ..spinteam import task_ranges
 from ._conv_geometry import (
     GDH,
     GDW,
@@ -721,11 +722,9 @@ def balanced_tile(pixels: int, images: int, mr: int, cap: int, threads: int) -> 
     for tile in range(cap, mr - 1, -mr):
         per_image = _ceil_div(pixels, tile)
         full, last = tile // mr, _ceil_div(pixels - (per_image - 1) * tile, mr)
-        tasks = images * per_image
-        parts = max(1, min(threads, tasks))
+        bounds = task_ranges(images * per_image, threads)
         cost = 0.0
-        for i in range(parts):
-            lo, hi = tasks * i // parts, tasks * (i + 1) // parts
+        for lo, hi in zip(bounds, bounds[1:]):
             lasts = hi // per_image - lo // per_image  # image-final (short) tasks in range
             rows = (hi - lo) * full - lasts * (full - last)
             cost = max(cost, rows + 0.5 * (hi - lo))
