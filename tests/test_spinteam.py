@@ -45,7 +45,7 @@ def test_sleeping_helper_is_woken():
     assert hits.tolist() == [2] * 6
 
 
-# The compiled hand-off (`_lead` / `_follow`): Numba kernels are called through
+# The compiled hand-off (`_team_call`): Numba kernels are called through
 # their native entry points, GIL-free on both sides.
 
 
@@ -119,3 +119,19 @@ def test_helper_asleep_without_notice_is_woken():
     helper.state[spinteam._SLEEPING] = 0  # as if it had not yet said so
     spinteam.run_ranges_spinning(_mark_compiled, 4, 2, hits, 1.0, grid)
     assert hits.tolist() == [2] * 4
+
+
+@njit(nogil=True)
+def _mark_and_count(t0, t1, hits):
+    for t in range(t0, t1):
+        hits[t] += 1
+    return t1 - t0
+
+
+def test_kernel_returning_a_value_runs_from_python():
+    """The native call discards results, so a kernel with one is called from
+    Python (its result unused, as `run_tasks` never reads one)."""
+    hits = np.zeros(5, np.int64)
+    assert spinteam._native_entry(_mark_and_count, (hits,)) == 0
+    spinteam.run_ranges_spinning(_mark_and_count, 5, 2, hits)
+    assert hits.tolist() == [1] * 5

@@ -16,26 +16,30 @@ once cost a futex sleep and a wake-up of the loser, tens of microseconds
 here. With the kernel called from Python on both sides, that happened twice
 per call: a hand-off to one helper and back cost 14-25 us, more than many of
 MobileNetV2's layers gain from a second core. So for a Numba kernel
-(`Dispatcher`) the caller makes one GIL-free call, `_lead`, that publishes
-the work (bumps each helper's generation), runs the caller's own range and
-spins until the helpers' completions arrive; a helper that sees its new
-generation finds the GIL free (the caller is inside `_lead`), makes one
-call, `_follow`, that runs its range, bumps its completion count and spins
-for the next generation. Both call the kernel's compiled code through its
-native entry point (`_native_entry`: the address of the overload for these
-argument types, looked up by Numba's own type fingerprint of the argument
-tuple), so neither holds the GIL while the other wants it. About 4 us a
-hand-off (measured, trivial kernel).
+(`Dispatcher`) the caller makes one GIL-free call (`_team_call`) that
+publishes the work (bumps each helper's generation), runs the caller's own
+range and spins until the helpers' completions arrive; a helper that sees
+its new generation finds the GIL free (the caller is inside its call) and
+makes one call (`_team_call` too) that runs its range, bumps its completion
+count and spins for the next generation. Both call the kernel's compiled
+code through its native entry point (`_native_entry`: the address of the
+overload for these argument types, looked up by Numba's own type
+fingerprint of the argument tuple), so neither holds the GIL while the
+other wants it. A hand-off to one helper and back now costs about 9-12 us
+(median, a trivial kernel of 24 arguments), down from 25 us. The price:
+`_team_call` is compiled once per kernel signature (0.3-0.4 s each, cached
+on disk like the kernels).
 
 State, per helper: one row of `_STATES` (int64, a cache line of its own):
 generation (the caller's count of calls handed over), completions (the
 helper's count of calls finished), error (the last range's status), sleeping
 (1 while the helper waits on its condition). Between calls, generation ==
 completions. A sleeping helper cannot see a GIL-free bump, so the caller
-bumps it in Python under its condition and notifies it; `_lead` skips those
-rows (`skip`). A helper going to sleep just as a GIL-free bump arrives may
-miss it: `_lead` then gives up waiting after `_LEAD_CHECKS` and the caller
-notifies from Python until the completion arrives.
+bumps it in Python under its condition and notifies it, and the GIL-free
+call skips those rows (`skip`). A helper going to sleep just as a GIL-free
+bump arrives may miss it: the caller's call then stops waiting after
+`_LEAD_CHECKS` reads, and the caller notifies from Python until the
+completion arrives.
 
 Errors. A range whose Numba kernel returned an error status runs again on the
 calling thread through the dispatcher, which raises the exception itself
@@ -46,28 +50,34 @@ caller after every helper is done.
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba._dispatcher import compute_fingerprint
 from numba.core.dispatcher import Dispatcher
 from numba.core.typing.typeof import Purpose, typeof
 from numba.extending import intrinsic
 
 from .drivers import _fetch_add
 
+try:  # Numba's C type fingerprint (what its dispatcher keys overloads by)
+    from numba._dispatcher import compute_fingerprint
+except ImportError:  # pragma: no cover - another Numba: kernels called from Python
+    compute_fingerprint = None
+
 __all__ = ["run_ranges_spinning", "task_ranges", "SPIN_SECONDS", "MAX_THREADS"]
 
 SPIN_SECONDS = 0.002
 _CHECKS_PER_SECOND = 40_000_000  # measured: about 25 ns per check (a load and a `pause`)
 _SPIN_CHECKS = int(SPIN_SECONDS * _CHECKS_PER_SECOND)
-# How long `_lead` waits for the helpers before handing back to Python (which
+# How long the caller's GIL-free call waits for the helpers before handing back to Python (which
 # then notifies, in case a helper fell asleep just as its bump arrived).
 _LEAD_CHECKS = 1 << 15  # ~1 ms
-MAX_THREADS = 64  # the caller and 63 helpers: `_lead`'s skip mask is one int64
+MAX_THREADS = 64  # the caller and 63 helpers: `_team_call`'s skip mask is one int64
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _GEN, _DONE, _ERROR, _SLEEPING = 0, 1, 2, 3
 _STATES = np.zeros((MAX_THREADS - 1, 8), np.int64)  # 64 bytes a row: no false sharing
 
@@ -129,14 +139,18 @@ def _call_native(typingctx, address, t0, t1, args):
 
 @intrinsic
 def _pause(typingctx):
-    """x86 `pause`: a spinning thread yields its core's issue slots. The two
-    vCPUs here share one physical core's (SMT siblings): a tight load loop on
-    one slowed a float loop on the other by 1.4x, one with `pause` by 1.25x."""
+    """x86 `pause` (nothing on other CPUs): a spin-wait hint. On this VM a
+    thread spinning on one vCPU slowed a float loop on the other by up to
+    1.45x with a tight load loop and up to 1.3x with `pause` (the figures
+    varied from run to run, 1.0x in some; the cause is the host's: the VM
+    shows no SMT). MobileNetV2 at 2 threads, A/B interleaved: 2.8-3.2 ms
+    with `pause`, 3.4-3.9 ms without."""
     sig = types.void()
 
     def codegen(context, builder, signature, llargs):
-        fnty = ir.FunctionType(ir.VoidType(), ())
-        builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", (), fnty), ())
+        if _X86:
+            fnty = ir.FunctionType(ir.VoidType(), ())
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", (), fnty), ())
         return context.get_dummy_value()
 
     return sig, codegen
@@ -165,31 +179,44 @@ def _complete_and_spin(state, seen, checks):
 
 
 @njit(cache=True, nogil=True)
-def _follow(state, seen, checks, address, t0, t1, args):
-    """A helper's call: run its range of the kernel at `address`, record the
-    status, complete, and spin for the next generation (returned)."""
-    state[_ERROR] = _call_native(address, t0, t1, args)
-    return _complete_and_spin(state, seen, checks)
+def _team_call(states, row, helpers, skip, seen, address, t0, t1, args):
+    """Run [t0, t1) of the kernel at `address` with `args`, GIL-free, as the
+    caller (`row` < 0) or as the helper whose state is `states[row]`. One
+    function for both, so that each kernel signature costs one Numba
+    specialization (0.3-0.4 s cold), not two.
+
+    Caller: bump the generation of the first `helpers` rows (but those in
+    the bit mask `skip`, already bumped), run the range, wait for each
+    helper's completion; returns 1 if its range raised, | 2 if some helper
+    is not done after `_LEAD_CHECKS` reads.
+    Helper: run the range, record its status, complete, and spin for the
+    generation after `seen` (returned)."""
+    if row >= 0:
+        states[row, _ERROR] = _call_native(address, t0, t1, args)
+        return _complete_and_spin(states[row], seen, _SPIN_CHECKS)
+    _publish(states, helpers, skip)
+    status = _call_native(address, t0, t1, args)
+    return status | _await_helpers(states, helpers)
 
 
 @njit(cache=True, nogil=True)
-def _lead(states, helpers, skip, address, t0, t1, args):
-    """The caller's call: bump the generation of the first `helpers` rows of
-    `states` (but those in the bit mask `skip`, already bumped), run [t0, t1)
-    of the kernel at `address`, and wait for every helper's completion.
-    Returns 1 if the caller's range raised, | 2 if some helper is not done
-    after `_LEAD_CHECKS` reads."""
+def _publish(states, helpers, skip):
     for i in range(helpers):
         if not (skip >> i) & 1:
             _store_release(states[i], _GEN, states[i, _GEN] + 1)
-    status = _call_native(address, t0, t1, args)
+
+
+@njit(cache=True, nogil=True)
+def _await_helpers(states, helpers):
+    """0 once every helper has completed its generation, 2 if one has not
+    after `_LEAD_CHECKS` reads."""
     for i in range(helpers):
         row = states[i]
         gen = row[_GEN]
         if _spin_until_changed(row, _DONE, gen - 1, _LEAD_CHECKS) != gen:
             if _load_acquire(row, _DONE) != gen:
-                status |= 2
-    return status
+                return 2
+    return 0
 
 
 _ENTRIES: dict[tuple, int] = {}  # (kernel, fingerprint of its arguments) -> native entry
@@ -197,9 +224,10 @@ _ENTRIES: dict[tuple, int] = {}  # (kernel, fingerprint of its arguments) -> nat
 
 def _native_entry(kernel, args: tuple) -> int:
     """The address of `kernel`'s native entry point for (t0, t1, *args), or 0
-    when it has none (not a Numba dispatcher, or arguments Numba cannot
-    fingerprint): such kernels are called from Python."""
-    if not isinstance(kernel, Dispatcher):
+    when it has none (not a Numba dispatcher, arguments Numba cannot
+    fingerprint, or a kernel that returns a value): such kernels are called
+    from Python."""
+    if compute_fingerprint is None or not isinstance(kernel, Dispatcher):
         return 0
     try:
         key = (kernel, compute_fingerprint(args))
@@ -211,15 +239,16 @@ def _native_entry(kernel, args: tuple) -> int:
         argtypes = (types.int64, types.int64, *packed.types)
         kernel.compile(argtypes)
         cres = kernel.overloads[argtypes]
-        if cres.signature.return_type != types.none:
-            raise TypeError(f"{kernel.py_func.__name__}: a team kernel must return nothing")
-        address = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+        address = 0  # `_call_native` discards results: such kernels go through Python
+        if cres.signature.return_type == types.none:
+            address = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
         _ENTRIES[key] = address
     return address
 
 
 class _Helper:
     def __init__(self, index: int):
+        self.index = index
         self.state = _STATES[index]
         self.cond = threading.Condition()
         self.work = None  # (native entry or 0, kernel, t0, t1, args)
@@ -242,7 +271,7 @@ class _Helper:
             address, kernel, t0, t1, args = self.work
             if address:
                 try:
-                    gen = _follow(self.state, seen, _SPIN_CHECKS, address, t0, t1, args)
+                    gen = _team_call(_STATES, self.index, 0, 0, seen, address, t0, t1, args)
                     continue
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     self.error = exc
@@ -324,7 +353,7 @@ def _run_compiled(kernel, helpers: list[_Helper], address: int, t1: int, args) -
     for i, h in enumerate(helpers):
         if h.bump_if_sleeping():
             skip |= 1 << i
-    status = _lead(_STATES, len(helpers), skip, address, 0, t1, args)
+    status = _team_call(_STATES, -1, len(helpers), skip, 0, address, 0, t1, args)
     if status & 2:
         for h in helpers:
             h.wait()

@@ -14,12 +14,12 @@ from __future__ import annotations
 from ..spinteam import run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
-# roughly 15 us on one thread) a call runs on the calling thread only. The
-# two vCPUs here are one core's SMT siblings, so a second thread speeds a
-# layer up by only 1.3-1.5x; but a layer left on one thread runs ~1.25x
-# slower while the helper spins beside it, so splitting pays from about
-# 20 us of work (MobileNetV2 at 2 threads: the 28x28 and smaller layers
-# went 10-35% faster than with the threshold at 4x this).
+# roughly 15 us on one thread) a call runs on the calling thread only. A
+# layer of 30-60 us gains 1.2-1.5x from a second thread (the hand-off is
+# ~10 us), and one left on one thread runs slower while the helper spins
+# beside it (`spinteam._pause`), so splitting pays from about 20 us of work
+# (MobileNetV2 at 2 threads: the 28x28 and smaller layers went 10-35%
+# faster than with the threshold at 4x this).
 MIN_PARALLEL_WORK = 1 << 18
 
 
