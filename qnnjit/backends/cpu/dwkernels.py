@@ -50,9 +50,10 @@ requantize takes fewer steps to the same bytes:
 
 Clamping before rounding equals rounding before clamping, since lo and hi
 are integers and rint is monotone; and adding the integer zp after the
-conversion is exact. That drops the float -> int -> float round trip of the
-sum and the separate rint: 6 vector operations per output vector, not 10,
-next to the window's 9 multiply-adds.
+conversion is exact (``ukernels.requantize_int_code``, which the int32
+path uses too). That drops the float -> int -> float round trip of the
+sum: 6 vector operations per output vector, not 9 (10 before the
+conversion rounded), next to the window's 9 multiply-adds.
 """
 
 from __future__ import annotations
