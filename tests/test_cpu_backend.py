@@ -289,6 +289,36 @@ def test_conv_pad_value_other_than_the_zero_point(x_dtype, groups, strides):
     assert kind in kernel_names(cpu), kernel_names(cpu)
 
 
+@pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_depthwise_row_kernels_pad_with_a_value_other_than_the_zero_point(x_dtype, strides):
+    """`pad_value` other than x's zero point, through the requantizing
+    depthwise row kernels (32 channels: the int16-pair ones on AVX512-VNNI,
+    whose border pairs take the pad byte), against the reference."""
+    from qnnjit.backends.cpu.features import select_isa
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    rng = np.random.default_rng(40 + strides)
+    info = np.iinfo(x_dtype.numpy)
+    c = 32
+    g = Graph()
+    x = g.add_input("x", TensorType(x_dtype, (2, c, 6, 9)))
+    w = g.constant(rng.integers(-128, 128, (c, 1, 3, 3)).astype(np.int8), "w")
+    x_zp = g.constant(x_dtype.numpy.type(info.min + 3), "x_zp")
+    attrs = {"strides": [strides] * 2, "pads": [1, 2, 2, 1], "dilations": [1, 1],
+             "group": c, "pad_value": int(info.max - 5)}  # fmt: skip
+    acc = g.add_node("qconv", [x, w, x_zp], attrs, name="conv").outputs[0]
+    mult = g.constant((2.0 ** rng.uniform(-14, -10, c)).astype(np.float32))
+    zp = g.constant(x_dtype.numpy.type(info.min + 100))
+    requant = {"dtype": x_dtype, "rounding": "half_even_float", "axis": 1}
+    g.set_outputs(g.add_node("requantize", [acc, mult, zp], requant).outputs)
+    feed = rng.integers(info.min, info.max + 1, (2, c, 6, 9)).astype(x_dtype.numpy)
+    names = kernel_names(check_graph(g, [feed]))
+    assert "(row kernels requantize)" in names, names
+    paired = select_isa() in conv_nhwc.PAIRS_ISAS
+    assert ("(int16 tap pairs)" in names) == paired, names
+
+
 def test_conv_bias_wraps_int32():
     """bias + sum beyond int32 wraps (two's complement), before requantizing."""
     x = np.full((1, 2, 3, 3), 255, np.uint8)
@@ -305,13 +335,22 @@ def test_conv_bias_wraps_int32():
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("big_bias", [False, True])
-def test_depthwise_row_kernels_start_their_sums_from_the_bias(x_dtype, strides, big_bias):
-    """The requantizing depthwise row kernels start their float sums from the
-    bias when |bias| + |sum| < 2^24 for every channel (then clamp, round to
-    nearest even, add the zero point in int32); one channel's bias past that
-    keeps the int32 path for the layer. Power-of-two scales make ties
-    (multiplier 2^-6: every 64th sum ends in .5), small weights keep most
-    outputs inside the clamp. Both bit-exact against the reference."""
+@pytest.mark.parametrize("pairs", [True, False])
+def test_depthwise_row_kernels_start_their_sums_from_the_bias(
+    x_dtype, strides, big_bias, pairs, monkeypatch
+):
+    """The requantizing depthwise row kernels start their sums from the bias:
+    the int16-pair kernels always (exact int32 sums), the float32 ones when
+    |bias| + |sum| < 2^24 for every channel (then clamp, round to nearest
+    even, add the zero point in int32); one channel's bias past that keeps
+    the float kernels' int32 path for the layer. Power-of-two scales make
+    ties (multiplier 2^-6: every 64th sum ends in .5), small weights keep
+    most outputs inside the clamp. All bit-exact against the reference."""
+    from qnnjit.backends.cpu.features import select_isa
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    if not pairs:
+        monkeypatch.setattr(conv_nhwc, "PAIRS_ISAS", set())
     rng = np.random.default_rng(7 + strides)
     c = 32  # whole vectors on both SIMD paths: the row kernels requantize
     x = codes(rng, x_dtype, (2, c, 9, 11))
@@ -332,7 +371,48 @@ def test_depthwise_row_kernels_start_their_sums_from_the_bias(x_dtype, strides, 
     model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=x_dtype)
     names = kernel_names(check_model(model, {"x": x})._executor)
     assert "(row kernels requantize)" in names, names
-    assert ("(bias in sum)" in names) == (not big_bias), names
+    paired = pairs and select_isa() in conv_nhwc.PAIRS_ISAS
+    assert ("(int16 tap pairs)" in names) == paired, names
+    assert ("(bias in sum)" in names) == (not big_bias and not paired), names
+
+
+@pytest.mark.parametrize(
+    "kernel,strides,dilations,pads",
+    [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
+     ((5, 5), (1, 1), (1, 1), (2, 2, 2, 2)), ((5, 5), (2, 2), (1, 1), (1, 2, 2, 0)),
+     ((2, 2), (1, 1), (1, 1), (0, 1, 1, 0)), ((3, 4), (3, 2), (2, 1), (2, 0, 1, 3)),
+     ((1, 3), (1, 3), (1, 1), (0, 2, 0, 1)), ((3, 1), (2, 1), (1, 1), (1, 0, 1, 0)),
+     ((3, 3), (1, 1), (1, 2), (1, 1, 1, 1))],
+)  # fmt: skip
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_depthwise_int16_tap_pairs(kernel, strides, dilations, pads, x_dtype):
+    """The int16-pair depthwise row kernels (AVX512-VNNI): odd and even
+    window widths (the last pair's second weight 0), strides 1 to 3 (even
+    strides keep only even columns' pairs), vertical dilation, pads on
+    every side (pair halves in the padding), pixels past the last block,
+    two images, a weight zero point; horizontal dilation takes the float32
+    kernels. Bit-exact against the reference."""
+    from qnnjit.backends.cpu.features import select_isa
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    rng = np.random.default_rng(sum(kernel) * 7 + strides[1])
+    c = 48  # three vectors of channels
+    x = codes(rng, x_dtype, (2, c, 9, 21))
+    w = codes(rng, np.int8, (c, 1, *kernel))
+    consts = {
+        "xs": np.float32(0.05), "xz": scalar(x_dtype, 7), "w": w,
+        "ws": scales_of(rng, False, c, -9, -6), "wz": codes(rng, np.int8, (c,)),
+        "ys": np.float32(0.07), "yz": scalar(x_dtype, -3 if x_dtype == np.int8 else 120),
+        "b": rng.integers(-20000, 20000, c).astype(np.int32),
+    }  # fmt: skip
+    attrs = {
+        "pads": list(pads), "strides": list(strides), "dilations": list(dilations),
+        "group": c, "order": ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+    }  # fmt: skip
+    model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=x_dtype)
+    names = kernel_names(check_model(model, {"x": x})._executor)
+    paired = select_isa() in conv_nhwc.PAIRS_ISAS and dilations[1] == 1
+    assert ("(int16 tap pairs)" in names) == paired, names
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])

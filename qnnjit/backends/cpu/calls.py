@@ -14,7 +14,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["call_ukernel", "call_ukernel_requant", "call_depthwise_row", "call_im2col_row"]
+__all__ = [
+    "call_ukernel", "call_ukernel_requant", "call_depthwise_row", "call_im2col_row",
+    "call_pair_row",
+]  # fmt: skip
 
 
 def _indirect_call(context, builder, signature, llargs, kinds: str):
@@ -65,3 +68,10 @@ def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out, ep):
 def call_im2col_row(typingctx, fptr, rows, count, dst, lda):
     """``(*fptr)(rows, count, dst, lda)``: an im2col row kernel (ABI in ``im2colkernels``)."""
     return _typed((fptr, rows, count, dst, lda), "pipi")
+
+
+@intrinsic
+def call_pair_row(typingctx, fptr, src, pairs, c, flip, za, dst):
+    """``(*fptr)(src, pairs, c, flip, za, dst)``: a pairs kernel's ring-row
+    builder (ABI in ``dwkernels``)."""
+    return _typed((fptr, src, pairs, c, flip, za, dst), "piiiip")

@@ -54,6 +54,20 @@ conversion is exact (``ukernels.requantize_int_code``, which the int32
 path uses too). That drops the float -> int -> float round trip of the
 sum: 6 vector operations per output vector, not 9 (10 before the
 conversion rounded), next to the window's 9 multiply-adds.
+
+A ``pairs`` kernel (AVX512-VNNI, unit horizontal dilation) multiplies int16
+tap pairs instead. Its rows hold int32 words P[e][c]: (x[2e][c] - za) in
+the low half, (x[2e+1][c] - za) in the high half (the padded row's columns
+2e and 2e+1: each input value once). Output o's window starts at column
+o * sw; when that is even its taps pair up as (w0, w1), (w2, w3)...,
+when odd as (0, w0), (w1, w2)..., so its weights are int32 words of int16
+pairs in two sets by that parity (``pair_weights``), each pair's missing
+half 0. One ``vpdpwssd`` adds two taps' products to an int32 sum that
+starts at the bias: a 3x3 window takes 6 instead of 9 multiply-adds (both
+run one zmm per cycle here, on the same pipes), and the sums are exact
+int32 arithmetic, wrapping like the reference's, under no range condition.
+The requantize converts the sum to float and goes on as above
+(``requantize_int_code``).
 """
 
 from __future__ import annotations
@@ -61,10 +75,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from .llvmjit import compile_module
 from .ukernels import requant_declarations, requantize_int_code, requantize_sums_code
 
-__all__ = ["DepthwiseSpec", "depthwise_ir", "depthwise_kernel", "LANES"]
+__all__ = [
+    "DepthwiseSpec", "depthwise_ir", "depthwise_kernel", "LANES", "pair_counts", "pair_weights",
+    "pair_row_kernel",
+]  # fmt: skip
 
 LANES = {"avx512_vnni": 16, "avx2": 8}
 # Output pixels per register block: accumulators + the taps' weights + a window
@@ -85,6 +104,7 @@ class DepthwiseSpec:
     requant: bool = False  # store requantized bytes (see the module doc)
     op: str = "fma"  # "fma": the convolution; "umax" / "smax": max pooling of bytes
     bias_in_sum: bool = False  # requant only: sums start from the bias (module doc)
+    pairs: bool = False  # requant, avx512_vnni, dw 1: int16 tap pairs (module doc)
 
     def __post_init__(self):
         if self.isa not in LANES:
@@ -94,6 +114,10 @@ class DepthwiseSpec:
         if self.op not in ("fma", "umax", "smax") or (self.requant and self.op != "fma"):
             raise ValueError(f"bad depthwise kernel spec {self}")
         if self.bias_in_sum and not self.requant:
+            raise ValueError(f"bad depthwise kernel spec {self}")
+        if self.pairs and not (
+            self.requant and self.isa == "avx512_vnni" and self.dw == 1 and not self.bias_in_sum
+        ):
             raise ValueError(f"bad depthwise kernel spec {self}")
 
     @property
@@ -108,8 +132,29 @@ class DepthwiseSpec:
     @property
     def name(self) -> str:
         stage = "_rq" if self.requant else "" if self.op == "fma" else f"_{self.op}"
-        stage += "b" if self.bias_in_sum else ""
+        stage += "b" if self.bias_in_sum else "p" if self.pairs else ""
         return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}{stage}"
+
+
+def pair_counts(kw: int) -> tuple[int, int]:
+    """How many tap pairs a window of width kw spans when it starts at an
+    even column, and when at an odd one."""
+    return (kw + 1) // 2, kw // 2 + 1
+
+
+def pair_weights(w: np.ndarray) -> np.ndarray:
+    """A ``pairs`` kernel's weights: int [KH, KW, C] (w - zw) as int32 words
+    of int16 pairs, [KH * (pairs at even starts + pairs at odd starts), C]:
+    first the even set (kh-major, (w[2i], w[2i+1]) for pair i), then the odd
+    one ((w[2i-1], w[2i])); taps outside the window 0."""
+    kh, kw, c = w.shape
+    sets = []
+    for parity, count in enumerate(pair_counts(kw)):
+        padded = np.zeros((kh, 2 * count, c), np.int64)
+        padded[:, parity : parity + kw] = w
+        lo, hi = padded[:, 0::2] & 0xFFFF, (padded[:, 1::2] & 0xFFFF) << 16
+        sets.append((lo | hi).reshape(-1, c))
+    return np.concatenate(sets).astype(np.uint32).view(np.int32)
 
 
 _ARGS = (
@@ -140,6 +185,9 @@ class _Emitter:
         s, e, vec = self.spec, self.emit, self.vec
         if s.op != "fma":
             self.max_block(tag, ow0, coff, count)
+            return
+        if s.pairs:
+            self.pair_block(tag, ow0, coff, count)
             return
         for t in range(s.kh * s.kw):
             e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
@@ -174,6 +222,64 @@ class _Emitter:
                     continue
                 requantize_sums_code(e, t, s.lanes, f"%{tag}.i{o}", k)
             e(f"{t}.yb = trunc {self.ivec} {t}.yi to <{s.lanes} x i8>")
+            e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
+            e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
+
+    def pair_block(self, tag: str, ow0: str, coff: str, count: int) -> None:
+        """`block` of a ``pairs`` kernel: int32 sums from the bias, one
+        `vpdpwssd` per tap pair, each distinct pair vector loaded once. The
+        block starts at an even output (blocks of `_BLOCK` pixels), so output
+        o's window starts at the block's column 0 plus o * sw, of parity
+        o * sw."""
+        s, e, iv = self.spec, self.emit, self.ivec
+        counts = pair_counts(s.kw)
+        weights: dict[tuple, str] = {}
+
+        def weight(parity: int, kh: int, i: int) -> str:
+            t = parity * s.kh * counts[0] + kh * counts[parity] + i
+            if t not in weights:
+                weights[t] = f"%{tag}.w{t}"
+                e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
+                e(f"%{tag}.wp{t} = getelementptr i32, ptr %w, i64 %{tag}.wo{t}")
+                e(f"{weights[t]} = load {iv}, ptr %{tag}.wp{t}, align 4")
+            return weights[t]
+
+        k = self.requant_constants(tag, coff)
+        acc = [k["b"]] * count
+        e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw // 2 if s.sw % 2 == 0 else s.sw}")
+        if s.sw % 2:  # ow0 is even: the block's first column ow0 * sw is even
+            e(f"%{tag}.c0h = lshr i64 %{tag}.c0, 1")
+        else:
+            e(f"%{tag}.c0h = add i64 %{tag}.c0, 0")
+        e(f"%{tag}.x0 = mul i64 %{tag}.c0h, %cp")
+        e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
+        for kh in range(s.kh):
+            loaded: dict[int, str] = {}
+            for o in range(count):
+                start = o * s.sw
+                parity = start % 2
+                for i in range(counts[parity]):
+                    j = start // 2 + i  # the pair, from the block's first
+                    x = loaded.get(j)
+                    if x is None:
+                        x = loaded[j] = f"%{tag}.v{kh}_{j}"
+                        e(f"%{tag}.o{kh}_{j} = add i64 %{tag}.xb, %cpq{j}")
+                        e(f"%{tag}.p{kh}_{j} = getelementptr i32, ptr %row{kh}, "
+                          f"i64 %{tag}.o{kh}_{j}")  # fmt: skip
+                        e(f"{x} = load {iv}, ptr %{tag}.p{kh}_{j}, align 4")
+                    new = f"%{tag}.a{o}_{kh}_{i}"
+                    e(f"{new} = call {iv} @llvm.x86.avx512.vpdpwssd.512({iv} {acc[o]}, {iv} {x}, "
+                      f"{iv} {weight(parity, kh, i)})")  # fmt: skip
+                    acc[o] = new
+        e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
+        e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
+        for o in range(count):
+            t = f"%{tag}.rq{o}"
+            e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
+            e(f"{t}.f = sitofp {iv} {acc[o]} to {self.vec}")
+            e(f"{t}.v = fmul {self.vec} {t}.f, {k['m']}")
+            requantize_int_code(e, t, s.lanes, f"{t}.v", k)
+            e(f"{t}.yb = trunc {iv} {t}.yi to <{s.lanes} x i8>")
             e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
             e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
 
@@ -275,7 +381,7 @@ class _Emitter:
         cols = max((ob - 1) * s.sw + (s.kw - 1) * s.dw + 1, ob)
         for q in range(cols):  # q * cp: column q's offset (also output q's)
             e(f"%cpq{q} = mul i64 %cp, {q}")
-        for t in range(s.kh * s.kw):  # tap t's weight row offset
+        for t in range(s.kh * max(s.kw, sum(pair_counts(s.kw)))):  # weight row t's offset
             e(f"%cpt{t} = mul i64 %cp, {t}")
         if s.requant:  # ep: int64 {bias, f, ldf}, as the GEMM kernels' first three
             for field, name in enumerate(("bias", "f", "ldf")):
@@ -328,6 +434,9 @@ def depthwise_ir(spec: DepthwiseSpec) -> str:
         f"declare <{lanes} x float> @llvm.fmuladd.v{lanes}f32"
         f"(<{lanes} x float>, <{lanes} x float>, <{lanes} x float>)\n"
     ) + (requant_declarations(lanes) if spec.requant else "")
+    if spec.pairs:
+        iv = "<16 x i32>"
+        decl += f"declare {iv} @llvm.x86.avx512.vpdpwssd.512({iv}, {iv}, {iv})\n"
     return decl + "\n" + _Emitter(spec).function()
 
 
@@ -337,3 +446,73 @@ def depthwise_kernel(spec: DepthwiseSpec) -> int:
     and once per machine while the disk cache holds it; looked up here
     without regenerating and hashing the IR, which costs ~0.6 ms)."""
     return compile_module(depthwise_ir(spec), spec.isa, (spec.name,)).addresses[spec.name]
+
+
+# The ring rows of a ``pairs`` kernel, built from the input's bytes: for each
+# pair e of columns inside the image, 16 channels at a time, both columns'
+# bytes widened to int16 minus the zero point and interleaved (low half the
+# even column). Numba's loop for this (int64 arithmetic, strided int16
+# stores) took twice as long as the float32 rows' conversion, which cancelled
+# what the pairs kernel saves; this is one load, widen, subtract per column
+# and one interleaving shuffle per 16 pairs.
+#
+#     void pair_row(const uint8 *src,   // the pairs' first column: pair e at src + 2*e*c
+#                   int64 pairs,        // how many
+#                   int64 c,            // channels, a multiple of 16
+#                   int64 flip,         // 0, or 0x80 for signed activations
+#                   int64 za,           // the zero point as u8 (byte ^ flip)
+#                   int16 *dst)         // pair e, channel k at dst[2*(e*c + k)]
+_PAIR_ROW = """
+define void @qnnjit_dw_pair_row_avx512(ptr noalias nocapture readonly %src, i64 %pairs, i64 %c,
+                                      i64 %flip, i64 %za, ptr noalias nocapture %dst) nounwind {
+entry:
+  %fb = trunc i64 %flip to i8
+  %fi = insertelement <16 x i8> undef, i8 %fb, i64 0
+  %fv = shufflevector <16 x i8> %fi, <16 x i8> undef, <16 x i32> zeroinitializer
+  %zw = trunc i64 %za to i16
+  %zi = insertelement <16 x i16> undef, i16 %zw, i64 0
+  %zv = shufflevector <16 x i16> %zi, <16 x i16> undef, <16 x i32> zeroinitializer
+  %none = icmp eq i64 %pairs, 0
+  %noc = icmp eq i64 %c, 0
+  %skip = or i1 %none, %noc
+  br i1 %skip, label %exit, label %pair
+pair:
+  %e = phi i64 [ 0, %entry ], [ %en, %pair.end ]
+  %e2c = mul i64 %e, %c
+  %eo = shl i64 %e2c, 1
+  %pe = getelementptr i8, ptr %src, i64 %eo
+  %de = getelementptr i32, ptr %dst, i64 %e2c
+  br label %chan
+chan:
+  %k = phi i64 [ 0, %pair ], [ %kn, %chan ]
+  %pa = getelementptr i8, ptr %pe, i64 %k
+  %pb = getelementptr i8, ptr %pa, i64 %c
+  %va = load <16 x i8>, ptr %pa, align 1
+  %vb = load <16 x i8>, ptr %pb, align 1
+  %xa = xor <16 x i8> %va, %fv
+  %xb = xor <16 x i8> %vb, %fv
+  %wa = zext <16 x i8> %xa to <16 x i16>
+  %wb = zext <16 x i8> %xb to <16 x i16>
+  %sa = sub <16 x i16> %wa, %zv
+  %sb = sub <16 x i16> %wb, %zv
+  %il = shufflevector <16 x i16> %sa, <16 x i16> %sb, <32 x i32> <<INTERLEAVE>>
+  %pd = getelementptr i32, ptr %de, i64 %k
+  store <32 x i16> %il, ptr %pd, align 2
+  %kn = add i64 %k, 16
+  %kdone = icmp uge i64 %kn, %c
+  br i1 %kdone, label %pair.end, label %chan
+pair.end:
+  %en = add i64 %e, 1
+  %done = icmp eq i64 %en, %pairs
+  br i1 %done, label %exit, label %pair
+exit:
+  ret void
+}
+""".replace("<INTERLEAVE>", ", ".join(f"i32 {k // 2 + 16 * (k % 2)}" for k in range(32)))
+
+
+@functools.cache
+def pair_row_kernel() -> int:
+    """The address of the ``pairs`` ring-row builder (AVX-512; ABI above)."""
+    name = "qnnjit_dw_pair_row_avx512"
+    return compile_module(_PAIR_ROW, "avx512_vnni", (name,)).addresses[name]

@@ -34,6 +34,12 @@ kernel generated per window (`dwkernels`: registers hold the taps' weights
 and a block of output pixels' sums) computes each output row's sums
 `(w[tap, c] - zw[c]) * (x - za)`, exactly in float32; then the epilogue stores
 the output row. The portable path runs the taps as Numba loops instead.
+On AVX512-VNNI, where the row kernel requantizes and the window has unit
+horizontal dilation, the ring holds int16 pairs of adjacent columns
+(`_pair_row`) and the row kernel multiplies tap pairs in exact int32 sums
+(`dwkernels` pairs): 6 multiply-adds instead of 9 for a 3x3 window, and half
+the ring's bytes. MobileNetV2's depthwise+pointwise steps: 5-42 % faster
+(the stride-2 ones most), the model 3.68 -> 3.02 ms (1 thread).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import math
 import numpy as np
 
 from .. import drivers, dwkernels, im2colkernels
-from ..calls import call_depthwise_row, call_im2col_row
+from ..calls import call_depthwise_row, call_im2col_row, call_pair_row
 from ..features import select_isa
 from ..spinteam import task_ranges
 from ._conv_geometry import (
@@ -308,10 +314,47 @@ def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
             row[U(o + iw * CP + c)] = np.float32(xf[U(src + iw * C + c)] ^ fl) - z
 
 
+@jit()
+def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder):
+    """xr[dst], as int16 pairs: input row ih of image n as a ``pairs`` row
+    kernel reads it (`dwkernels`): pair e holds columns 2e and 2e + 1 of the
+    padded row, channel by channel, low half first, each `code - za` (`pad`
+    = pad - za outside the image), built by the generated `builder`
+    (`dwkernels.pair_row_kernel`): the pairs inside the image straight from
+    x, each border pair from a copy of its two columns with the pad byte
+    (the byte whose code - za is `pad`) in the padding."""
+    H, W = x.shape[1], x.shape[2]
+    row = xr[dst].view(np.int16)
+    pairs = (row.size // (2 * C) + 1) // 2  # the padded width's columns, in pairs
+    if ih < 0 or ih >= H:
+        row[: 2 * pairs * C] = np.int16(pad)
+        return
+    xf = x.reshape(x.size)
+    base = (n * H + ih) * W * C
+    e0 = (PW + 1) // 2  # the first pair whose low column is in the image
+    e1 = max(e0, min(pairs, (W + PW - 1) // 2))  # past the last with both inside
+    call_pair_row(builder, xf[base + (2 * e0 - PW) * C :].ctypes.data, e1 - e0, C, flip, za,
+                  row[2 * e0 * C :].ctypes.data)  # fmt: skip
+    two = np.empty(2 * C, np.uint8)
+    pad_byte = np.uint8((np.int64(pad) + za) & 0xFF) ^ np.uint8(flip)
+    for e in range(pairs):
+        if e0 <= e < e1:
+            continue
+        for half in range(2):
+            col = 2 * e - PW + half
+            if 0 <= col < W:
+                two[half * C : (half + 1) * C] = xf[base + col * C : base + (col + 1) * C]
+            else:
+                two[half * C : (half + 1) * C] = pad_byte
+        call_pair_row(builder, two.ctypes.data, 1, C, flip, za, row[2 * e * C :].ctypes.data)
+
+
 @jit(inline=True)
-def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot):
+def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot, pairs):
     """Make the ring `xr` hold the input rows of output row oh of image n
-    (converting those it lacks, `_window_row`); slot[kh] = tap row kh's slot."""
+    (converting those it lacks: `_window_row`, or `_pair_row` for a pairs
+    row kernel, `pairs` then the address of its row builder); slot[kh] =
+    tap row kh's slot."""
     KH, SH, PH, PW, DH = geo[GKH], geo[GSH], geo[GPH], geo[GPW], geo[GDH]
     span = xr.shape[0]
     for kh in range(KH):
@@ -319,7 +362,10 @@ def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot):
         s_ = (ih + PH) % span  # ih + PH in [0, HP): the padded row
         key = n * geo[GHP] + ih + PH
         if held[s_] != key:
-            _window_row(x, n, ih, flip, za, pad, xr, s_, PW, xr.shape[1] // geo[GWP])
+            if pairs:
+                _pair_row(x, n, ih, flip, za, pad, xr, s_, PW, x.shape[3], pairs)
+            else:
+                _window_row(x, n, ih, flip, za, pad, xr, s_, PW, xr.shape[1] // geo[GWP])
             held[s_] = key
         slot[kh] = s_
 
@@ -354,7 +400,7 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     for t in range(t0, t1):
         n = t // OH
-        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot)
+        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot, 0)
         if fptr != 0:
             for kh in range(KH):
                 rows[kh] = xr[slot[kh]].ctypes.data
@@ -368,10 +414,13 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
 
 
 @jit()
-def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, out, chan_i, chan_f):
+def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs, out, chan_i,
+                           chan_f):  # fmt: skip
     """`depthwise_nhwc` whose row kernel (`fptr`, a requant one) stores the
     output bytes itself: no epilogue loop (and none of its code to compile).
-    The channels fill whole vectors (CP == C)."""
+    The channels fill whole vectors (CP == C). `pairs` nonzero: a pairs row
+    kernel (its ring rows `_pair_row`'s, built by the kernel at address
+    `pairs`; `ws` its weight pairs)."""
     C, KH, OH, OW = x.shape[3], geo[GKH], geo[GOH], geo[GOW]
     span = (KH - 1) * geo[GDH] + 1
     xr = np.zeros((span, geo[GWP] * C), np.float32)
@@ -382,14 +431,14 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, out, c
     for t in range(t0, t1):
         n = t // OH
         dst = out.ctypes.data + t * OW * C
-        _depthwise_row_requant(x, n, t - n * OH, geo, flip, za, pad_shift, ws, fptr, xr, held,
-                               slot, rows, ep, dst)  # fmt: skip
+        _depthwise_row_requant(x, n, t - n * OH, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
+                               held, slot, rows, ep, dst)  # fmt: skip
 
 
 @jit()
-def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, dw_i, dw_f, band,
-                             M, fptrs, rq_fptrs, data, init, gp, out, chan_i, chan_f, sc_i, sc_f,
-                             other):  # fmt: skip
+def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs, dw_i, dw_f,
+                             band, M, fptrs, rq_fptrs, data, init, gp, out, chan_i, chan_f, sc_i,
+                             sc_f, other):  # fmt: skip
     """A depthwise convolution (`depthwise_nhwc_requant`) and the pointwise one
     that reads its output (`conv_gemm_nhwc_requant`, A in place), as one: task
     t is a band of `band` output rows of one image (`geo` the depthwise
@@ -414,8 +463,8 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, dw_i
         count = min(band, OH - oh0)
         for j in range(count):
             dst = mid.ctypes.data + j * OW * C
-            _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, xr, held,
-                                   slot, rows, dw_ep, dst)  # fmt: skip
+            _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
+                                   held, slot, rows, dw_ep, dst)  # fmt: skip
         o = ((n * OH + oh0) * OW) * M
         gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, M,
                           ep, out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
@@ -430,11 +479,11 @@ def _depthwise_requant_args(chan_i, chan_f):
 
 
 @jit(inline=True)
-def _depthwise_row_requant(x, n, oh, geo, flip, za, pad_shift, ws, fptr, xr, held, slot, rows, ep,
-                           dst):  # fmt: skip
+def _depthwise_row_requant(x, n, oh, geo, flip, za, pad_shift, ws, fptr, pairs, xr, held, slot,
+                           rows, ep, dst):  # fmt: skip
     """Output row oh of image n, requantized, to the address `dst`: the ring's
     input rows (`_ring_rows`), then the requantizing row kernel `fptr`."""
-    _ring_rows(x, n, oh, geo, flip, za, np.float32(pad_shift), xr, held, slot)
+    _ring_rows(x, n, oh, geo, flip, za, np.float32(pad_shift), xr, held, slot, pairs)
     for kh in range(geo[GKH]):
         rows[kh] = xr[slot[kh]].ctypes.data
     call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, x.shape[3], geo[GOW], dst,
@@ -575,14 +624,17 @@ class ChannelsLastDepthwise:
     [taps, CP] (exact: see `depthwise_nhwc`; `fits` says whether a window
     qualifies); `za` the activation zero point as u8, `pad_shift` pad - za.
     On the SIMD paths a generated row kernel (`dwkernels`) computes each
-    output row; the portable path runs Numba loops."""
+    output row; the portable path runs Numba loops. Where the row kernel
+    requantizes on AVX512-VNNI with unit horizontal dilation, it multiplies
+    int16 tap pairs (`pairs`: its weights `w_pairs`, its ring rows
+    `_pair_row`'s)."""
 
     @staticmethod
     def fits(taps: int) -> bool:
         return taps * 255 * 255 < 1 << 24
 
     def __init__(self, w_shifted: np.ndarray, *, flip: int, za: int, pad_shift: int,
-                 num_threads: int):  # fmt: skip
+                 unit_dilation: bool, num_threads: int):  # fmt: skip
         m, kh, kw = w_shifted.shape
         assert self.fits(kh * kw) and np.abs(w_shifted).max(initial=0) <= 255
         self.isa = select_isa()
@@ -590,10 +642,19 @@ class ChannelsLastDepthwise:
         lanes = dwkernels.LANES.get(self.isa, 1)
         self.ws = np.zeros((kh * kw, _round_up(m, lanes)), np.float32)
         self.ws[:, :m] = w_shifted.reshape(m, kh * kw).T
+        # as float32 bits: the kernels take one weight array type
+        self.w_pairs = dwkernels.pair_weights(w_shifted.transpose(1, 2, 0)).view(np.float32)
         self.flip, self.za, self.pad_shift = flip, za, pad_shift
+        self.unit_dilation = unit_dilation
         self.num_threads = num_threads
         self.fused = False
         self.bias_in_sum = False
+        self.pairs = False
+
+    @property
+    def kernel_weights(self) -> np.ndarray:
+        """The weights the row kernels take: `w_pairs` or `ws`."""
+        return self.w_pairs if self.pairs else self.ws
 
     def fuse_epilogue(self, ep) -> None:
         """Let the row kernels store the output bytes when `ep` is the plain
@@ -608,10 +669,12 @@ class ChannelsLastDepthwise:
             and sc[I_FAST] and sc[I_ROUND] == R_FLOAT and sc[I_POST] == P_NONE
             and ep.out_dtype.bits == 8
         )  # fmt: skip
+        self.pairs = self.fused and self.isa in PAIRS_ISAS and self.unit_dilation
         # |x - za| <= 255 on every tap, pad taps included (pad_shift)
-        largest_sum = 255 * np.abs(self.ws.astype(np.int64)).sum(axis=0)
+        largest_sum = 255 * np.abs(self.ws[:, : self.channels].astype(np.int64)).sum(axis=0)
         bias = np.abs(ep.chan_i[0].astype(np.int64))
-        self.bias_in_sum = self.fused and bool(np.all(bias + largest_sum < 1 << 24))
+        fits = bool(np.all(bias + largest_sum < 1 << 24))
+        self.bias_in_sum = self.fused and not self.pairs and fits
 
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the row kernel's address (0 on the portable path);
@@ -620,12 +683,13 @@ class ChannelsLastDepthwise:
         if self.isa in dwkernels.LANES:
             spec = dwkernels.DepthwiseSpec(
                 self.isa, int(geo[GKH]), int(geo[GKW]), int(geo[GSW]), int(geo[GDW]),
-                requant=self.fused, bias_in_sum=self.bias_in_sum,
+                requant=self.fused, bias_in_sum=self.bias_in_sum, pairs=self.pairs,
             )  # fmt: skip
-            return dwkernels.depthwise_kernel(spec), _EMPTY_ROWS
+            builder = dwkernels.pair_row_kernel() if self.pairs else 0
+            return dwkernels.depthwise_kernel(spec), _EMPTY_ROWS, builder
         if not (geo[GSW] == 1 and geo[GDW] == 1):
-            return 0, _EMPTY_ROWS
-        return 0, np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW]))))
+            return 0, _EMPTY_ROWS, 0
+        return 0, np.ascontiguousarray(np.tile(self.ws, (1, int(geo[GOW])))), 0
 
     def work(self, out_shape) -> int:
         """A call's `run_tasks` work: multiply-adds and outputs."""
@@ -635,12 +699,13 @@ class ChannelsLastDepthwise:
     def run(self, x4, geo, prepared, ep, sc_i, sc_f, other, out_shape):
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
-        fptr, weight_rows = prepared
+        fptr, weight_rows, pairs = prepared
         work = self.work(out_shape)
         if self.fused:
             run_tasks(
                 depthwise_nhwc_requant, n * oh, work, self.num_threads, nhwc_bytes(x4), geo,
-                self.flip, self.za, self.pad_shift, self.ws, fptr, flat, ep.chan_i, ep.chan_f,
+                self.flip, self.za, self.pad_shift, self.kernel_weights, fptr, pairs, flat,
+                ep.chan_i, ep.chan_f,
             )  # fmt: skip
             return out
         run_tasks(
@@ -699,8 +764,9 @@ class DepthwisePointwise:
         pw, plan = self.pw, self.pw.plan
         run_tasks(
             depthwise_pointwise_nhwc, tasks, work, pw.num_threads,
-            nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift, self.dw.ws,
-            dw_prepared[0], dw_ep.chan_i, self.mid_f, band, m, plan.fptrs, pw.rq_fptrs,
+            nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift,
+            self.dw.kernel_weights, dw_prepared[0], dw_prepared[2], dw_ep.chan_i, self.mid_f,
+            band, m, plan.fptrs, pw.rq_fptrs,
             plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
         )  # fmt: skip
         return out
@@ -747,6 +813,9 @@ def _channels_last_io(ep, other, out_shape):
 # A second thread costs ~10 us per call (`spinteam`), so a call goes parallel
 # only above _threads.MIN_PARALLEL_WORK units. Checked per layer on
 # MobileNetV2 and ResNet-18, 1 vs 2 threads.
+# The ISAs whose requantizing depthwise row kernels multiply int16 tap pairs
+# (`dwkernels` pairs; tests empty it to run the float32 kernels there too).
+PAIRS_ISAS = {"avx512_vnni"}
 _GEMM_MACS_PER_WORK = 16
 _DEPTHWISE_MACS_PER_WORK = 2
 _WORK_PER_OUTPUT = 4
