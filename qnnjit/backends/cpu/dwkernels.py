@@ -260,13 +260,7 @@ class _Emitter:
                 parity = start % 2
                 for i in range(counts[parity]):
                     j = start // 2 + i  # the pair, from the block's first
-                    x = loaded.get(j)
-                    if x is None:
-                        x = loaded[j] = f"%{tag}.v{kh}_{j}"
-                        e(f"%{tag}.o{kh}_{j} = add i64 %{tag}.xb, %cpq{j}")
-                        e(f"%{tag}.p{kh}_{j} = getelementptr i32, ptr %row{kh}, "
-                          f"i64 %{tag}.o{kh}_{j}")  # fmt: skip
-                        e(f"{x} = load {iv}, ptr %{tag}.p{kh}_{j}, align 4")
+                    x = self.row_vector(tag, kh, j, "i32", iv, 4, loaded)
                     new = f"%{tag}.a{o}_{kh}_{i}"
                     e(f"{new} = call {iv} @llvm.x86.avx512.vpdpwssd.512({iv} {acc[o]}, {iv} {x}, "
                       f"{iv} {weight(parity, kh, i)})")  # fmt: skip
@@ -326,15 +320,22 @@ class _Emitter:
             for kw in range(s.kw):
                 for o in range(count):
                     col = o * s.sw + kw * s.dw
-                    x = loaded.get(col)
-                    if x is None:
-                        x = loaded[col] = f"%{tag}.v{kh}_{col}"
-                        e(f"%{tag}.o{kh}_{col} = add i64 %{tag}.xb, %cpq{col}")
-                        e(f"%{tag}.p{kh}_{col} = getelementptr {self.elem}, ptr %row{kh}, "
-                          f"i64 %{tag}.o{kh}_{col}")  # fmt: skip
-                        e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align {align}")
+                    x = self.row_vector(tag, kh, col, self.elem, vec, align, loaded)
                     acc[o] = tap(o, kh * s.kw + kw, x, acc[o])
         return acc
+
+    def row_vector(self, tag: str, kh: int, col: int, elem: str, vec: str, align: int,
+                   loaded: dict) -> str:  # fmt: skip
+        """The vector at column `col` (from the block's first, in `cp` strides)
+        of window row kh: emitted at its first use, then reused (`loaded`)."""
+        x = loaded.get(col)
+        if x is None:
+            e = self.emit
+            x = loaded[col] = f"%{tag}.v{kh}_{col}"
+            e(f"%{tag}.o{kh}_{col} = add i64 %{tag}.xb, %cpq{col}")
+            e(f"%{tag}.p{kh}_{col} = getelementptr {elem}, ptr %row{kh}, i64 %{tag}.o{kh}_{col}")
+            e(f"{x} = load {vec}, ptr %{tag}.p{kh}_{col}, align {align}")
+        return x
 
     def requant_constants(self, tag: str, coff: str) -> dict:
         """The channel block's bias, mult, lo, hi and zp vectors (`k` of the ukernels
