@@ -13,12 +13,13 @@ and qadd ratios so large that the sum leaves int32 (-> the low bound)."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
 import pytest
 
-from qnnjit.backends.cpu import drivers, features
+from qnnjit.backends.cpu import drivers, features, gemm
 from qnnjit.backends.cpu.kernels import requant as rq
 from qnnjit.backends.cpu.kernels._gemm import (
     G_DESC,
@@ -31,7 +32,7 @@ from qnnjit.backends.cpu.kernels._gemm import (
     gemm_requant_rows,
     plan_gemm,
 )
-from qnnjit.backends.cpu.kernels.conv_nhwc import _requant_args
+from qnnjit.backends.cpu.kernels.conv_nhwc import _requant_args, packs_exactly
 
 SIMD = [
     pytest.param(
@@ -45,19 +46,27 @@ SIMD = [
 ROWS, N, K = 13, 37, 900  # N % 16 and N % 8 != 0
 
 
-def _epilogue(rng, post: str, signed_out: bool):
-    """chan_i, chan_f, sc_i, sc_f of a float requantize to 8 bits [+ qadd]."""
+def _epilogue(rng, post: str, signed_out: bool, n: int = N, clamp: str = "none", big=0.0):
+    """chan_i, chan_f, sc_i, sc_f of a float requantize to 8 bits [+ qadd]
+    [narrowed by a clamp: "low" (a ReLU's) or "both" bounds]; `big`: multipliers
+    log-uniform from 1e-10 up to it, so some sums land in range and some far
+    past it."""
     qmin, qmax = (-128, 127) if signed_out else (0, 255)
-    zp = rng.integers(qmin, qmax + 1, N)
-    chan_i = np.zeros((4, N), np.int64)
-    chan_i[0] = rng.integers(-(2**31), 2**31, N)  # acc + bias wraps for some
+    zp = rng.integers(qmin, qmax + 1, n)
+    chan_i = np.zeros((4, n), np.int64)
+    chan_i[0] = rng.integers(-(2**31), 2**31, n)  # acc + bias wraps for some
     chan_i[3] = zp
-    chan_f = np.zeros((4, N), np.float32)
-    chan_f[rq.FM_MULT] = rng.uniform(1e-9, 1e-6, N)  # some in range, some clamp
-    chan_f[rq.FM_LO], chan_f[rq.FM_HI], chan_f[rq.FM_ZP] = qmin - zp, qmax - zp, zp
+    chan_f = np.zeros((4, n), np.float32)
+    if big:
+        chan_f[rq.FM_MULT] = np.exp(rng.uniform(np.log(1e-10), np.log(big), n))
+    else:
+        chan_f[rq.FM_MULT] = rng.uniform(1e-9, 1e-6, n)  # some in range, some clamp
+    lo, hi = {"none": (qmin, qmax), "low": (0, qmax), "both": (qmin + 7, qmax - 20)}[clamp]
+    lo = lo + 3 if clamp == "low" and not signed_out else lo
+    chan_f[rq.FM_LO], chan_f[rq.FM_HI], chan_f[rq.FM_ZP] = lo - zp, hi - zp, zp
     sc_i = np.zeros(16, np.int64)
     sc_i[rq.I_ROUND], sc_i[rq.I_FAST] = rq.R_FLOAT, 1
-    sc_i[rq.I_LO], sc_i[rq.I_HI], sc_i[rq.I_YQMIN] = qmin, qmax, qmin
+    sc_i[rq.I_LO], sc_i[rq.I_HI], sc_i[rq.I_YQMIN] = lo, hi, qmin
     sc_f = np.zeros(8, np.float32)
     if post != "plain":
         sc_i[rq.I_POST] = rq.P_QADD
@@ -76,35 +85,67 @@ def _epilogue(rng, post: str, signed_out: bool):
 def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_out, monkeypatch):
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {post} {signed_out}".encode()))  # fixed per case
-    b = rng.integers(-128, 128, (K, N)).astype(np.int8)
-    plan = plan_gemm([b], ROWS)
     kind = "plain" if post == "plain" else "qadd"
+    _check_requant_rows(rng, kind, N, _epilogue(rng, post, signed_out), post == "qadd_overflow")
+
+
+@pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
+@pytest.mark.parametrize("nr", [16, 32, 48, 64])
+@pytest.mark.parametrize("clamp", ["none", "low", "both"])
+@pytest.mark.parametrize("signed_out", [False, True])
+def test_packed_requantizing_microkernels_store_the_epilogues_bytes(nr, clamp, signed_out,
+                                                                    monkeypatch):  # fmt: skip
+    """The "packed" kernels saturate through int16 and bytes instead of
+    clamping in float: sums far past the int16 range (multipliers up to
+    1e-4 on sums up to 2^31), no clamp, a ReLU's, both bounds narrowed,
+    signed codes (through the flipped byte range), every group width (1-4
+    vectors of 16 columns, pinned by the panel width) with masked columns."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=nr))
+    rng = np.random.default_rng(zlib.crc32(f"packed {nr} {clamp} {signed_out}".encode()))
+    n = 2 * nr + 5  # three panels, the last one partial
+    ep = _epilogue(rng, "plain", signed_out, n, clamp, big=1e-4)
+    assert packs_exactly("avx512_vnni", ep[1])
+    want = _check_requant_rows(rng, "packed", n, ep, False)
+    lo, hi = ep[2][rq.I_LO], ep[2][rq.I_HI]
+    codes = want.view(np.int8) if signed_out else want
+    for bound in (lo, hi):  # both bounds are reached (the saturating and clamping paths)
+        assert np.count_nonzero(codes == bound) > ROWS
+
+
+def _check_requant_rows(rng, kind, n, epilogue, overflow):
+    """One row block through `gemm_requant_rows` with `kind` kernels against
+    the engine's int32 sums plus `ep_tile`; returns the expected bytes."""
+    b = rng.integers(-128, 128, (K, n)).astype(np.int8)
+    plan = plan_gemm([b], ROWS)
     plan.ensure_rows(ROWS, kind)
     gp = plan.gparams.copy()
     gp[G_KCG] = 64  # KC = 256: four K blocks, the last one partial
     a = np.zeros((ROWS, plan.k4), np.uint8)
     a[:, :K] = rng.integers(0, 256, (ROWS, K))
-    other = rng.integers(0, 256, ROWS * N).astype(np.uint8)
-    chan_i, chan_f, sc_i, sc_f = _epilogue(rng, post, signed_out)
+    other = rng.integers(0, 256, ROWS * n).astype(np.uint8)
+    chan_i, chan_f, sc_i, sc_f = epilogue
 
-    c = np.zeros((ROWS, N), np.int32)
+    c = np.zeros((ROWS, n), np.int32)
     drivers.run_serial(
         plan.fptrs, a.ctypes.data, plan.k4, ROWS, gp[G_KG], plan.data.ctypes.data,
-        gp[G_PANEL_BYTES], gp[G_NR], c.ctypes.data, N, N, plan.init.ctypes.data, gp[G_MR],
+        gp[G_PANEL_BYTES], gp[G_NR], c.ctypes.data, n, n, plan.init.ctypes.data, gp[G_MR],
         gp[G_KCG], -(-ROWS // gp[G_MR]) * gp[G_MR], gp[G_NC], gp[G_DESC],
     )  # fmt: skip
-    want = np.zeros(ROWS * N, np.uint8)
+    want = np.zeros(ROWS * n, np.uint8)
     z = np.int64(0)
-    rq.ep_tile(c, z, ROWS, N, want, z, N, 1, z, z, 1, z, N, chan_i, chan_f, sc_i, sc_f,
+    rq.ep_tile(c, z, ROWS, n, want, z, n, 1, z, z, 1, z, n, chan_i, chan_f, sc_i, sc_f,
                np.zeros(0, np.int64), other)  # fmt: skip
 
-    got = np.zeros(ROWS * N, np.uint8)
-    scratch = np.zeros((ROWS, N), np.int32)
-    ep = _requant_args(chan_i, chan_f, sc_i, sc_f)
+    init = plan.init_with(chan_i[0])  # the requantizing kernels' sums start at the bias
+    got = np.zeros(ROWS * n, np.uint8)
+    scratch = np.zeros((ROWS, n), np.int32)
+    ep = _requant_args(chan_f, sc_i, sc_f)
     gemm_requant_rows(
         a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
-        plan.init, gp, scratch, N, ep, got.ctypes.data, other.ctypes.data, N,
+        init, gp, scratch, n, ep, got.ctypes.data, other.ctypes.data, n,
     )  # fmt: skip
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
-    if post == "qadd_overflow":  # the case must reach the out-of-range branch
-        assert np.count_nonzero(want == np.uint8(sc_i[rq.I_PLO] & 0xFF)) > N
+    if overflow:  # the case must reach the out-of-range branch
+        assert np.count_nonzero(want == np.uint8(sc_i[rq.I_PLO] & 0xFF)) > n
+    return want

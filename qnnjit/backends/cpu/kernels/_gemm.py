@@ -33,8 +33,8 @@ from ..ukernels import REQUANT_FIELDS, UkernelSpec
 from ._numba import jit
 
 # the requantizing microkernels' epilogue argument slots (ukernels.REQUANT_FIELDS)
-(EP_BIAS, EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI,
- EP_RATIOS) = range(len(REQUANT_FIELDS))  # fmt: skip
+(EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS,
+ EP_YLO, EP_YHI, EP_YFLIP) = range(len(REQUANT_FIELDS))  # fmt: skip
 # gparams slots
 G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_GROUP_BYTES, G_NC = range(9)
 
@@ -78,6 +78,12 @@ class GemmPlan:
             self.config, self.packed, allow_i16_pairs=self.i16_ok, requant=requant
         )
         return fptrs
+
+    def init_with(self, bias: np.ndarray) -> np.ndarray:
+        """An `init` whose sums start at `bias` (one int32 value per column)."""
+        init = self.init.copy()
+        init[: self.n] = np.asarray(bias).astype(np.int32)
+        return init
 
     def describe(self) -> str:
         return self.config.describe()
@@ -143,12 +149,13 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, o
     of B: the engine's loops (`drivers._task`, one row block), except that the
     last K block runs the requantizing microkernels (`rq_fptrs`), which store
     bytes straight from their registers. `c` (int32 [>= rows, n]) holds the
-    sums between K blocks; `ep` (int64, ukernels.REQUANT_FIELDS) the kernels'
-    epilogue arguments, with bias and f at column 0 and the qadd scalars set
-    by the caller; `other` the residual operand's address (qadd), like `out`."""
+    sums between K blocks, `init` (`init_with`) their start: the bias; `ep`
+    (int64, ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f
+    at column 0 and the qadd scalars set by the caller; `other` the residual
+    operand's address (qadd), like `out`."""
     mr, nr, kcg, k_groups = gp[G_MR], gp[G_NR], gp[G_KCG], gp[G_KG]
     cb, bb, ib = c.ctypes.data, data.ctypes.data, init.ctypes.data
-    bias0, f0 = ep[EP_BIAS], ep[EP_F]
+    f0 = ep[EP_F]
     ep[EP_LDO] = ldo
     k0 = 0
     while True:
@@ -158,7 +165,7 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, o
         for nn in range(0, n, nr):
             bp = bb + (nn // nr) * gp[G_PANEL_BYTES] + k0 * nr * 4
             nvalid = min(nr, n - nn)
-            ep[EP_BIAS], ep[EP_F] = bias0 + 8 * nn, f0 + 4 * nn
+            ep[EP_F] = f0 + 4 * nn
             for mm in range(0, rows, mr):
                 r = min(mr, rows - mm)
                 ap, cp, ip = a + mm * lda + k0 * 4, cb + (mm * n + nn) * 4, ib + nn * 4
@@ -172,7 +179,7 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, o
         k0 += kg
         if last:
             break
-    ep[EP_BIAS], ep[EP_F] = bias0, f0
+    ep[EP_F] = f0
 
 
 # ---- channel-major GEMM for convolutions ------------------------------------------

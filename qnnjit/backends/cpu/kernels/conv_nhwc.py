@@ -68,7 +68,6 @@ from ._conv_geometry import (
     GWP,
 )  # fmt: skip
 from ._gemm import (
-    EP_BIAS,
     EP_F,
     EP_LDF,
     EP_OFLIP,
@@ -77,6 +76,9 @@ from ._gemm import (
     EP_PLO,
     EP_RATIOS,
     EP_YFIRST,
+    EP_YFLIP,
+    EP_YHI,
+    EP_YLO,
     G_DESC,
     G_K4,
     G_KCG,
@@ -93,8 +95,11 @@ from ._threads import run_tasks
 from .layout import channels_last_output, nhwc_bytes
 from .requant import (
     F_RY,
+    FM_MULT,
     FM_ZP,
     I_FAST,
+    I_HI,
+    I_LO,
     I_OFLIP,
     I_OOFF,
     I_PHI,
@@ -102,6 +107,7 @@ from .requant import (
     I_POST,
     I_ROUND,
     I_YFIRST,
+    I_YQMIN,
     P_NONE,
     P_QADD,
     R_FLOAT,
@@ -197,13 +203,16 @@ def _row_sums(a, rows, K, rowsum):
 
 
 @jit()
-def _requant_args(chan_i, chan_f, sc_i, sc_f):
+def _requant_args(chan_f, sc_i, sc_f):
     """The requantizing microkernels' `ep` (ukernels.REQUANT_FIELDS) at column 0."""
-    ep = np.zeros(EP_RATIOS + 1, np.int64)
-    ep[EP_BIAS], ep[EP_F], ep[EP_LDF] = chan_i.ctypes.data, chan_f.ctypes.data, chan_f.shape[1]
+    ep = np.zeros(EP_YFLIP + 1, np.int64)
+    ep[EP_F], ep[EP_LDF] = chan_f.ctypes.data, chan_f.shape[1]
     ep[EP_OFLIP], ep[EP_OOFF], ep[EP_YFIRST] = sc_i[I_OFLIP], sc_i[I_OOFF], sc_i[I_YFIRST]
     ep[EP_PLO], ep[EP_PHI] = sc_i[I_PLO], sc_i[I_PHI]
     ep[EP_RATIOS] = sc_f.ctypes.data + 4 * F_RY  # ry, ro, fixed: consecutive float32
+    # "packed" kernels: signed codes go through the unsigned byte range + 128
+    flip = 128 if sc_i[I_YQMIN] < 0 else 0
+    ep[EP_YLO], ep[EP_YHI], ep[EP_YFLIP] = sc_i[I_LO] + flip, sc_i[I_HI] + flip, flip
     return ep
 
 
@@ -261,7 +270,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
 
 @jit()
 def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data,
-                           init, gp, out, chan_i, chan_f, sc_i, sc_f, other):  # fmt: skip
+                           init, gp, out, chan_f, sc_i, sc_f, other):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
     none of their code to compile)."""
@@ -271,7 +280,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
     tiles = (P + Pt - 1) // Pt
     a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
     c = np.empty((Pt, M), np.int32)  # the sums between K blocks
-    ep = _requant_args(chan_i, chan_f, sc_i, sc_f)
+    ep = _requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
         n = t // tiles
@@ -437,8 +446,8 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs,
 
 @jit()
 def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs, dw_i, dw_f,
-                             band, M, fptrs, rq_fptrs, data, init, gp, out, chan_i, chan_f, sc_i,
-                             sc_f, other):  # fmt: skip
+                             band, M, fptrs, rq_fptrs, data, init, gp, out, chan_f, sc_i, sc_f,
+                             other):  # fmt: skip
     """A depthwise convolution (`depthwise_nhwc_requant`) and the pointwise one
     that reads its output (`conv_gemm_nhwc_requant`, A in place), as one: task
     t is a band of `band` output rows of one image (`geo` the depthwise
@@ -456,7 +465,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
     dw_ep = _depthwise_requant_args(dw_i, dw_f)
     mid = np.empty((band * OW, C), np.uint8)  # the band's depthwise output: the GEMM's A
     c = np.empty((band * OW, M), np.int32)  # the GEMM's sums between K blocks
-    ep = _requant_args(chan_i, chan_f, sc_i, sc_f)
+    ep = _requant_args(chan_f, sc_i, sc_f)
     for t in range(t0, t1):
         n = t // bands
         oh0 = (t - n * bands) * band
@@ -513,6 +522,15 @@ def _depthwise_taps(xr, slot, ws, wrow, geo, acc):
                         acc[U(dst + c)] += ws[U(tap), U(c)] * row[U(src + c)]
 
 
+def packs_exactly(isa: str, chan_f: np.ndarray) -> bool:
+    """May the "packed" microkernels (ukernels REQUANT_DOC) requantize with
+    these per-channel constants? They convert the scaled sums to int32
+    without clamping them first, which is exact when no sum can reach
+    2^31: |f32(int32) * mult| <= 2^31 * 0.5."""
+    mult = chan_f[FM_MULT]
+    return isa == "avx512_vnni" and bool(np.all(np.abs(mult) <= 0.5))
+
+
 class ChannelsLastConv:
     """A GEMM convolution over NHWC pixels. Built once per layer (weights packed
     as B [K = (kh, kw, c), M]); `prepare` once per input shape (tile size,
@@ -535,6 +553,7 @@ class ChannelsLastConv:
         self.num_threads = num_threads
         self.requant = ""  # the requantizing microkernels' kind, once chosen
         self.rq_fptrs = _EMPTY_I64
+        self.rq_init = self.plan.init  # their sums' start (the first K block's)
 
     def fuse_epilogue(self, ep) -> None:
         """Let the microkernels store the output bytes when `ep` is the float
@@ -550,6 +569,15 @@ class ChannelsLastConv:
             and ep.out_dtype.bits == 8
         ):  # fmt: skip
             self.requant = kinds[int(sc[I_POST])]
+            # one vector a row: the plain store is as fast as the packs
+            if (
+                self.requant == "plain"
+                and self.plan.config.nr >= 32
+                and packs_exactly(self.plan.config.isa, ep.chan_f)
+            ):
+                self.requant = "packed"
+            # the requantizing kernels' sums start at the bias (they wrap alike)
+            self.rq_init = self.plan.init_with(ep.chan_i[0])
             self.rq_fptrs = self.plan.requant_fptrs(self.requant)
 
     @property
@@ -606,7 +634,7 @@ class ChannelsLastConv:
             run_tasks(
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
                 self.pad_byte, self.in_place, prepared[0], m, plan.fptrs, self.rq_fptrs,
-                plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
+                plan.data, self.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob,
             )  # fmt: skip
             return out
         run_tasks(
@@ -767,7 +795,7 @@ class DepthwisePointwise:
             nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift,
             self.dw.kernel_weights, dw_prepared[0], dw_prepared[2], dw_ep.chan_i, self.mid_f,
             band, m, plan.fptrs, pw.rq_fptrs,
-            plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ob,
+            plan.data, pw.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob,
         )  # fmt: skip
         return out
 
