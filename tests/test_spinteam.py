@@ -45,18 +45,15 @@ def test_sleeping_helper_is_woken():
     assert hits.tolist() == [2] * 6
 
 
-# The compiled hand-off (`_team_call`, `_serve`): Numba kernels are called
-# through their native entry points (the helpers' through a trampoline that
-# reads the caller's arguments), GIL-free on both sides.
+# The compiled hand-off (`_team_call`): Numba kernels are called through
+# their native entry points, GIL-free on both sides.
 
 
 @njit(nogil=True)
 def _mark_compiled(t0, t1, hits, scale, grid):
-    rows, cols = grid.shape
     for t in range(t0, t1):
         hits[t] += 1
-        if t < rows * cols:  # one element per task: threads never write the same one
-            grid[t // cols, t % cols] += scale
+        grid[t % grid.shape[0], t % grid.shape[1]] += scale
 
 
 @njit(nogil=True)
@@ -71,32 +68,10 @@ def _fail_compiled(t0, t1, hits):
 def test_compiled_kernels_run_every_task_once(tasks, threads):
     hits = np.zeros(tasks, np.int64)
     grid = np.zeros((6, 8), np.float32)[:, ::2]  # a strided view: its own array type
-    entry, trampoline = spinteam._entries(_mark_compiled, (hits, 0.5, grid))
-    assert entry != 0 and trampoline != 0  # helpers run it without Python
+    assert spinteam._native_entry(_mark_compiled, (hits, 0.5, grid)) != 0
     spinteam.run_ranges_spinning(_mark_compiled, tasks, threads, hits, 0.5, grid)
     assert hits.tolist() == [1] * tasks
-    assert grid.sum() == 0.5 * min(tasks, grid.size)
-
-
-@njit(nogil=True)
-def _mark_with_many_arguments(t0, t1, hits, a, b, c, d, e, f):
-    for t in range(t0, t1):
-        hits[t] += 1 + a.size + b.size + c.size + d.size + e.size + f.size
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-def test_arguments_too_large_for_the_trampoline_run_from_python(threads, monkeypatch):
-    """The caller's arguments must fit `_ARGS` for the helpers' trampolines
-    to read them; when they do not, the helpers call the kernel from Python,
-    and the caller's compiled call leaves `_ARGS` alone."""
-    monkeypatch.setattr(spinteam, "_ARGS", np.zeros(64, np.uint8))
-    hits = np.zeros(7, np.int64)
-    arrays = [np.zeros(1, np.int8)] * 6  # 7 array structs, far past 64 bytes
-    entry, trampoline = spinteam._entries(_mark_with_many_arguments, (hits, *arrays))
-    assert entry != 0 and trampoline == 0
-    spinteam.run_ranges_spinning(_mark_with_many_arguments, 7, threads, hits, *arrays)
-    assert hits.tolist() == [7] * 7
-    assert not spinteam._ARGS.any()
+    assert grid.sum() == 0.5 * tasks
 
 
 def test_compiled_entry_is_per_argument_types():
