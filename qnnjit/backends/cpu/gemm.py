@@ -316,7 +316,7 @@ def microkernels(
     weights (compiled for ``m`` rows if given). On AVX2 the saturating
     ``vpmaddubsw`` kernel is chosen only when ``packed.i16_pairs_safe`` proves it
     exact for ``a_range`` (A's own values; default its whole dtype range).
-    ``requant`` ("plain" / "qadd"): the kernels that store requantized bytes
+    ``requant`` ("plain" / "qadd" / "packed"): the kernels that store requantized bytes
     (``ukernels`` REQUANT_DOC; not on the portable path)."""
     if config.isa == "portable" and requant:
         raise ValueError("the portable path has no requantizing microkernels")
