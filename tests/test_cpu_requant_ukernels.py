@@ -113,6 +113,24 @@ def test_packed_requantizing_microkernels_store_the_epilogues_bytes(nr, clamp, s
         assert np.count_nonzero(codes == bound) > ROWS
 
 
+@pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
+@pytest.mark.parametrize("signed_out", [False, True])
+def test_packed_kernels_are_exact_up_to_the_multiplier_bound(signed_out, monkeypatch):
+    """At |mult| = 0.5, packs_exactly's bound, sums anywhere in int32 (biases
+    that wrap) still convert without overflow: the bytes match. Past it, or on
+    another ISA, the packed kernels are not chosen."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    rng = np.random.default_rng(zlib.crc32(f"packed bound {signed_out}".encode()))
+    ep = _epilogue(rng, "plain", signed_out, 64 + 5, "low")
+    ep[1][rq.FM_MULT] = np.float32(0.5)
+    assert packs_exactly("avx512_vnni", ep[1])
+    _check_requant_rows(rng, "packed", 64 + 5, ep, False)
+    over = ep[1].copy()
+    over[rq.FM_MULT, 7] = np.nextafter(np.float32(0.5), np.float32(1))
+    assert not packs_exactly("avx512_vnni", over)
+    assert not packs_exactly("avx2", ep[1])
+
+
 def _check_requant_rows(rng, kind, n, epilogue, overflow):
     """One row block through `gemm_requant_rows` with `kind` kernels against
     the engine's int32 sums plus `ep_tile`; returns the expected bytes."""

@@ -459,9 +459,7 @@ class _Emitter:
             e(f"%pk.mask{g} = bitcast i64 %pk.mb{g} to <64 x i1>")
         for bound in ("ylo", "yhi", "yflip"):
             e(f"%pk.{bound}8 = trunc i64 %ep.{bound} to i8")
-            e(f"%pk.{bound}v.i = insertelement <64 x i8> poison, i8 %pk.{bound}8, i64 0")
-            e(f"%pk.{bound}v = shufflevector <64 x i8> %pk.{bound}v.i, <64 x i8> poison, "
-              f"<64 x i32> zeroinitializer")  # fmt: skip
+            self.splat(f"%pk.{bound}v", "i8", f"%pk.{bound}8", lanes=64)
         e("%pk.lo0 = icmp ne i64 %ep.ylo, 0")
         e("%pk.hi255 = icmp ne i64 %ep.yhi, 255")
         e("%pk.clamp = or i1 %pk.lo0, %pk.hi255")
@@ -477,7 +475,7 @@ class _Emitter:
 
     def packed_row_group(self, t, r, g, js, final, consts, zp16, clamp) -> None:
         """Row r's columns of vectors `js`: requantized, packed to bytes with
-        saturation, stored as one (masked) 64-byte vector."""
+        saturation, stored as one masked store of 16, 32 or 64 bytes."""
         e = self.emit
         codes = {}
         for j in js:  # the rounded scaled sums (int32), before the zero point
@@ -522,9 +520,10 @@ class _Emitter:
             e(f"call void @llvm.masked.store.v64i8.p0(<64 x i8> {t}.yb, ptr {t}.op, i32 1, "
               f"<64 x i1> %pk.mask{g})")  # fmt: skip
 
-    def splat(self, name: str, ty: str, scalar: str) -> str:
-        """`name` = a vector of `lanes` copies of the scalar `scalar` of type `ty`."""
-        lanes = self.spec.lanes
+    def splat(self, name: str, ty: str, scalar: str, lanes: int = 0) -> str:
+        """`name` = a vector of `lanes` (default: the ISA's) copies of the
+        scalar `scalar` of type `ty`."""
+        lanes = lanes or self.spec.lanes
         e = self.emit
         e(f"{name}.i = insertelement <{lanes} x {ty}> poison, {ty} {scalar}, i64 0")
         e(f"{name} = shufflevector <{lanes} x {ty}> {name}.i, <{lanes} x {ty}> poison, "

@@ -559,7 +559,9 @@ class ChannelsLastConv:
         """Let the microkernels store the output bytes when `ep` is the float
         requantize to 8 bits, alone or followed by a residual qadd
         (ukernels REQUANT_DOC), and nothing comes between the GEMM and it (no
-        per-pixel weight zero point term)."""
+        per-pixel weight zero point term). A plain requantize uses the
+        "packed" kernels where `packs_exactly` allows and panels are 32
+        columns or wider; every kind's sums start at the bias (`rq_init`)."""
         sc = ep.sc_i
         kinds = {P_NONE: "plain", P_QADD: "qadd"}
         if (
