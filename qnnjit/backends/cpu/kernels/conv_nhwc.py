@@ -351,10 +351,15 @@ def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder):
             continue
         for half in range(2):
             col = 2 * e - PW + half
+            # Element loops, not slice assignments: an array-to-array slice
+            # assignment costs ~1.7 s of Numba compile time (its shape-error
+            # message formatting), for a copy of a few dozen bytes.
             if 0 <= col < W:
-                two[half * C : (half + 1) * C] = xf[base + col * C : base + (col + 1) * C]
+                for ch in range(C):
+                    two[half * C + ch] = xf[base + col * C + ch]
             else:
-                two[half * C : (half + 1) * C] = pad_byte
+                for ch in range(C):
+                    two[half * C + ch] = pad_byte
         call_pair_row(builder, two.ctypes.data, 1, C, flip, za, row[2 * e * C :].ctypes.data)
 
 
