@@ -14,6 +14,9 @@ import pytest
 
 # Tests run the IR verifier after every compiler pass (qnnjit/compiler/pipeline.py).
 os.environ.setdefault("QNNJIT_VERIFY", "1")
+# Cold compiles start no helper process here (tests/test_cpu_compile_jobs.py
+# tests those): each test's compile stays in one process, as it always did.
+os.environ.setdefault("QNNJIT_COMPILE_JOBS", "1")
 
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:

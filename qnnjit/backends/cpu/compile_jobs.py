@@ -1,0 +1,336 @@
+"""Cold compiles on two cores: a helper process compiles kernels into the
+shared on-disk cache while this process compiles the others.
+
+Numba compiles one function at a time per process (its global compiler
+lock), and a cold ResNet-18 is ~8 s of it. So on the first cache miss of a
+warm-up run (`CpuExecutor._warmup`) the executor starts a helper process
+(`python -m qnnjit.backends.cpu.compile_jobs DIR`): it unpickles the graph,
+lowers it the same way and runs the steps *last to first* on zero inputs,
+while this process runs them first to last. Every compiled function lands
+in the cache directory both share (`kernels/_numba.py`), so each process
+loads what the other compiled instead of compiling it again.
+
+Claims keep the two from compiling the same function: on a cache miss a
+process creates `claims/<function and signature>` (O_EXCL: one of the two
+wins) and compiles; the other waits for `<claim>.done`, written after the
+save, then loads it. A process whose compile raised marks its claims done
+(the other then compiles for itself). Waits end early when the other
+process is gone, or after `WAIT_LIMIT_S`. When this process's warm-up run
+ends it stops the helper; what the helper had not reached is not needed.
+
+The shared cache needs one fix to Numba: its `IndexDataCacheFile.save`
+reads the index, picks the first free data-file name, and writes the index
+then the data, unlocked, so two processes saving two signatures of one
+function at once can both pick `f.1.nbc`, leaving one signature's index
+entry naming the other's machine code. `_LockedIndexFile.save` does the
+same under an exclusive `flock` and writes the data before the index.
+`share_caches()` gives every cached Numba function of the CPU backend both
+classes (the instance's class is swapped: no state is added).
+
+`QNNJIT_COMPILE_JOBS=1` turns the helper off (the default, 2, is used when
+the machine has two or more cores); so does an unset cache (`QNNJIT_CACHE_DIR=""`).
+A plan of fewer than `MIN_STEPS` steps compiles alone: the helper's start-up
+(~1 s: Python, the imports, lowering) is longer than such a compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.dispatcher import Dispatcher
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves stay unlocked, and no helper is started
+    fcntl = None
+
+from .kernels._numba import CACHE_DIR
+
+MIN_STEPS = 8
+WAIT_LIMIT_S = 120.0
+_POLL_S = 0.002
+
+# The session of this process's running warm-up (or of the helper), if any.
+_SESSION: _Session | None = None
+
+
+# ---- the shared cache ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _flock(path: str):
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _LockedIndexFile(IndexDataCacheFile):
+    """Numba's index + data files, saved atomically with respect to other
+    processes saving into the same index."""
+
+    def save(self, key, data):
+        with _flock(self._index_path + ".lock"):
+            overloads = self._load_index()
+            name = overloads.get(key)
+            if name is None:
+                taken = set(overloads.values())
+                name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+            # Data first: an index entry never names a file not yet written.
+            self._save_data(name, data)
+            if overloads.get(key) != name:
+                overloads[key] = name
+                self._save_index(overloads)
+
+
+class _SharedCache(FunctionCache):
+    """A function's cache that, during a two-process warm-up, claims what
+    it compiles and waits for what the other process claimed."""
+
+    def load_overload(self, sig, target_context):
+        cres = super().load_overload(sig, target_context)
+        if cres is None and _SESSION is not None:
+            load = functools.partial(FunctionCache.load_overload, self, sig, target_context)
+            cres = _SESSION.claim_or_wait(self._claim_name(sig), load)
+        return cres
+
+    def save_overload(self, sig, data):
+        super().save_overload(sig, data)
+        if _SESSION is not None:
+            _SESSION.done(self._claim_name(sig))
+
+    def _claim_name(self, sig) -> str:
+        """The function (its index file names it) and the signature."""
+        what = f"{self._cache_file._index_path}|{sig}"
+        return hashlib.sha1(what.encode()).hexdigest()
+
+
+def share_caches() -> int:
+    """Give every cached Numba function of the CPU backend the shared cache
+    (idempotent); returns how many functions have it."""
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(__package__ + ".") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if not isinstance(value, Dispatcher):
+                continue
+            cache = value._cache
+            if type(cache) is FunctionCache:
+                cache.__class__ = _SharedCache
+            if isinstance(cache, _SharedCache):
+                if type(cache._cache_file) is IndexDataCacheFile:
+                    cache._cache_file.__class__ = _LockedIndexFile
+                count += 1
+    return count
+
+
+# ---- claims ----------------------------------------------------------------------
+
+
+class _Session:
+    """The claims of one two-process warm-up, as seen by one of the two."""
+
+    def __init__(self, root: Path, role: str, peer_alive):
+        self.root = root
+        self.claims = root / "claims"
+        self.role = role
+        self.peer_alive = peer_alive
+        self.held: set[str] = set()
+        self.compiled = 0  # functions this process claimed and compiled
+        self.received = 0  # functions it waited for and then loaded
+        self.on_first_miss = None  # called once, at the first claim (starts the helper)
+
+    def claim_or_wait(self, name: str, load):
+        """After a cache miss of claim `name`: None when this process is to
+        compile it (claimed, or the other process gave up on it), else the
+        other process's result, `load()` once it is done."""
+        if self.on_first_miss is not None:
+            start, self.on_first_miss = self.on_first_miss, None
+            start()
+        try:
+            fd = os.open(self.claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.write(fd, self.role.encode())
+            os.close(fd)
+            self.held.add(name)
+            return None
+        done = self.claims / (name + ".done")
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while not done.exists():
+            if not self.peer_alive() or time.monotonic() > deadline:
+                return None
+            time.sleep(_POLL_S)
+        result = load()
+        if result is not None:
+            self.received += 1
+        return result
+
+    def done(self, name: str) -> None:
+        """Claim `name` was compiled and saved (by whichever process)."""
+        if name in self.held:
+            self.held.discard(name)
+            self.compiled += 1
+            self._mark_done(name)
+
+    def release(self) -> None:
+        """Mark every claim still held done (its compile raised)."""
+        for name in self.held:
+            self._mark_done(name)
+        self.held.clear()
+
+    def _mark_done(self, name: str) -> None:
+        (self.claims / (name + ".done")).touch()
+
+    def helper_compiled(self) -> int:
+        """Functions the helper claimed (and compiled, or gave up on)."""
+        return sum(
+            1
+            for path in self.claims.iterdir()
+            if not path.name.endswith(".done") and path.read_bytes() == b"helper"
+        )
+
+
+# ---- this process's side ---------------------------------------------------------
+
+
+def jobs() -> int:
+    """Processes a cold warm-up may use: $QNNJIT_COMPILE_JOBS, else 2 on a
+    machine with two or more cores; 1 when there is no shared cache."""
+    if CACHE_DIR is None or fcntl is None:
+        return 1
+    env = os.environ.get("QNNJIT_COMPILE_JOBS", "").strip()
+    if env:
+        return max(1, int(env))
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+@contextlib.contextmanager
+def helped_warmup(executor, stats: dict):
+    """Run `executor`'s warm-up inside this: at its first cache miss a helper
+    process starts compiling the plan from the other end. `stats` gets
+    `compiled` (functions compiled here), `received` (compiled by the
+    helper while this process waited) and `helper_compiled` (claimed by
+    the helper, all told); all 0 with no helper."""
+    global _SESSION
+    stats.update(compiled=0, received=0, helper_compiled=0)
+    if _SESSION is not None or jobs() < 2 or len(executor.steps) < MIN_STEPS:
+        yield
+        return
+    share_caches()
+    root = Path(tempfile.mkdtemp(prefix="qnnjit-compile-"))
+    (root / "claims").mkdir()
+    helper: list[subprocess.Popen] = []
+
+    def start():
+        try:
+            helper.append(_start_helper(root, executor))
+        except Exception:  # noqa: BLE001 - no helper: this process compiles everything
+            pass
+
+    session = _Session(root, "main", lambda: bool(helper) and helper[0].poll() is None)
+    session.on_first_miss = start
+    _SESSION = session
+    try:
+        yield
+    finally:
+        _SESSION = None
+        session.release()
+        (root / "stop").touch()
+        if helper:
+            _stop(helper[0])
+            stats["helper_compiled"] = session.helper_compiled()
+        stats.update(compiled=session.compiled, received=session.received)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_helper(root: Path, executor) -> subprocess.Popen:
+    with open(root / "graph.pkl", "wb") as f:
+        pickle.dump(executor.graph, f, protocol=pickle.HIGHEST_PROTOCOL)
+    job = {"num_threads": executor.num_threads, "parent": os.getpid()}
+    (root / "job.json").write_text(json.dumps(job))
+    return subprocess.Popen(
+        [sys.executable, "-m", __name__, str(root)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The helper exits at its next step or claim once `stop` exists; one
+    in the middle of a compile is not waited for."""
+    try:
+        proc.wait(timeout=0.1)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---- the helper process -----------------------------------------------------------
+
+
+def _helper(root: Path) -> None:
+    global _SESSION
+    os.environ["QNNJIT_COMPILE_JOBS"] = "1"  # no helper of its own (fused bodies' warm-ups)
+    job = json.loads((root / "job.json").read_text())
+    stop = root / "stop"
+
+    def parent_running() -> bool:
+        if stop.exists() or os.getppid() != job["parent"]:
+            os._exit(0)  # nothing to clean up: saves are atomic
+        return True
+
+    with open(root / "graph.pkl", "rb") as f:
+        graph = pickle.load(f)
+    from .executor import CpuExecutor
+
+    executor = CpuExecutor(graph, num_threads=job["num_threads"], warmup=False)
+    share_caches()
+    _SESSION = _Session(root, "helper", parent_running)
+    for step in reversed(executor.steps):
+        parent_running()
+        args = [_zeros_like(v) for v in step.inputs]
+        if any(a is None for a in args):
+            continue
+        try:
+            step.run(*args)
+        except Exception:  # noqa: BLE001 - zero inputs a step rejects: the parent compiles it
+            pass
+        finally:
+            _SESSION.release()
+
+
+def _zeros_like(value):
+    """A value's constant, else zeros of its type (symbolic dims 1)."""
+    if value.is_constant:
+        return value.const
+    shape = value.type.shape
+    if shape is None:
+        return None
+    return np.zeros(tuple(d if isinstance(d, int) else 1 for d in shape), value.type.dtype.numpy)
+
+
+if __name__ == "__main__":
+    _helper(Path(sys.argv[1]))

@@ -1,0 +1,172 @@
+"""Two-process cold compiles (`qnnjit/backends/cpu/compile_jobs.py`): the
+locked cache saves, the claim protocol, and whole compiles with a helper
+process (bit for bit against the reference, in fresh cache directories).
+
+The rest of the suite runs with QNNJIT_COMPILE_JOBS=1 (conftest.py), so the
+compiles here are the ones that start helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qnnjit.backends.cpu import compile_jobs
+from qnnjit.backends.cpu.compile_jobs import _LockedIndexFile, _Session
+
+pytestmark = pytest.mark.skipif(compile_jobs.fcntl is None, reason="needs POSIX flock")
+
+_SAVER = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    from qnnjit.backends.cpu.compile_jobs import _LockedIndexFile
+    where, who = sys.argv[1], sys.argv[2]
+    index = _LockedIndexFile(where, "f", "stamp")
+    (pathlib.Path(where) / f"ready-{who}").touch()
+    go = pathlib.Path(where) / "go"
+    while not go.exists():
+        time.sleep(0.001)
+    for k in range(40):
+        index.save((who, k), f"{who}-{k}")
+    """
+)
+
+
+def test_locked_saves_from_two_processes_keep_each_signature_its_own_data(tmp_path):
+    """Numba's unlocked save lets two processes saving different keys of one
+    function pick the same data file; under the lock each key keeps its own."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path), who]) for who in "ab"]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{who}").exists() for who in "ab"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    index = _LockedIndexFile(str(tmp_path), "f", "stamp")
+    loaded = {(who, k): index.load((who, k)) for who in "ab" for k in range(40)}
+    assert loaded == {(who, k): f"{who}-{k}" for who in "ab" for k in range(40)}
+
+
+def _sessions(tmp_path, helper_alive):
+    """The two sides of one session; each one's `peer_alive` is the other's."""
+    (tmp_path / "claims").mkdir()
+    main = _Session(tmp_path, "main", helper_alive)
+    helper = _Session(tmp_path, "helper", lambda: True)
+    return main, helper
+
+
+def test_one_process_compiles_a_claim_the_other_waits_then_loads(tmp_path):
+    main, helper = _sessions(tmp_path, lambda: True)
+    starts = []
+    main.on_first_miss = lambda: starts.append(1)
+    assert main.claim_or_wait("k", load=lambda: pytest.fail("the claimer loads nothing")) is None
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(r=helper.claim_or_wait("k", lambda: "K")))
+    waiter.start()
+    time.sleep(0.1)
+    assert waiter.is_alive(), "the helper must wait while the claim is not done"
+    main.done("k")
+    waiter.join(10)
+    assert got == {"r": "K"}
+    assert (main.compiled, helper.received, helper.compiled) == (1, 1, 0)
+    assert main.claim_or_wait("k2", load=lambda: None) is None
+    assert starts == [1], "the helper is started once, at the first miss"
+    assert helper.helper_compiled() == 0
+
+
+def test_a_claim_whose_compile_raised_or_whose_process_died_is_not_waited_for(tmp_path):
+    alive = [True]
+    main, helper = _sessions(tmp_path, lambda: alive[0])
+    assert helper.claim_or_wait("raised", load=lambda: None) is None
+    helper.release()  # its compile raised: marked done, not compiled
+    assert main.claim_or_wait("raised", load=lambda: "cached?") == "cached?"
+    assert helper.compiled == 0
+    assert helper.claim_or_wait("dies", load=lambda: None) is None
+    alive[0] = False
+    start = time.monotonic()
+    assert main.claim_or_wait("dies", load=lambda: pytest.fail("nothing to load")) is None
+    assert time.monotonic() - start < 5
+    assert main.helper_compiled() == 2
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import qnnjit
+    from qnnjit.backends.cpu import compile_jobs
+    if sys.argv[3] == "dead-helper":
+        import subprocess
+        compile_jobs._start_helper = lambda root, ex: subprocess.Popen(
+            [sys.executable, "-c", "pass"])
+    x = np.load(sys.argv[2])
+    cpu = qnnjit.compile(sys.argv[1], target="cpu", num_threads=1)
+    ref = qnnjit.compile(sys.argv[1], target="reference")
+    print(json.dumps({**cpu._executor.compile_stats,
+                      "steps": len(cpu._executor.steps),
+                      "reported": "by a helper" in cpu.report(),
+                      "equal": bool(np.array_equal(cpu(x), ref(x)))}))
+    """
+)
+
+
+def _compile_in_new_process(tmp_path, model, x, cache, mode="normal"):
+    np.save(tmp_path / "x.npy", x)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = dict(
+        os.environ,
+        QNNJIT_CACHE_DIR=str(cache),
+        QNNJIT_COMPILE_JOBS="2",
+        TMPDIR=str(tmp),
+    )
+    env.pop("NUMBA_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE, str(model), str(tmp_path / "x.npy"), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(tmp.iterdir()) == [], "the session's directory is removed"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def resnet(model_zoo):
+    from modelzoo import all_variants, example_input
+
+    variant = next(v for v in all_variants() if v.name == "qdq_u8s8_pc")
+    return model_zoo.build("resnet_style", variant), example_input("resnet_style", seed=3)
+
+
+def test_a_cold_compile_shares_the_kernels_with_a_helper(resnet, tmp_path):
+    """Cold: the helper compiles some functions, this process the others,
+    and the model is bit-exact; warm (a new process): no helper, nothing
+    compiled."""
+    model, x = resnet
+    cold = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache")
+    assert cold["equal"]
+    assert cold["steps"] >= compile_jobs.MIN_STEPS
+    assert cold["helper_compiled"] >= 1 and cold["compiled"] >= 1, cold
+    assert cold["reported"]
+    warm = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache")
+    assert warm["equal"]
+    assert (warm["compiled"], warm["received"], warm["helper_compiled"]) == (0, 0, 0), warm
+    assert not warm["reported"]
+
+
+def test_a_helper_that_dies_at_once_leaves_the_compile_to_this_process(resnet, tmp_path):
+    model, x = resnet
+    stats = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache", "dead-helper")
+    assert stats["equal"]
+    assert (stats["received"], stats["helper_compiled"]) == (0, 0), stats
+    assert stats["compiled"] >= 5, stats
