@@ -236,6 +236,32 @@ def test_conv_tiles_share_the_work_out_evenly(pixels, images, cap, threads):
         assert cost < _busiest_thread(pixels, images, mr, cap, threads)
 
 
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("kernel,m", [(3, 200), (1, 136)])
+def test_small_layers_split_their_output_channels_over_threads(x_dtype, kernel, m, monkeypatch):
+    """A 7x7 layer on two threads is one pixel tile whose output channels
+    are split in two (whole NR panels, the last one partial), each thread
+    with its own narrower sums: the same bits."""
+    from qnnjit.backends.cpu.kernels import _threads, conv_nhwc
+
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    chosen = []
+    split = conv_nhwc.ChannelsLastConv.column_split
+
+    def recorded(self, *args):
+        chosen.append(split(self, *args))
+        return chosen[-1]
+
+    monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "column_split", recorded)
+    case = dict(
+        batch=1, groups=1, cin_g=16, m_g=m, size=[7, 7], kernel=[kernel, kernel], strides=[1, 1],
+        dilations=[1, 1], pads=[kernel // 2] * 4, x_dtype=x_dtype, w_dtype=np.int8, w_zp="zero",
+        per_channel=True, bias=True, pow2=True, seed=5,
+    )  # fmt: skip
+    check_model(*_conv_model(case), num_threads=2)
+    assert chosen and all(splits == 2 for _, splits in chosen), chosen
+
+
 def test_conv_uses_depthwise_nhwc_and_grouped_gemm_kernels():
     base = dict(
         batch=1, size=[5, 6], kernel=[3, 3], strides=[1, 1], dilations=[1, 1],

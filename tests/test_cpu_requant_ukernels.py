@@ -161,9 +161,22 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     ep = _requant_args(chan_f, sc_i, sc_f)
     gemm_requant_rows(
         a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
-        init, gp, scratch, n, ep, got.ctypes.data, other.ctypes.data, n,
+        init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n,
     )  # fmt: skip
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
+    # the same in two column ranges, as a conv split over threads by channels
+    # runs it: each with its own narrower sums
+    nr = int(gp[G_NR])
+    half = -(-n // nr // 2) * nr
+    if 0 < half < n:
+        split = np.zeros(ROWS * n, np.uint8)
+        for n0, n1 in ((0, half), (half, n)):
+            gemm_requant_rows(
+                a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
+                init, gp, np.zeros((ROWS, n1 - n0), np.int32), n0, n1, ep, split.ctypes.data,
+                other.ctypes.data, n,
+            )  # fmt: skip
+        assert np.array_equal(split, want), np.flatnonzero(split != want)[:10]
     if overflow:  # the case must reach the out-of-range branch
         assert np.count_nonzero(want == np.uint8(sc_i[rq.I_PLO] & 0xFF)) > n
     return want

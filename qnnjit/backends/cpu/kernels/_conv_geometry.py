@@ -8,8 +8,10 @@ import numpy as np
 from ....ir.ops.nn import window_output_size
 
 # geo slots (int64 array)
+# GPT (output pixels per task) and GNS (column splits per task) are the
+# channels-last GEMM conv's work split, set per input shape by its `prepare`.
 (GN, GC, GH, GW, GG, GCG, GMG, GKH, GKW, GSH, GSW, GPH, GPW, GDH, GDW, GOH, GOW, GPT, GHP,
- GWP, GPOINT) = range(21)  # fmt: skip
+ GWP, GPOINT, GNS) = range(22)  # fmt: skip
 
 
 def conv_geometry(x_shape, w_shape, attrs, group, tile_rows=0):
@@ -29,7 +31,7 @@ def conv_geometry(x_shape, w_shape, attrs, group, tile_rows=0):
     pointwise = is_pointwise((kh, kw), attrs)
     geo = np.array(
         [n, c, h, w, group, cg, m // group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, tile_rows,
-         hp, wp, pointwise],
+         hp, wp, pointwise, 1],
         dtype=np.int64,
     )  # fmt: skip
     return geo

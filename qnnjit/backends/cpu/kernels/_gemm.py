@@ -143,18 +143,21 @@ def gemm_tile(a, rows, c, g, fptrs, data, init, gp):
 
 
 @jit()
-def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, out, other, ldo):
+def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep, out, other,
+                      ldo):  # fmt: skip
     """out[r * ldo + j] (bytes, at address `out`) = the requantized (A @ B)[r, j],
-    for rows 0..rows of A (at address `a`, row stride `lda`) and the n columns
-    of B: the engine's loops (`drivers._task`, one row block), except that the
-    last K block runs the requantizing microkernels (`rq_fptrs`), which store
-    bytes straight from their registers. `c` (int32 [>= rows, n]) holds the
-    sums between K blocks, `init` (`init_with`) their start: the bias; `ep`
-    (int64, ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f
-    at column 0 and the qadd scalars set by the caller; `other` the residual
+    for rows 0..rows of A (at address `a`, row stride `lda`) and columns
+    n0..n1 of B (n0 a multiple of NR): the engine's loops (`drivers._task`,
+    one row block), except that the last K block runs the requantizing
+    microkernels (`rq_fptrs`), which store bytes straight from their
+    registers. `c` (int32 [>= rows, >= n1 - n0], column j - n0 for column j)
+    holds the sums between K blocks,
+    `init` (`init_with`) their start: the bias; `ep` (int64,
+    ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f at
+    column 0 and the qadd scalars set by the caller; `other` the residual
     operand's address (qadd), like `out`."""
     mr, nr, kcg, k_groups = gp[G_MR], gp[G_NR], gp[G_KCG], gp[G_KG]
-    cb, bb, ib = c.ctypes.data, data.ctypes.data, init.ctypes.data
+    cb, bb, ib, ldc = c.ctypes.data, data.ctypes.data, init.ctypes.data, c.shape[1]
     f0 = ep[EP_F]
     ep[EP_LDO] = ldo
     k0 = 0
@@ -162,19 +165,19 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n, ep, o
         kg = min(kcg, k_groups - k0)
         last = k0 + kg >= k_groups
         accumulate = 1 if k0 > 0 else 0
-        for nn in range(0, n, nr):
+        for nn in range(n0, n1, nr):
             bp = bb + (nn // nr) * gp[G_PANEL_BYTES] + k0 * nr * 4
-            nvalid = min(nr, n - nn)
+            nvalid = min(nr, n1 - nn)
             ep[EP_F] = f0 + 4 * nn
             for mm in range(0, rows, mr):
                 r = min(mr, rows - mm)
-                ap, cp, ip = a + mm * lda + k0 * 4, cb + (mm * n + nn) * 4, ib + nn * 4
+                ap, cp, ip = a + mm * lda + k0 * 4, cb + (mm * ldc + nn - n0) * 4, ib + nn * 4
                 if last:
                     ep[EP_OUT], ep[EP_OTHER] = out + mm * ldo + nn, other + mm * ldo + nn
-                    call_ukernel_requant(rq_fptrs[r - 1], ap, lda, bp, kg, cp, n, ip, nvalid,
+                    call_ukernel_requant(rq_fptrs[r - 1], ap, lda, bp, kg, cp, ldc, ip, nvalid,
                                          accumulate, gp[G_DESC] | r, ep.ctypes.data)  # fmt: skip
                 else:
-                    call_ukernel(fptrs[r - 1], ap, lda, bp, kg, cp, n, ip, nvalid, accumulate,
+                    call_ukernel(fptrs[r - 1], ap, lda, bp, kg, cp, ldc, ip, nvalid, accumulate,
                                  gp[G_DESC] | r)  # fmt: skip
         k0 += kg
         if last:

@@ -58,6 +58,7 @@ from ._conv_geometry import (
     GHP,
     GKH,
     GKW,
+    GNS,
     GOH,
     GOW,
     GPH,
@@ -273,22 +274,28 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
                            init, gp, out, chan_f, sc_i, sc_f, other):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
-    none of their code to compile)."""
+    none of their code to compile). Task t is pixel tile t // GNS, output
+    channels split s = t % GNS of GNS (whole NR panels)."""
     N, C = x.shape[0], x.shape[3]
     P = geo[GOH] * geo[GOW]
-    Pt = geo[GPT]
+    Pt, splits, nr = geo[GPT], geo[GNS], gp[G_NR]
     tiles = (P + Pt - 1) // Pt
+    span = ((M + nr - 1) // nr + splits - 1) // splits * nr  # columns per split
     a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
-    c = np.empty((Pt, M), np.int32)  # the sums between K blocks
+    c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
     ep = _requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
-        n = t // tiles
-        p0 = (t - n * tiles) * Pt
+        tile, s = t // splits, t % splits
+        n0, n1 = s * span, min(M, (s + 1) * span)
+        if n0 >= n1:
+            continue
+        n = tile // tiles
+        p0 = (tile - n * tiles) * Pt
         rows = min(Pt, P - p0)
         a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
         o = (n * P + p0) * M
-        gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, M, ep,
+        gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
                           out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
 
 
@@ -480,7 +487,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
             _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
                                    held, slot, rows, dw_ep, dst)  # fmt: skip
         o = ((n * OH + oh0) * OW) * M
-        gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, M,
+        gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, 0, M,
                           ep, out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
 
 
@@ -596,18 +603,42 @@ class ChannelsLastConv:
         keeps the int32 C tile (which the epilogue reads back) in L1/L2; with
         several threads, the tile that shares the work out most evenly
         (`balanced_tile`)."""
-        mr = self.plan.mr
-        c_rows = max(mr, _C_TILE_BYTES // (4 * self.plan.n) // mr * mr)
-        cap = max(mr, min(self.plan.config.mc, c_rows, _round_up(pixels, mr)) // mr * mr)
+        cap = self._single_thread_tile(pixels)
         if self.num_threads == 1:
             return cap
-        return balanced_tile(pixels, images, mr, cap, self.num_threads)
+        return balanced_tile(pixels, images, self.plan.mr, cap, self.num_threads)
+
+    def column_split(self, pixels: int, images: int, tile: int) -> tuple[int, int]:
+        """(tile, splits): the pixel tile and the number of output channel
+        splits per tile that leave the busiest thread the least work
+        (`_busiest_thread`): `tile` and 1, or the single-thread tile cut into
+        `num_threads` column ranges. Why: a 7x7 layer has one or two pixel
+        tiles, so the threads split 49 pixels unevenly and each streams all
+        of the layer's weights (ResNet-18's 512x512x3x3: 2.4 MB) through its
+        cache; split by channels, each reads its own half."""
+        mr, threads = self.plan.mr, self.num_threads
+        panels = _ceil_div(self.plan.n, self.plan.config.nr)
+        if panels < threads:
+            return tile, 1
+        nr = self.plan.config.nr
+        cap = self._single_thread_tile(pixels, _ceil_div(panels, threads) * nr)
+        by_pixels = _busiest_thread(pixels, images, mr, tile, 1, panels, threads)
+        by_columns = _busiest_thread(pixels, images, mr, cap, threads, panels, threads)
+        # each split also builds its tile's im2col rows: ask for a clear gain
+        return (cap, threads) if by_columns < 0.9 * by_pixels else (tile, 1)
+
+    def _single_thread_tile(self, pixels: int, columns: int | None = None) -> int:
+        mr = self.plan.mr
+        c_rows = max(mr, _C_TILE_BYTES // (4 * (columns or self.plan.n)) // mr * mr)
+        return max(mr, min(self.plan.config.mc, c_rows, _round_up(pixels, mr)) // mr * mr)
 
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the tile size (into `geo`), its microkernels, and
         the im2col row kernel's address (0: none, `im2col_kernel`)."""
         pixels = int(geo[GOH] * geo[GOW])
         geo[GPT] = tile = self.tile_pixels(pixels, images)
+        if self.fused and self.num_threads > 1:
+            geo[GPT], geo[GNS] = tile, _ = self.column_split(pixels, images, tile)
         self.plan.ensure_rows(min(tile, pixels), self.requant)
         self.plan.ensure_rows(pixels % tile or tile, self.requant)
         return (self.im2col_kernel(geo),)
@@ -633,7 +664,7 @@ class ChannelsLastConv:
         """The logical NCHW result (NHWC memory) of the conv and its epilogue."""
         n, m, oh, ow = out_shape
         out, flat, ob = _channels_last_io(ep, other, out_shape)
-        tasks = n * _ceil_div(oh * ow, int(geo[GPT]))
+        tasks = n * _ceil_div(oh * ow, int(geo[GPT])) * int(geo[GNS])
         work = self.work(geo, out_shape)
         plan = self.plan
         x = nhwc_bytes(x4)
@@ -832,6 +863,27 @@ def balanced_tile(pixels: int, images: int, mr: int, cap: int, threads: int) -> 
         if best_cost is None or cost < best_cost:
             best, best_cost = tile, cost
     return best
+
+
+def _busiest_thread(pixels, images, mr, tile, splits, panels, threads) -> float:
+    """The work of the busiest of `threads` over the tasks of `tile` pixels
+    and `splits` column ranges of `panels` weight panels, in `balanced_tile`'s
+    units (microkernel row tiles over all panels, half a row tile per task
+    for streaming its weights), cut into contiguous ranges as `run_tasks`
+    cuts them."""
+    per_image = _ceil_div(pixels, tile)
+    span = _ceil_div(panels, splits)
+    bounds = task_ranges(images * per_image * splits, threads)
+    busiest = 0.0
+    for lo, hi in zip(bounds, bounds[1:]):
+        work = 0.0
+        for t in range(lo, hi):
+            p, s = divmod(t, splits)
+            rows = min(tile, pixels - (p % per_image) * tile)
+            share = max(0, min(panels, (s + 1) * span) - s * span) / panels
+            work += (_ceil_div(rows, mr) + 0.5) * share
+        busiest = max(busiest, work)
+    return busiest
 
 
 def _channels_last_io(ep, other, out_shape):
