@@ -170,3 +170,15 @@ def test_a_helper_that_dies_at_once_leaves_the_compile_to_this_process(resnet, t
     assert stats["equal"]
     assert (stats["received"], stats["helper_compiled"]) == (0, 0), stats
     assert stats["compiled"] >= 5, stats
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_a_bad_compile_jobs_value_is_a_clear_error(value, monkeypatch):
+    from pathlib import Path
+
+    import qnnjit
+
+    monkeypatch.setenv("QNNJIT_COMPILE_JOBS", value)
+    model = Path(qnnjit.__file__).parent / "data" / "digits_int8.onnx"
+    with pytest.raises(qnnjit.QnnjitError, match="QNNJIT_COMPILE_JOBS must be 1 or 2"):
+        qnnjit.compile(str(model), target="cpu")

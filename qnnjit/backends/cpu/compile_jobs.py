@@ -58,6 +58,7 @@ try:
 except ImportError:  # not POSIX: saves stay unlocked, and no helper is started
     fcntl = None
 
+from ...errors import QnnjitError
 from .kernels._numba import CACHE_DIR
 
 MIN_STEPS = 8
@@ -216,13 +217,16 @@ class _Session:
 
 
 def jobs() -> int:
-    """Processes a cold warm-up may use: $QNNJIT_COMPILE_JOBS, else 2 on a
-    machine with two or more cores; 1 when there is no shared cache."""
+    """Processes a cold warm-up may use (this one and at most one helper):
+    $QNNJIT_COMPILE_JOBS, else 2 on a machine with two or more cores; 1
+    when there is no shared cache."""
+    env = os.environ.get("QNNJIT_COMPILE_JOBS", "").strip()
+    if env and (not env.isdigit() or int(env) < 1):
+        raise QnnjitError(f"QNNJIT_COMPILE_JOBS must be 1 or 2, got {env!r}")
     if CACHE_DIR is None or fcntl is None:
         return 1
-    env = os.environ.get("QNNJIT_COMPILE_JOBS", "").strip()
     if env:
-        return max(1, int(env))
+        return min(int(env), 2)
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -238,7 +242,6 @@ def helped_warmup(executor, stats: dict):
     if _SESSION is not None or jobs() < 2 or len(executor.steps) < MIN_STEPS:
         yield
         return
-    share_caches()
     root = Path(tempfile.mkdtemp(prefix="qnnjit-compile-"))
     (root / "claims").mkdir()
     helper: list[subprocess.Popen] = []

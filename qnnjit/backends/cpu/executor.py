@@ -52,7 +52,7 @@ import numpy as np
 from ...errors import QnnjitError
 from ...ir import ops
 from ...ir.graph import Graph, Node
-from .compile_jobs import helped_warmup
+from .compile_jobs import helped_warmup, share_caches
 from .kernels import Decline, Kernel, LowerContext
 from .kernels._lowering import numpy_kernel
 from .kernels.step_fusion import fuse_depthwise_pointwise
@@ -207,11 +207,12 @@ class CpuExecutor:
             dims = tuple(1 if isinstance(d, str) else d for d in shape)
             arrays.append(np.zeros(dims, value.type.dtype.numpy))
         start = time.perf_counter()
-        try:
-            with helped_warmup(self, self.compile_stats):
+        share_caches()  # every cached kernel saves under the cache's lock
+        with helped_warmup(self, self.compile_stats):
+            try:
                 self.run(arrays)
-        except Exception:  # noqa: BLE001 - the real inputs may still run; compile lazily
-            pass
+            except Exception:  # noqa: BLE001 - the real inputs may still run; compile lazily
+                pass
         self.warmup_seconds = time.perf_counter() - start
 
     # ---- run time -------------------------------------------------------------------
