@@ -5,7 +5,9 @@ import time
 
 import numpy as np
 import pytest
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from qnnjit.backends.cpu import spinteam
 
@@ -45,8 +47,9 @@ def test_sleeping_helper_is_woken():
     assert hits.tolist() == [2] * 6
 
 
-# The compiled hand-off (`_team_call`): Numba kernels are called through
-# their native entry points, GIL-free on both sides.
+# The compiled hand-off (`_team_call`, `_serve`): Numba kernels are called
+# through their native entry points (the helpers' through a trampoline that
+# reads the caller's arguments), GIL-free on both sides.
 
 
 @njit(nogil=True)
@@ -70,10 +73,32 @@ def _fail_compiled(t0, t1, hits):
 def test_compiled_kernels_run_every_task_once(tasks, threads):
     hits = np.zeros(tasks, np.int64)
     grid = np.zeros((6, 8), np.float32)[:, ::2]  # a strided view: its own array type
-    assert spinteam._native_entry(_mark_compiled, (hits, 0.5, grid)) != 0
+    entry, trampoline = spinteam._entries(_mark_compiled, (hits, 0.5, grid))
+    assert entry != 0 and trampoline != 0  # helpers run it without Python
     spinteam.run_ranges_spinning(_mark_compiled, tasks, threads, hits, 0.5, grid)
     assert hits.tolist() == [1] * tasks
     assert grid.sum() == 0.5 * min(tasks, grid.size)
+
+
+@njit(nogil=True)
+def _mark_with_many_arguments(t0, t1, hits, a, b, c, d, e, f):
+    for t in range(t0, t1):
+        hits[t] += 1 + a.size + b.size + c.size + d.size + e.size + f.size
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_arguments_too_large_for_the_trampoline_run_from_python(threads, monkeypatch):
+    """The caller's arguments must fit `_ARGS` for the helpers' trampolines
+    to read them; when they do not, the helpers call the kernel from Python,
+    and the caller's compiled call leaves `_ARGS` alone."""
+    monkeypatch.setattr(spinteam, "_ARGS", np.zeros(64, np.uint8))
+    hits = np.zeros(7, np.int64)
+    arrays = [np.zeros(1, np.int8)] * 6  # 7 array structs, far past 64 bytes
+    entry, trampoline = spinteam._entries(_mark_with_many_arguments, (hits, *arrays))
+    assert entry != 0 and trampoline == 0
+    spinteam.run_ranges_spinning(_mark_with_many_arguments, 7, threads, hits, *arrays)
+    assert hits.tolist() == [7] * 7
+    assert not spinteam._ARGS.any()
 
 
 def test_compiled_entry_is_per_argument_types():
@@ -137,3 +162,47 @@ def test_kernel_returning_a_value_runs_from_python():
     assert spinteam._native_entry(_mark_and_count, (hits,)) == 0
     spinteam.run_ranges_spinning(_mark_and_count, 5, 2, hits)
     assert hits.tolist() == [1] * 5
+
+
+@intrinsic
+def _meminfo_of(typingctx, array):
+    """The address of `array`'s meminfo (0: none)."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        made = context.make_array(signature.args[0])(context, builder, llargs[0])
+        return builder.ptrtoint(made.meminfo, ir.IntType(64))
+
+    return types.int64(array), codegen
+
+
+@njit(nogil=True)
+def _late_helper(t0, t1, seen, x, spin):
+    """Task 0 (the caller's) records x's meminfo at once; task 1 (the
+    helper's) waits out the caller's lead checks (`spin`), then takes views
+    of x, as kernels do (reference counts on its meminfo), and records it."""
+    for t in range(t0, t1):
+        w = 1
+        for k in range(spin if t > 0 else 0):
+            w = (w * 5 + k) % 1000003
+        view = x.reshape(x.size)[w % 2 :]
+        seen[t] = _meminfo_of(view) + (view[0] < 0)
+
+
+def test_helpers_run_kernels_without_the_callers_meminfos():
+    """The tuple a helper's trampoline reads is the caller's `_team_call`'s,
+    and so are the meminfos it unboxed: that call frees them when it
+    returns, which it does after `_LEAD_CHECKS` reads when a helper is late
+    (to notify it from Python). So the helpers' kernels get the arrays
+    without meminfos (their views count no references): with the caller's,
+    a late helper's views corrupted the heap (a stress run of 300 such calls
+    aborted 3 times in 3). Every call here has a late helper; its views
+    must see no meminfo, the caller's its own."""
+    x = np.ones(8)
+    entry, trampoline = spinteam._entries(_late_helper, (np.zeros(2, np.int64), x, 1))
+    assert entry and trampoline
+    for _ in range(20):
+        seen = np.full(2, -1, np.int64)
+        spinteam.run_ranges_spinning(_late_helper, 2, 2, seen, x, 1_000_000)
+        assert seen[0] != 0 and seen[1] == 0, seen

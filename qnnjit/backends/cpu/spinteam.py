@@ -16,30 +16,38 @@ once cost a futex sleep and a wake-up of the loser, tens of microseconds
 here. With the kernel called from Python on both sides, that happened twice
 per call: a hand-off to one helper and back cost 14-25 us, more than many of
 MobileNetV2's layers gain from a second core. So for a Numba kernel
-(`Dispatcher`) the caller makes one GIL-free call (`_team_call`) that
-publishes the work (bumps each helper's generation), runs the caller's own
-range and spins until the helpers' completions arrive; a helper that sees
-its new generation finds the GIL free (the caller is inside its call) and
-makes one call (`_team_call` too) that runs its range, bumps its completion
-count and spins for the next generation. Both call the kernel's compiled
-code through its native entry point (`_native_entry`: the address of the
-overload for these argument types, looked up by Numba's own type
-fingerprint of the argument tuple), so neither holds the GIL while the
-other wants it. A hand-off to one helper and back now costs about 9-12 us
-(median, a trivial kernel of 24 arguments), down from 25 us. The price:
-`_team_call` is compiled once per kernel signature (0.3-0.4 s each, cached
-on disk like the kernels).
+(`Dispatcher`) the caller makes one GIL-free call (`_team_call`) that stores
+the argument tuple, as Numba holds it in memory, in `_ARGS`, publishes the
+work (bumps each helper's generation), runs the caller's own range and spins
+until the helpers' completions arrive. A helper never leaves compiled code
+between kernels: its GIL-free loop (`_serve`) sees the new generation, calls
+the kernel's trampoline (`_trampoline`: one small function per argument
+types, which loads the tuple from `_ARGS` and calls the kernel), bumps its
+completion count and spins for the next. Both sides reach the kernel's
+compiled code through its native entry point (`_native_entry`: the address
+of the overload for these argument types, looked up by Numba's own type
+fingerprint of the argument tuple), so neither holds the GIL while the other
+wants it. A hand-off to one helper and back costs about 7-9 us (median, a
+trivial kernel of 24 arguments; it was 25 us from Python, and 9-12 us while
+the helper went back to Python to re-dispatch each range), and the helper
+starts its range about 0.2 us after the bump instead of 3-5 us. The price:
+`_team_call` is compiled once per kernel signature (0.3-0.4 s cold, cached
+on disk like the kernels), a trampoline once per process (10-30 ms).
 
-State, per helper: one row of `_STATES` (int64, a cache line of its own):
+State, per helper: one row of `_STATES` (int64, two cache lines of its own):
 generation (the caller's count of calls handed over), completions (the
 helper's count of calls finished), error (the last range's status), sleeping
-(1 while the helper waits on its condition). Between calls, generation ==
-completions. A sleeping helper cannot see a GIL-free bump, so the caller
-bumps it in Python under its condition and notifies it, and the GIL-free
-call skips those rows (`skip`). A helper going to sleep just as a GIL-free
-bump arrives may miss it: the caller's call then stops waiting after
-`_LEAD_CHECKS` reads, and the caller notifies from Python until the
-completion arrives.
+(1 while the helper waits on its condition), ready (the generation whose
+arguments are in `_ARGS`), and the work: trampoline, kernel entry, task
+range. Between calls, generation == completions. A sleeping helper cannot
+see a GIL-free bump, so the caller bumps it in Python under its condition
+and notifies it, and the GIL-free call skips those rows (`skip`); such a
+helper, woken before the caller's call has stored the arguments, waits for
+`ready`. A helper going to sleep just as a GIL-free bump arrives may miss
+it: the caller's call then stops waiting after `_LEAD_CHECKS` reads, and the
+caller notifies from Python until the completion arrives (the caller's
+arguments stay alive until then; the meminfos its call unboxed do not, so
+the helpers' kernels get the arrays without meminfos: `_trampoline`).
 
 Errors. A range whose Numba kernel returned an error status runs again on the
 calling thread through the dispatcher, which raises the exception itself
@@ -50,6 +58,7 @@ caller after every helper is done.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import threading
 import time
@@ -57,6 +66,7 @@ import time
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.dispatcher import Dispatcher
 from numba.core.typing.typeof import Purpose, typeof
 from numba.extending import intrinsic
@@ -78,8 +88,15 @@ _SPIN_CHECKS = int(SPIN_SECONDS * _CHECKS_PER_SECOND)
 _LEAD_CHECKS = 1 << 15  # ~1 ms
 MAX_THREADS = 64  # the caller and 63 helpers: `_team_call`'s skip mask is one int64
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-_GEN, _DONE, _ERROR, _SLEEPING = 0, 1, 2, 3
-_STATES = np.zeros((MAX_THREADS - 1, 8), np.int64)  # 64 bytes a row: no false sharing
+# A helper's row: GEN, DONE, ERROR, SLEEPING (above); READY, the generation whose arguments are in
+# `_ARGS`; TRAMP, ENTRY, the trampoline and kernel addresses of its work (0: from Python); T0, T1
+# its task range (in ENTRY's row: ENTRY is in the caller's `_team_call` too).
+_GEN, _DONE, _ERROR, _SLEEPING, _READY, _TRAMP, _T0, _T1 = range(8)
+_STATES = np.zeros((MAX_THREADS - 1, 16), np.int64)  # 128 bytes a row: no false sharing
+_ENTRY = 8
+# The caller's packed arguments, which every helper's trampoline reads (one kernel on the team at
+# a time); a signature whose arguments do not fit gets no trampoline.
+_ARGS = np.zeros(1 << 14, np.uint8)
 
 
 @intrinsic
@@ -138,6 +155,42 @@ def _call_native(typingctx, address, t0, t1, args):
 
 
 @intrinsic
+def _store_args(typingctx, buf, args):
+    """Copy the tuple `args`, as Numba holds it in memory, into the byte array
+    `buf` if it fits (it does when `_trampoline` made one for its type)."""
+    if not (isinstance(buf, types.Array) and isinstance(args, types.BaseTuple)):
+        return None
+    sig = types.void(buf, args)
+
+    def codegen(context, builder, signature, llargs):
+        array = context.make_array(signature.args[0])(context, builder, llargs[0])
+        llty = context.get_value_type(signature.args[1])
+        size = ir.Constant(array.nitems.type, context.get_abi_sizeof(llty))
+        with builder.if_then(builder.icmp_signed(">=", array.nitems, size)):
+            builder.store(llargs[1], builder.bitcast(array.data, llty.as_pointer()))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _call_trampoline(typingctx, trampoline, entry, buf, t0, t1):
+    """``trampoline(entry, buf, t0, t1)``: a `_trampoline` function (int64
+    arguments and result) at the address `trampoline`."""
+    sig = types.int64(trampoline, entry, buf, t0, t1)
+    if not all(isinstance(t, types.Integer) for t in sig.args):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        i64 = ir.IntType(64)
+        values = [context.cast(builder, v, t, types.int64) for v, t in zip(llargs, signature.args)]
+        fn = builder.inttoptr(values[0], ir.FunctionType(i64, [i64] * 4).as_pointer())
+        return builder.call(fn, values[1:])
+
+    return sig, codegen
+
+
+@intrinsic
 def _pause(typingctx):
     """x86 `pause` (nothing on other CPUs): a spin-wait hint. On this VM a
     thread spinning on one vCPU slowed a float loop on the other by up to
@@ -170,40 +223,58 @@ def _spin_until_changed(state, index, old, checks):
 
 
 @njit(cache=True, nogil=True)
-def _complete_and_spin(state, seen, checks):
-    """Bump the completion count, then spin for the next generation, in one
-    GIL-free call: the caller, spinning on that count, then finds the GIL
-    free (a separate bump call would take it just when the caller wants it)."""
-    _fetch_add(state[_DONE:], 1)
-    return _spin_until_changed(state, _GEN, seen, checks)
+def _serve(state, buf, seen, checks, complete):
+    """A helper's GIL-free loop: [complete its last generation, then] serve
+    every generation after `seen` whose work has a trampoline, spinning up
+    to `checks` reads for each. Returns (the last generation it served or
+    was given, the generation Python must serve: its work has no
+    trampoline, or the first when none came in time and the helper sleeps)."""
+    if complete:  # here, not from Python: the caller, spinning on it, must find the GIL free
+        _fetch_add(state[_DONE:], 1)
+    while True:
+        gen = _spin_until_changed(state, _GEN, seen, checks)
+        if gen == seen or state[_TRAMP] == 0:
+            return seen, gen
+        _run_ready(state, buf, gen)
+        seen = gen
 
 
 @njit(cache=True, nogil=True)
-def _team_call(states, row, helpers, skip, seen, address, t0, t1, args):
-    """Run [t0, t1) of the kernel at `address` with `args`, GIL-free, as the
-    caller (`row` < 0) or as the helper whose state is `states[row]`. One
-    function for both, so that each kernel signature costs one Numba
-    specialization (0.3-0.4 s cold), not two.
+def _run_ready(state, buf, gen):
+    """Run generation `gen`'s range through its trampoline once the caller's
+    arguments for it are in `buf`, record its status, complete."""
+    while _load_acquire(state, _READY) != gen:
+        _pause()
+    state[_ERROR] = _call_trampoline(
+        state[_TRAMP], state[_ENTRY], buf.ctypes.data, state[_T0], state[_T1]
+    )
+    _fetch_add(state[_DONE:], 1)
 
-    Caller: bump the generation of the first `helpers` rows (but those in
-    the bit mask `skip`, already bumped), run the range, wait for each
-    helper's completion; returns 1 if its range raised, | 2 if some helper
-    is not done after `_LEAD_CHECKS` reads.
-    Helper: run the range, record its status, complete, and spin for the
-    generation after `seen` (returned)."""
-    if row >= 0:
-        states[row, _ERROR] = _call_native(address, t0, t1, args)
-        return _complete_and_spin(states[row], seen, _SPIN_CHECKS)
+
+@njit(cache=True, nogil=True)
+def _team_call(states, helpers, skip, address, t1, args, buf):
+    """The caller's GIL-free call: put `args` where the helpers' trampolines
+    read them (`buf`), bump the generation of the first `helpers` rows (but
+    those in the bit mask `skip`, bumped from Python), run [0, t1) of the
+    kernel at `address`, wait for each helper's completion. Returns 1 if its
+    range raised, | 2 if some helper is not done after `_LEAD_CHECKS` reads.
+    Compiled once per kernel signature (0.3-0.4 s cold, cached on disk)."""
+    _store_args(buf, args)
     _publish(states, helpers, skip)
-    status = _call_native(address, t0, t1, args)
+    status = _call_native(address, 0, t1, args)
     return status | _await_helpers(states, helpers)
 
 
 @njit(cache=True, nogil=True)
 def _publish(states, helpers, skip):
+    """Mark the arguments ready for each helper's generation, and bump those
+    not in `skip` (release stores: `buf` is written before)."""
     for i in range(helpers):
-        if not (skip >> i) & 1:
-            _store_release(states[i], _GEN, states[i, _GEN] + 1)
+        bumped = (skip >> i) & 1
+        gen = states[i, _GEN] + 1 - bumped
+        _store_release(states[i], _READY, gen)
+        if not bumped:
+            _store_release(states[i], _GEN, gen)
 
 
 @njit(cache=True, nogil=True)
@@ -219,7 +290,8 @@ def _await_helpers(states, helpers):
     return 0
 
 
-_ENTRIES: dict[tuple, int] = {}  # (kernel, fingerprint of its arguments) -> native entry
+# (kernel, fingerprint of its arguments) -> (native entry, trampoline)
+_ENTRIES: dict[tuple, tuple[int, int]] = {}
 
 
 def _native_entry(kernel, args: tuple) -> int:
@@ -227,23 +299,89 @@ def _native_entry(kernel, args: tuple) -> int:
     when it has none (not a Numba dispatcher, arguments Numba cannot
     fingerprint, or a kernel that returns a value): such kernels are called
     from Python."""
+    return _entries(kernel, args)[0]
+
+
+def _entries(kernel, args: tuple) -> tuple[int, int]:
+    """(`_native_entry`, its `_trampoline` or 0)."""
     if compute_fingerprint is None or not isinstance(kernel, Dispatcher):
-        return 0
+        return 0, 0
     try:
         key = (kernel, compute_fingerprint(args))
     except (TypeError, ValueError, NotImplementedError):
-        return 0
-    address = _ENTRIES.get(key)
-    if address is None:
+        return 0, 0
+    found = _ENTRIES.get(key)
+    if found is None:
         packed = typeof(args, Purpose.argument)
         argtypes = (types.int64, types.int64, *packed.types)
         kernel.compile(argtypes)
         cres = kernel.overloads[argtypes]
-        address = 0  # `_call_native` discards results: such kernels go through Python
+        found = 0, 0  # `_call_native` discards results: such kernels go through Python
         if cres.signature.return_type == types.none:
-            address = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
-        _ENTRIES[key] = address
-    return address
+            entry = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+            found = entry, _trampoline(kernel.targetctx, packed)
+        _ENTRIES[key] = found
+    return found
+
+
+def _trampoline(context, packed) -> int:
+    """The address of a function ``int64 (int64 entry, int64 buf, int64 t0,
+    int64 t1)`` that calls the native entry point at `entry` (a kernel taking
+    (int64, int64, *packed's types)) with (t0, t1, *the tuple of type `packed`
+    stored at `buf`) and returns 1 if it raised, else 0; or 0 when there is
+    none (the tuple does not fit `_ARGS`). So a helper, spinning in compiled
+    code, runs any kernel's range without calling back into Python: 0.2 us
+    after the caller's bump instead of the 3-5 us a return to Python and a
+    dispatch cost. LLVM IR built with Numba's own calling convention and
+    data model, compiled by Numba's code generator (10-30 ms, not cached on
+    disk): compiled by `llvmjit` instead, its engines made some processes
+    crash at exit (LLVM's "Value still in symbol table"), 1 in 4-8 runs.
+
+    The arrays reach the kernel without their meminfos (null: Numba's
+    reference counting skips them). The tuple in `_ARGS` is the caller's
+    `_team_call`'s, and so are the meminfos it unboxed: they are freed when
+    that call returns, which it may do before a late helper is done (after
+    `_LEAD_CHECKS`, to notify it from Python). The kernel's own views of its
+    arguments would then count references on freed memory: the segfault in
+    a helper woken from sleep that got this experiment reverted once, and
+    heap corruption in 3 of 3 stress runs of 300 calls with a late helper.
+    The arrays' memory itself stays alive: the caller holds the Python
+    arguments until every helper completes. So only arrays and scalars get a
+    trampoline."""
+    if not all(isinstance(t, (types.Array, types.Number, types.Boolean)) for t in packed.types):
+        return 0
+    llty = context.get_value_type(packed)
+    if context.get_abi_sizeof(llty) > _ARGS.size:
+        return 0
+    name = "qnnjit_trampoline_" + hashlib.sha256(str(packed).encode()).hexdigest()[:20]
+    i64 = ir.IntType(64)
+    module = context.create_module(name)
+    function = ir.Function(module, ir.FunctionType(i64, [i64] * 4), name=name)
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    entry, buf, t0, t1 = function.args
+    values = builder.load(builder.inttoptr(buf, llty.as_pointer()))
+    argtypes = (types.int64, types.int64, *packed.types)
+    fnty = context.call_conv.get_function_type(types.none, argtypes)
+    callee = builder.inttoptr(entry, fnty.as_pointer())
+    args = [t0, t1]
+    for i, ty in enumerate(packed.types):
+        value = builder.extract_value(values, i)
+        if isinstance(ty, types.Array):
+            array = context.make_array(ty)(context, builder, value=value)
+            array.meminfo = ir.Constant(array.meminfo.type, None)
+            value = array._getvalue()
+        args.append(value)
+    status, _ = context.call_conv.call_function(builder, callee, types.none, argtypes, args)
+    builder.ret(builder.zext(status.is_error, i64))
+    with global_compiler_lock:  # Numba's code generator is not thread-safe
+        library = context.codegen().create_library(name)
+        library.add_ir_module(module)
+        library.finalize()
+    _LIBRARIES.append(library)  # its code lives as long as the process
+    return library.get_pointer_to_function(name)
+
+
+_LIBRARIES: list = []
 
 
 class _Helper:
@@ -257,30 +395,36 @@ class _Helper:
         self.thread.start()
 
     def _loop(self):
-        seen = 0
-        gen = _spin_until_changed(self.state, _GEN, seen, _SPIN_CHECKS)
+        seen, complete = 0, 0
         while True:
-            if gen == seen:
+            seen, gen = _serve(self.state, _ARGS, seen, _SPIN_CHECKS, complete)
+            complete = 0
+            if gen == seen:  # nothing came: sleep until the caller bumps from Python
                 with self.cond:
                     self.state[_SLEEPING] = 1
                     while self.state[_GEN] == seen:
                         self.cond.wait()
                     self.state[_SLEEPING] = 0
                     gen = int(self.state[_GEN])
-            seen = gen
-            address, kernel, t0, t1, args = self.work
-            if address:
-                try:
-                    gen = _team_call(_STATES, self.index, 0, 0, seen, address, t0, t1, args)
+                if self.state[_TRAMP]:
+                    _run_ready(self.state, _ARGS, gen)
+                    seen = gen
                     continue
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    self.error = exc
-            else:
-                try:
-                    kernel(t0, t1, *args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    self.error = exc
-            gen = _complete_and_spin(self.state, seen, _SPIN_CHECKS)
+            seen = gen
+            _, kernel, t0, t1, args = self.work  # no trampoline: run it from Python
+            self.state[_ERROR] = 0
+            try:
+                kernel(t0, t1, *args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.error = exc
+            complete = 1
+
+    def assign(self, work: tuple, trampoline: int) -> None:
+        """Set the next generation's work: (native entry, kernel, t0, t1, args)."""
+        self.work = work
+        entry, _, t0, t1, _ = work
+        self.state[_TRAMP], self.state[_ENTRY] = trampoline, entry
+        self.state[_T0], self.state[_T1] = t0, t1
 
     def bump_if_sleeping(self) -> bool:
         """Hand the work over from Python if the helper sleeps (it cannot see a
@@ -338,10 +482,10 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
     executor runs one kernel at a time)."""
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
     helpers = _team(len(bounds) - 2)
-    address = _native_entry(kernel, args)
+    address, trampoline = _entries(kernel, args)
     with _LOCK_CALL:
         for i, h in enumerate(helpers):
-            h.work = (address, kernel, bounds[i + 1], bounds[i + 2], args)
+            h.assign((address, kernel, bounds[i + 1], bounds[i + 2], args), trampoline)
         if address:
             _run_compiled(kernel, helpers, address, bounds[1], args)
         else:
@@ -353,7 +497,7 @@ def _run_compiled(kernel, helpers: list[_Helper], address: int, t1: int, args) -
     for i, h in enumerate(helpers):
         if h.bump_if_sleeping():
             skip |= 1 << i
-    status = _team_call(_STATES, -1, len(helpers), skip, 0, address, 0, t1, args)
+    status = _team_call(_STATES, len(helpers), skip, address, t1, args, _ARGS)
     if status & 2:
         for h in helpers:
             h.wait()

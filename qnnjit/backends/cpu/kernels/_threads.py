@@ -5,7 +5,7 @@ Every kernel takes a task range `(t0, t1, ...)` and releases the GIL
 (`nogil=True`), so Python threads run ranges in parallel. This replaces
 Numba's `parallel=True`, whose compile cost (1-3 s more per kernel, measured)
 would dominate the time to first inference; the price is a thread hand-off
-(about 9-12 us here, `spinteam`), paid only when a call has enough work to
+(about 7-9 us here, `spinteam`), paid only when a call has enough work to
 amortize it.
 """
 
