@@ -628,17 +628,22 @@ class ChannelsLastConv:
         return (cap, threads) if by_columns < 0.9 * by_pixels else (tile, 1)
 
     def _single_thread_tile(self, pixels: int, columns: int | None = None) -> int:
+        """The largest tile (a multiple of MR) within the engine's MC whose
+        int32 sums over `columns` (all the output channels by default) stay
+        within `_C_TILE_BYTES`."""
         mr = self.plan.mr
         c_rows = max(mr, _C_TILE_BYTES // (4 * (columns or self.plan.n)) // mr * mr)
         return max(mr, min(self.plan.config.mc, c_rows, _round_up(pixels, mr)) // mr * mr)
 
     def prepare(self, geo, images: int) -> tuple:
-        """Per input shape: the tile size (into `geo`), its microkernels, and
-        the im2col row kernel's address (0: none, `im2col_kernel`)."""
+        """Per input shape: the work split (tile size and column splits, into
+        `geo`), its microkernels, and the im2col row kernel's address (0:
+        none, `im2col_kernel`). Only the requantizing kernel splits columns."""
         pixels = int(geo[GOH] * geo[GOW])
-        geo[GPT] = tile = self.tile_pixels(pixels, images)
+        tile, splits = self.tile_pixels(pixels, images), 1
         if self.fused and self.num_threads > 1:
-            geo[GPT], geo[GNS] = tile, _ = self.column_split(pixels, images, tile)
+            tile, splits = self.column_split(pixels, images, tile)
+        geo[GPT], geo[GNS] = tile, splits
         self.plan.ensure_rows(min(tile, pixels), self.requant)
         self.plan.ensure_rows(pixels % tile or tile, self.requant)
         return (self.im2col_kernel(geo),)
