@@ -9,9 +9,12 @@ by a hash of every source file of the CPU backend and the Numba version:
     $QNNJIT_CACHE_DIR/numba/<hash>/        (default ~/.cache/qnnjit/numba/<hash>)
 
 `QNNJIT_CACHE_DIR=""` turns caching off; `NUMBA_CACHE_DIR`, when set, wins
-(Numba's own convention). The directory must be chosen before the kernel
-modules are imported (Numba fixes it when a function is decorated), so the
-kernels package imports this module first.
+(Numba's own convention). Processes share the directory safely: the
+executor gives every cached function a save under a file lock, and a cold
+warm-up compiles with a helper process into it (`../compile_jobs.py`).
+The directory must be chosen before the kernel modules are imported (Numba
+fixes it when a function is decorated), so the kernels package imports this
+module first.
 
 FMA. `fma_f32(a, b, c)` is LLVM's `llvm.fma.f32`: `round32(a * b + c)` with
 one rounding (a `vfmadd` where the CPU has FMA, else libm's correctly rounded
