@@ -236,6 +236,25 @@ def test_conv_tiles_share_the_work_out_evenly(pixels, images, cap, threads):
         assert cost < _busiest_thread(pixels, images, mr, cap, threads)
 
 
+@pytest.mark.parametrize("pixels,images,tile", [(196, 1, 60), (49, 1, 30), (3136, 2, 252)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_column_split_cost_model(pixels, images, tile, threads):
+    """`conv_nhwc._busiest_thread`, which `column_split` compares the two
+    splits by: unsplit, the enumeration above; split, by hand for a 7x7
+    layer (8 panels, or 7 with a partial last range)."""
+    from qnnjit.backends.cpu.kernels.conv_nhwc import _busiest_thread as cost
+
+    mr = 6
+    assert cost(pixels, images, mr, tile, 1, 8, threads) == _busiest_thread(
+        pixels, images, mr, tile, threads
+    )
+    # 49 pixels in one 54-pixel tile (9 row tiles + 0.5), columns in two
+    assert cost(49, 1, mr, 54, 2, 8, 2) == pytest.approx(9.5 * 4 / 8)
+    assert cost(49, 1, mr, 54, 2, 7, 2) == pytest.approx(9.5 * 4 / 7)  # ranges of 4 and 3 panels
+    # in 30 + 19 pixels, unsplit: 5.5 and 4.5 row tiles
+    assert cost(49, 1, mr, 30, 1, 8, 2) == 5.5
+
+
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("kernel,m", [(3, 200), (1, 136)])
 def test_small_layers_split_their_output_channels_over_threads(x_dtype, kernel, m, monkeypatch):
