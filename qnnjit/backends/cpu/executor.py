@@ -31,6 +31,12 @@ process or loaded from the on-disk cache (`kernels/_numba.py`). A warm-up run
 on zero inputs at construction compiles or loads all of them, so
 `qnnjit.compile` returns a model whose first inference is not a compile.
 
+Runs: the first run on some input shapes goes step by step, the second
+is recorded, and later ones replay the recording (`replay.py`): the same
+kernel calls on the same buffers, with no per-step Python and no
+allocation. The warm-up run is recorded, so a static-shape model's first
+real run is already a replay.
+
 Layouts: values keep their logical shapes; kernels that compute
 channels-last return transposed views of NHWC buffers (`kernels/layout.py`).
 Kernels that do not declare `strided_inputs` get C-contiguous copies, and so
@@ -52,10 +58,14 @@ import numpy as np
 from ...errors import QnnjitError
 from ...ir import ops
 from ...ir.graph import Graph, Node
+from . import replay
 from .compile_jobs import helped_warmup, share_caches
 from .kernels import Decline, Kernel, LowerContext
 from .kernels._lowering import numpy_kernel
 from .kernels.step_fusion import fuse_depthwise_pointwise
+
+# Input shapes whose recorded runs an executor keeps (`_keep`).
+_BOUND_SHAPES = 4
 
 
 def resolve_num_threads(num_threads: int | None = None) -> int:
@@ -84,6 +94,8 @@ class CpuExecutor:
         self.declined: list[tuple[Node, str]] = []
         self.warmup_seconds = 0.0
         self.compile_stats: dict[str, int] = {}
+        self._bindings: dict[tuple, list[replay.Binding]] = {}  # input shapes -> free bindings
+        self._seen: set[tuple] = set()  # input shapes run once
         start = time.perf_counter()
         self._lower_all()
         self.lower_seconds = time.perf_counter() - start
@@ -166,8 +178,7 @@ class CpuExecutor:
         for step in self.steps:
             reads = [slot(v) for v in step.inputs]
             writes = [slot(v) for v in step.outputs]
-            dtypes = [v.type.dtype.numpy for v in step.outputs]
-            plan.append([step, reads, writes, dtypes, []])
+            plan.append([step, reads, writes, []])
         self._outputs = []
         keep = set(self._input_slots)
         for value in self.graph.outputs:
@@ -184,21 +195,21 @@ class CpuExecutor:
                     self._env[slot(value)] = value.const
                     keep.add(slot(value))
         last_read: dict[int, int] = {}
-        for index, (_, reads, _, _, _) in enumerate(plan):
+        for index, (_, reads, _, _) in enumerate(plan):
             for s in reads:
                 last_read[s] = index
         for s, index in last_read.items():
             if s not in keep:
-                plan[index][4].append(s)
+                plan[index][3].append(s)
         self._plan_steps = [tuple(p) for p in plan]
         self._num_slots = len(slots)
 
     def _warmup(self):
-        """Run once on zero inputs (symbolic dims = 1) so every kernel is
-        compiled, or loaded from the disk cache, now rather than on the first
-        real inference, with a helper process compiling from the plan's
-        other end when the cache is cold (`compile_jobs`). Inputs the graph
-        cannot take this way are skipped."""
+        """Run on zero inputs (symbolic dims = 1) so every kernel is compiled,
+        or loaded from the disk cache, now rather than on the first real
+        inference, with a helper process compiling from the plan's other end
+        when the cache is cold (`compile_jobs`). The run is recorded
+        (`replay`). Inputs the graph cannot take this way are skipped."""
         arrays = []
         for value in self.graph.inputs:
             shape = value.type.shape
@@ -210,7 +221,7 @@ class CpuExecutor:
         share_caches()  # every cached kernel saves under the cache's lock
         with helped_warmup(self, self.compile_stats):
             try:
-                self.run(arrays)
+                self._record(arrays)  # so the first real run on these shapes replays
             except Exception:  # noqa: BLE001 - the real inputs may still run; compile lazily
                 pass
         self.warmup_seconds = time.perf_counter() - start
@@ -218,32 +229,73 @@ class CpuExecutor:
     # ---- run time -------------------------------------------------------------------
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The graph outputs for `arrays`. The first run on some input shapes
+        runs the plan step by step; the second records it (`replay`); later
+        ones replay the recording."""
+        key = tuple((a.shape, a.dtype) for a in arrays)
+        free = self._bindings.get(key)
+        binding = _take(free)
+        if binding is not None:
+            try:
+                return binding.run(arrays, _step_error)
+            finally:
+                free.append(binding)
+        if key not in self._seen:
+            self._seen.add(key)
+            return self._run_steps(arrays)
+        return self._record(arrays)
+
+    def _record(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """A run that is recorded (`replay.record`) for later runs on its shapes."""
+        key = tuple((a.shape, a.dtype) for a in arrays)
+        self._seen.add(key)
+        outputs, binding = replay.record(self, arrays)
+        self._keep(key, binding)
+        return outputs
+
+    def _run_steps(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         env = list(self._env)
         for s, array in zip(self._input_slots, arrays):
             env[s] = array
-        for step, reads, writes, dtypes, frees in self._plan_steps:
-            args = [env[s] for s in reads]
-            if not step.strided_inputs:
-                args = [_contiguous(a) for a in args]
-            try:
-                results = step.run(*args)
-            except QnnjitError:
-                raise
-            except Exception as exc:
-                names = ", ".join(f"{n.name!r} ({n.op})" for n in step.nodes)
-                raise QnnjitError(f"cpu kernel {step.name} of node {names} failed: {exc}") from exc
-            for s, result, dtype in zip(writes, results, dtypes):
-                if not isinstance(result, np.ndarray):
-                    result = np.asarray(result)
-                if result.dtype != dtype:
-                    node = step.nodes[-1]
-                    raise QnnjitError(
-                        f"node {node.name!r} ({node.op}) produced {result.dtype}, declared {dtype}"
-                    )
+        for step, reads, writes, frees in self._plan_steps:
+            results = self._call_step(step, [env[s] for s in reads])
+            for s, result in zip(writes, results):
                 env[s] = result
             for s in frees:
                 env[s] = None
         return [_contiguous(env[s]) if s is not None else const for s, const in self._outputs]
+
+    def _call_step(self, step: Kernel, args: list) -> list[np.ndarray]:
+        """`step.run` on `args` (C-contiguous copies unless it takes strided
+        operands), its results checked against the declared dtypes."""
+        if not step.strided_inputs:
+            args = [_contiguous(a) for a in args]
+        try:
+            results = step.run(*args)
+        except QnnjitError:
+            raise
+        except Exception as exc:
+            raise _step_error(step, exc) from exc
+        checked = []
+        for value, result in zip(step.outputs, results):
+            if not isinstance(result, np.ndarray):
+                result = np.asarray(result)
+            dtype = value.type.dtype.numpy
+            if result.dtype != dtype:
+                node = step.nodes[-1]
+                raise QnnjitError(
+                    f"node {node.name!r} ({node.op}) produced {result.dtype}, declared {dtype}"
+                )
+            checked.append(result)
+        return checked
+
+    def _keep(self, key, binding: replay.Binding) -> None:
+        """Pool `binding` for runs on `key`'s shapes; the bindings of at most
+        `_BOUND_SHAPES` shapes stay (each holds every intermediate tensor)."""
+        free = self._bindings.setdefault(key, [])
+        free.append(binding)
+        while len(self._bindings) > _BOUND_SHAPES:
+            del self._bindings[next(iter(self._bindings))]
 
     # ---- reporting ------------------------------------------------------------------
 
@@ -272,6 +324,21 @@ class CpuExecutor:
         if not helper:
             return ""
         return f", {self.compile_stats['compiled']} functions compiled here, {helper} by a helper"
+
+
+def _take(free: list | None):
+    """A binding from the pool `free`, or None (pop is atomic: two threads
+    never take the same one)."""
+    try:
+        return free.pop() if free else None
+    except IndexError:  # another thread took the last one
+        return None
+
+
+def _step_error(step: Kernel, exc: Exception) -> QnnjitError:
+    """The error a run raises when `step` fails with `exc`, naming its nodes."""
+    names = ", ".join(f"{n.name!r} ({n.op})" for n in step.nodes)
+    return QnnjitError(f"cpu kernel {step.name} of node {names} failed: {exc}")
 
 
 def _flattenable(node: Node) -> bool:

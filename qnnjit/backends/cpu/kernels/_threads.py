@@ -11,6 +11,11 @@ amortize it.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
 from ..spinteam import run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
@@ -25,8 +30,50 @@ MIN_PARALLEL_WORK = 1 << 18
 
 def run_tasks(kernel, tasks: int, work: float, threads: int, *args) -> None:
     """`kernel(t0, t1, *args)` over the tasks [0, tasks), split into at most
-    `threads` contiguous ranges when `work` is worth it."""
-    if threads <= 1 or tasks <= 1 or work < MIN_PARALLEL_WORK:
+    `threads` contiguous ranges when `work` is worth it. Inside `recording()`
+    the call is also appended to the recorder's list."""
+    calls = getattr(_RECORDER, "calls", None)
+    if calls is not None:
+        calls.append(TaskCall(kernel, tasks, work, threads, args))
+    if _serial(tasks, work, threads):
         kernel(0, tasks, *args)
         return
     run_ranges_spinning(kernel, tasks, threads, *args)
+
+
+class TaskCall(NamedTuple):
+    """One recorded `run_tasks` call."""
+
+    kernel: Callable
+    tasks: int
+    work: float
+    threads: int
+    args: tuple
+
+    def bound(self) -> Callable[[], None]:
+        """The call as a function of no arguments, its thread split decided
+        once: what `backends/cpu/replay.py` repeats."""
+        kernel, tasks, work, threads, args = self
+        if _serial(tasks, work, threads):
+            return functools.partial(kernel, 0, tasks, *args)
+        return functools.partial(run_ranges_spinning, kernel, tasks, threads, *args)
+
+
+class recording:
+    """`with recording() as calls:` collects this thread's `run_tasks` calls
+    made inside the block (a nested block collects its own)."""
+
+    def __enter__(self) -> list[TaskCall]:
+        self._outer = getattr(_RECORDER, "calls", None)
+        _RECORDER.calls = []
+        return _RECORDER.calls
+
+    def __exit__(self, *exc) -> None:
+        _RECORDER.calls = self._outer
+
+
+def _serial(tasks: int, work: float, threads: int) -> bool:
+    return threads <= 1 or tasks <= 1 or work < MIN_PARALLEL_WORK
+
+
+_RECORDER = threading.local()

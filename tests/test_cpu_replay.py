@@ -1,0 +1,219 @@
+"""Replayed runs (`qnnjit/backends/cpu/replay.py`): after a run on some input
+shapes has been recorded, later runs on those shapes repeat its kernel calls
+on the same buffers. They must give the reference's bits on every new input,
+never write the caller's arrays, return outputs of their own, and re-run
+every step whose recording does not show it safe to repeat."""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import qnnjit
+from qnnjit.backends.cpu import replay
+from qnnjit.backends.cpu.kernels import _threads
+from qnnjit.backends.cpu.kernels._threads import TaskCall
+from qnnjit.errors import QnnjitError
+
+
+def _zoo_model(model_zoo, name, variant="qdq_u8s8_pc"):
+    from modelzoo import all_variants
+
+    chosen = next(v for v in all_variants() if v.name == variant)
+    path = str(model_zoo.build(name, chosen, dynamic_batch=True))
+    return path, qnnjit.compile(path, target="reference")
+
+
+def _binding(cpu, batch):
+    """The one pooled binding of `cpu` for inputs of `batch` images."""
+    (free,) = [free for key, free in cpu._executor._bindings.items() if key[0][0][0] == batch]
+    (binding,) = free
+    return binding
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "name,variant",
+    [
+        ("resnet_style", "qdq_u8s8_pc"),
+        ("mobilenetv2_style", "qoperator_s8s8_pt_pow2"),
+        ("inception_style", "qdq_u8s8_pc"),
+    ],
+)
+def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypatch, name,
+                                                              variant, threads):  # fmt: skip
+    """Batch 2 (the warm-up ran batch 1): a plain run, a recording one, then
+    replays, each on a new input; at two threads every call that can split
+    does."""
+    from modelzoo import example_input
+
+    if threads == 2 and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip(reason="one core")
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    path, ref = _zoo_model(model_zoo, name, variant)
+    cpu = qnnjit.compile(path, target="cpu", num_threads=threads)
+    for seed in range(5):
+        x = example_input(name, batch=2, seed=seed)
+        np.testing.assert_array_equal(cpu(x), ref(x), err_msg=f"run {seed}")
+    binding = _binding(cpu, 2)
+    steps = len(cpu._executor.steps)
+    # Only the input's quantize and the head's reduce (it copies its
+    # channels-last operand) re-run in the convnets without concats.
+    reruns = steps - binding.replayed_steps
+    assert 0 < binding.replayed_steps and reruns <= (6 if name == "inception_style" else 2)
+
+
+def test_runs_leave_the_callers_arrays_alone_and_return_their_own(model_zoo):
+    from modelzoo import example_input
+
+    path, ref = _zoo_model(model_zoo, "mobilenetv2_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    x = example_input("mobilenetv2_style", batch=1, seed=1)
+    kept = x.copy()
+    first, second = cpu(x), cpu(x)  # both replays: the warm-up recorded batch 1
+    assert _binding(cpu, 1) is not None
+    np.testing.assert_array_equal(x, kept)
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, second)
+    x *= -0.5  # the same array, new contents: the next run reads them
+    np.testing.assert_array_equal(cpu(x), ref(x))
+    np.testing.assert_array_equal(first, second)  # earlier results untouched
+
+
+def test_concurrent_runs_record_a_binding_each(model_zoo):
+    from modelzoo import example_input
+
+    path, ref = _zoo_model(model_zoo, "resnet_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    inputs = [example_input("resnet_style", batch=1, seed=s) for s in range(8)]
+    wants = [ref(x) for x in inputs]
+    barrier = threading.Barrier(2)
+    failures = []
+
+    def worker(offset):
+        barrier.wait()
+        for _ in range(10):
+            for i in range(offset, len(inputs), 2):
+                if not np.array_equal(cpu(inputs[i]), wants[i]):
+                    failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert 1 <= len(cpu._executor._bindings[((inputs[0].shape, inputs[0].dtype),)]) <= 2
+
+
+def test_bindings_are_kept_for_a_few_shapes_only(model_zoo):
+    from modelzoo import example_input
+
+    path, ref = _zoo_model(model_zoo, "resnet_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    for batch in range(1, 8):
+        for seed in range(3):  # plain, recorded, replayed
+            x = example_input("resnet_style", batch=batch, seed=seed)
+            np.testing.assert_array_equal(cpu(x), ref(x), err_msg=f"batch {batch}")
+    kept = [key[0][0][0] for key in cpu._executor._bindings]
+    assert kept == [4, 5, 6, 7]
+
+
+def test_a_failing_replayed_call_names_its_node(model_zoo):
+    from modelzoo import example_input
+
+    path, _ = _zoo_model(model_zoo, "resnet_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    binding = _binding(cpu, 1)
+    _, step = binding.calls[-1]
+
+    def broken():
+        raise ValueError("boom")
+
+    binding.calls[-1] = (broken, step)
+    with pytest.raises(QnnjitError, match=f"{step.nodes[0].name}.*boom"):
+        cpu(example_input("resnet_style", batch=1, seed=0))
+
+
+# ---- when a step may be replayed ------------------------------------------------------
+
+
+def _kernel(t0, t1, *args):
+    """A stand-in for a Numba kernel: recorded calls are only compared."""
+
+
+def _replayable(step_run, inputs):
+    """`replay._replayable` on two recorded calls of `step_run(*inputs)`."""
+    made = []
+    for _ in range(2):
+        with _threads.recording() as calls:
+            results = step_run(*inputs)
+        made.append((results, calls))
+    return replay._replayable(inputs, *made)
+
+
+WEIGHTS = np.arange(12, dtype=np.int8)
+
+
+def _call(*args):
+    _threads.run_tasks(_kernel, 4, 1, 1, *args)
+
+
+def test_a_step_whose_kernels_take_constants_and_views_is_replayed():
+    def run(x):
+        out = np.empty((2, 3, 4), np.uint8)
+        _call(x.reshape(-1), WEIGHTS, 3, np.float32(0.5), out.reshape(-1))
+        return [out.transpose(0, 2, 1)]  # a channels-last result: a view of what was written
+
+    assert _replayable(run, [np.zeros((2, 3, 4), np.uint8)])
+
+
+def test_a_view_step_is_replayed():
+    assert _replayable(lambda x: [x.reshape(-1)], [np.zeros((2, 3), np.uint8)])
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["copies its operand", "per-call scratch", "computes outside the kernels", "scalar differs",
+     "writes a copy of its output", "other view", "second output not written"],
+)  # fmt: skip
+def test_a_step_that_is_not_safe_to_repeat_is_not_replayed(why):
+    calls_made = []
+
+    def run(x):
+        out = np.empty(x.shape, np.uint8)
+        calls_made.append(1)
+        if why == "copies its operand":
+            _call(np.ascontiguousarray(x.T), out)
+        elif why == "per-call scratch":
+            _call(x, np.zeros(8, np.int32), out)
+        elif why == "computes outside the kernels":
+            _call(x, WEIGHTS)
+            out = x + 1
+        elif why == "scalar differs":
+            _call(x, len(calls_made), out)
+        elif why == "writes a copy of its output":
+            _call(x, out.T.reshape(-1))  # reshaping the transposed view copies it
+            out = out.T
+        elif why == "other view":
+            _call(x[len(calls_made) % 2 :], out)
+        else:
+            _call(x, out)
+            return [out, np.empty(3, np.uint8)]
+        return [out]
+
+    assert not _replayable(run, [np.zeros((3, 4), np.uint8)])
+
+
+def test_a_step_that_reads_a_graph_input_reruns(model_zoo):
+    """The first step reads the caller's array: it runs each time, its result
+    copied into the buffer the replayed steps read."""
+    path, _ = _zoo_model(model_zoo, "resnet_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    binding = _binding(cpu, 1)
+    call, step = binding.calls[0]
+    assert step is cpu._executor.steps[0] and not isinstance(call, TaskCall)
+    assert not hasattr(call, "func")  # a re-run, not a bound kernel call (a partial)
