@@ -15,7 +15,6 @@ import pytest
 import qnnjit
 from qnnjit.backends.cpu import replay
 from qnnjit.backends.cpu.kernels import _threads
-from qnnjit.backends.cpu.kernels._threads import TaskCall
 from qnnjit.errors import QnnjitError
 
 
@@ -62,8 +61,10 @@ def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypa
     steps = len(cpu._executor.steps)
     # Only the input's quantize and the head's reduce (it copies its
     # channels-last operand) re-run in the convnets without concats.
-    reruns = steps - binding.replayed_steps
-    assert 0 < binding.replayed_steps and reruns <= (6 if name == "inception_style" else 2)
+    reruns = [step.name for step in binding.rerun_steps]
+    assert binding.replayed_steps + len(reruns) == steps
+    assert reruns[0].startswith("quantize")
+    assert len(reruns) <= (6 if name == "inception_style" else 2), reruns
 
 
 def test_runs_leave_the_callers_arrays_alone_and_return_their_own(model_zoo):
@@ -213,7 +214,8 @@ def test_a_step_that_reads_a_graph_input_reruns(model_zoo):
     copied into the buffer the replayed steps read."""
     path, _ = _zoo_model(model_zoo, "resnet_style")
     cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    steps = cpu._executor.steps
     binding = _binding(cpu, 1)
-    call, step = binding.calls[0]
-    assert step is cpu._executor.steps[0] and not isinstance(call, TaskCall)
-    assert not hasattr(call, "func")  # a re-run, not a bound kernel call (a partial)
+    assert binding.rerun_steps[0] is steps[0] and binding.calls[0][1] is steps[0]
+    assert binding.replayed_steps + len(binding.rerun_steps) == len(steps)
+    assert f"replayed: {binding.replayed_steps} of {len(steps)} steps" in cpu.report()

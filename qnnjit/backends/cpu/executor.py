@@ -314,10 +314,26 @@ class CpuExecutor:
             covered = ", ".join(n.name for n in step.nodes)
             lines.append(f"  {step.name}  <- {covered}")
         lines.append("")
+        lines.extend(self._replays())
         lines.append(f"reference (NumPy) fallbacks ({len(self.declined)}):")
         for node, reason in self.declined:
             lines.append(f"  {node.op} {node.name}: {reason}")
         return "\n".join(lines)
+
+    def _replays(self) -> list[str]:
+        """What runs on the recorded shapes replay (`replay.py`) and what they re-run."""
+        lines = []
+        for key, free in list(self._bindings.items()):
+            if not free:
+                continue
+            binding = free[0]
+            shapes = ", ".join("x".join(map(str, shape)) for shape, _ in key)
+            lines.append(
+                f"runs on {shapes} replayed: {binding.replayed_steps} of {len(self.steps)} steps"
+                f" ({len(binding.rerun_steps)} re-run each time)"
+            )
+            lines.extend(f"  re-run: {step.name}" for step in binding.rerun_steps)
+        return lines + [""] if lines else []
 
     def _helped(self) -> str:
         helper = self.compile_stats.get("helper_compiled", 0)

@@ -54,6 +54,7 @@ class Binding:
     calls: list[tuple[Callable[[], None], object]]
     outputs: list[tuple[int | None, object]]
     replayed_steps: int
+    rerun_steps: list  # the steps that run again each time (`record`)
 
     def run(self, arrays, step_error) -> list[np.ndarray]:
         """The graph outputs for `arrays`; `step_error(step, exc)` makes the
@@ -85,7 +86,7 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
         env[s] = np.array(array, copy=True)
     graph_inputs = set(executor._input_slots)
     calls: list[tuple[Callable[[], None], object]] = []
-    replayed = 0
+    replayed, reruns = 0, []
     for step, reads, writes, _frees in executor._plan_steps:
         inputs = [env[s] for s in reads]
         first = _recorded(executor, step, inputs)
@@ -95,10 +96,11 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
             replayed += 1
         else:
             calls.append((_rerun(executor, step, reads, env, results), step))
+            reruns.append(step)
         for s, result in zip(writes, results):
             env[s] = result
     outputs = executor._outputs
-    binding = Binding(list(executor._input_slots), env, calls, outputs, replayed)
+    binding = Binding(list(executor._input_slots), env, calls, outputs, replayed, reruns)
     copies = _output_copies(env, outputs)
     for s in executor._input_slots:
         env[s] = None

@@ -62,6 +62,7 @@ import hashlib
 import platform
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from llvmlite import ir
@@ -480,16 +481,32 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
     contiguous ranges (at most `MAX_THREADS`), the first on the calling
     thread, the others on spinning helpers. One caller at a time (the
     executor runs one kernel at a time)."""
+    bind_ranges(kernel, tasks, threads, args)()
+
+
+def bind_ranges(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], None]:
+    """`run_ranges_spinning(kernel, tasks, threads, *args)` as a function of no
+    arguments, with the ranges, the helpers and the native entry found now:
+    a replayed call (`replay.py`) pays only the hand-off (about 2 us of
+    Python less per call)."""
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
     helpers = _team(len(bounds) - 2)
     address, trampoline = _entries(kernel, args)
-    with _LOCK_CALL:
-        for i, h in enumerate(helpers):
-            h.assign((address, kernel, bounds[i + 1], bounds[i + 2], args), trampoline)
-        if address:
-            _run_compiled(kernel, helpers, address, bounds[1], args)
-        else:
-            _run_python(kernel, helpers, bounds[1], args)
+    works = [
+        (h, (address, kernel, bounds[i + 1], bounds[i + 2], args)) for i, h in enumerate(helpers)
+    ]
+    t1 = bounds[1]
+
+    def call() -> None:
+        with _LOCK_CALL:
+            for h, work in works:
+                h.assign(work, trampoline)
+            if address:
+                _run_compiled(kernel, helpers, address, t1, args)
+            else:
+                _run_python(kernel, helpers, t1, args)
+
+    return call
 
 
 def _run_compiled(kernel, helpers: list[_Helper], address: int, t1: int, args) -> None:

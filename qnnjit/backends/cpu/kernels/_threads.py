@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..spinteam import run_ranges_spinning
+from ..spinteam import bind_ranges, run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
 # roughly 15 us on one thread) a call runs on the calling thread only. A
@@ -56,7 +56,7 @@ class TaskCall(NamedTuple):
         kernel, tasks, work, threads, args = self
         if _serial(tasks, work, threads):
             return functools.partial(kernel, 0, tasks, *args)
-        return functools.partial(run_ranges_spinning, kernel, tasks, threads, *args)
+        return bind_ranges(kernel, tasks, threads, args)
 
 
 class recording:
