@@ -80,6 +80,33 @@ def test_compiled_kernels_run_every_task_once(tasks, threads):
     assert grid.sum() == 0.5 * min(tasks, grid.size)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_bound_call_repeats_on_its_arrays_as_they_are_then(threads):
+    """`bind_ranges` stores the arguments once; each call reads the arrays'
+    current contents (a replayed run's buffers are written between calls)."""
+    hits = np.zeros(7, np.int64)
+    grid = np.zeros((6, 8), np.float32)[:, ::2]
+    call = spinteam.bind_ranges(_mark_compiled, 7, threads, (hits, 0.5, grid))
+    for k in range(1, 4):
+        call()
+        assert hits.tolist() == [k] * 7 and grid.sum() == 0.5 * 7 * k
+    hits[:] = 10
+    call()
+    assert hits.tolist() == [11] * 7
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_bound_call_raises_its_kernels_error_every_time(threads):
+    hits = np.zeros(6, np.int64)
+    call = spinteam.bind_ranges(_fail_compiled, 6, threads, (hits,))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="compiled range failed"):
+            call()
+    hits = np.zeros(6, np.int64)
+    spinteam.run_ranges_spinning(_mark_compiled, 6, threads, hits, 1.0, np.zeros((2, 2)))
+    assert hits.tolist() == [1] * 6
+
+
 @njit(nogil=True)
 def _mark_with_many_arguments(t0, t1, hits, a, b, c, d, e, f):
     for t in range(t0, t1):
