@@ -237,7 +237,7 @@ class CpuExecutor:
         binding = _take(free)
         if binding is not None:
             try:
-                return binding.run(arrays, _step_error)
+                return binding.run(arrays)
             finally:
                 free.append(binding)
         if key not in self._seen:
@@ -275,7 +275,7 @@ class CpuExecutor:
         except QnnjitError:
             raise
         except Exception as exc:
-            raise _step_error(step, exc) from exc
+            raise replay.step_error(step, exc) from exc
         checked = []
         for value, result in zip(step.outputs, results):
             if not isinstance(result, np.ndarray):
@@ -349,12 +349,6 @@ def _take(free: list | None):
         return free.pop() if free else None
     except IndexError:  # another thread took the last one
         return None
-
-
-def _step_error(step: Kernel, exc: Exception) -> QnnjitError:
-    """The error a run raises when `step` fails with `exc`, naming its nodes."""
-    names = ", ".join(f"{n.name!r} ({n.op})" for n in step.nodes)
-    return QnnjitError(f"cpu kernel {step.name} of node {names} failed: {exc}")
 
 
 def _flattenable(node: Node) -> bool:

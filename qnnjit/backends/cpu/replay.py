@@ -56,9 +56,8 @@ class Binding:
     replayed_steps: int
     rerun_steps: list  # the steps that run again each time (`record`)
 
-    def run(self, arrays, step_error) -> list[np.ndarray]:
-        """The graph outputs for `arrays`; `step_error(step, exc)` makes the
-        error a failing call raises."""
+    def run(self, arrays) -> list[np.ndarray]:
+        """The graph outputs for `arrays`."""
         env = self.env
         for s, array in zip(self.input_slots, arrays):
             env[s] = array
@@ -181,6 +180,13 @@ def _bounds(array: np.ndarray) -> tuple[int, int]:
         else:
             hi += (n - 1) * stride
     return lo, hi + array.itemsize
+
+
+def step_error(step, exc: Exception) -> QnnjitError:
+    """The error a run raises when `step` (a `Kernel`) fails with `exc`,
+    naming its nodes."""
+    names = ", ".join(f"{n.name!r} ({n.op})" for n in step.nodes)
+    return QnnjitError(f"cpu kernel {step.name} of node {names} failed: {exc}")
 
 
 def _output_copies(env, outputs) -> list[np.ndarray]:

@@ -523,37 +523,31 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
     ]
     t1, count = bounds[1], len(helpers)
 
-    def assign():
-        for h, work in works:
-            h.assign(work, trampoline)
+    if not address:
 
+        def call() -> None:
+            with _LOCK_CALL:
+                for h, work in works:
+                    h.assign(work, trampoline)
+                _run_python(kernel, helpers, t1, args)
+
+        return call
     if trampoline and pack:
         packed = _packed_args(kernel, address, args)
 
-        def call() -> None:
-            with _LOCK_CALL:
-                assign()
-                skip = _skip_sleeping(helpers)
-                status = _team_call_packed(
-                    _STATES, count, skip, trampoline, address, t1, packed, _ARGS
-                )
-                _finish(kernel, helpers, t1, args, status)
-
-    elif address:
-
-        def call() -> None:
-            with _LOCK_CALL:
-                assign()
-                skip = _skip_sleeping(helpers)
-                status = _team_call(_STATES, count, skip, address, t1, args, _ARGS)
-                _finish(kernel, helpers, t1, args, status)
+        def hand_off(skip: int) -> int:
+            return _team_call_packed(_STATES, count, skip, trampoline, address, t1, packed, _ARGS)
 
     else:
 
-        def call() -> None:
-            with _LOCK_CALL:
-                assign()
-                _run_python(kernel, helpers, t1, args)
+        def hand_off(skip: int) -> int:
+            return _team_call(_STATES, count, skip, address, t1, args, _ARGS)
+
+    def call() -> None:
+        with _LOCK_CALL:
+            for h, work in works:
+                h.assign(work, trampoline)
+            _finish(kernel, helpers, t1, args, hand_off(_skip_sleeping(helpers)))
 
     return call
 
