@@ -1004,6 +1004,54 @@ def test_nhwc_bytes_transposes(shape):
 # ---- pooling -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dt", [dtypes.uint8, dtypes.int8])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, threads, monkeypatch):
+    """A conv's channels-last output pooled over H and W is summed down its
+    pixel rows (`reduce_columns`), not copied to NCHW first: 300 channels
+    (a second, partial block of `_COLUMN_BLOCK`), three images, every task
+    on its own range with two threads, against the reference."""
+    from qnnjit.backends.cpu.kernels import _threads, reduce
+
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(17 + per_channel)
+    g = Graph()
+    x_val = codes(rng, dt.numpy, (3, 8, 6, 5))
+    x = _int_input(g, "x", dt, x_val.shape)
+    channels = 300
+    assert channels % reduce._COLUMN_BLOCK
+    conv = g.add_node(
+        "qconv",
+        [x, g.constant(codes(rng, np.int8, (channels, 8, 1, 1))), g.constant(scalar(dt.numpy, 3)),
+         g.constant(np.zeros(channels, np.int8))],
+        {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1},
+    )  # fmt: skip
+    mult = rng.uniform(1e-4, 1e-3, channels).astype(np.float32)
+    zp = codes(rng, dt.numpy, (channels,))
+    y = g.add_node(
+        "requantize", [conv.outputs[0], g.constant(mult), g.constant(zp)],
+        {"dtype": dt, "rounding": "half_even_float", "axis": 1},
+    ).outputs[0]  # fmt: skip
+    acc = g.add_node("qreduce_sum", [y, g.constant(zp[:1].reshape(()))], {"axes": [2, 3]})
+    # about 1 / pixels: each pixel moves the mean by up to 8 codes
+    pooled_mult = rng.uniform(0.02, 0.04, channels if per_channel else 1).astype(np.float32)
+    pooled_zp = codes(rng, dt.numpy, (channels,) if per_channel else ())
+    out = g.add_node(
+        "requantize",
+        [acc.outputs[0], g.constant(pooled_mult.reshape(-1 if per_channel else ())),
+         g.constant(pooled_zp)],
+        {"dtype": dt, "rounding": "half_even_float", "axis": 1 if per_channel else None},
+    ).outputs[0]  # fmt: skip
+    g.set_outputs([out])
+    cpu = CpuExecutor(g, num_threads=threads, warmup=False)  # a first run: no replay
+    with _threads.recording() as calls:
+        got = cpu.run([x_val])[0]
+    np.testing.assert_array_equal(got, ReferenceExecutor(g).run([x_val])[0])
+    kernels = [call.kernel for call in calls]
+    assert reduce.reduce_columns in kernels and reduce.reduce_rows not in kernels, kernels
+
+
 @FAST
 @given(
     dtype=INT8,
@@ -1043,7 +1091,7 @@ def test_global_average_pool_reduce_sum(dtype):
         "QLinearGlobalAveragePool", {"x": x}, consts, attrs, domain=MS, out=dtype
     )
     cpu = check_model(model, {"x": x})
-    assert "reduce_rows" in kernel_names(cpu._executor)
+    assert "reduce_sum" in kernel_names(cpu._executor)
 
 
 @FAST
@@ -1081,7 +1129,7 @@ def test_qlinear_average_pool(
     model = one_node_model("QLinearAveragePool", {"x": x}, consts, attrs, domain=MS, out=dtype)
     cpu = check_model(model, {"x": x})
     names = kernel_names(cpu._executor)
-    assert "qaverage_pool_2d" in names or "reduce_rows" in names, names
+    assert "qaverage_pool_2d" in names or "reduce_sum" in names, names
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])

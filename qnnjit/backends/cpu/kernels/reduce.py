@@ -3,7 +3,12 @@ fused: `sum over axes of (x - zp)`, exact, wrapped to int32, then the
 epilogue (`requant`).
 
 The reduced axes are moved last (a copy only when they are not already the
-trailing ones), so each output element is one contiguous row sum.
+trailing ones), so each output element is one contiguous row sum. A global
+pool of 8-bit codes over H and W reads a channels-last input (a conv's
+output) in place instead: every pixel is one contiguous row of C codes, so
+the sums run down the columns (`reduce_columns`), C of them a vector loop,
+where the row sums would first transpose the tensor and then sum rows of
+only H*W codes (49 for MobileNet's head).
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from ....ir.graph import Node
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
+from .layout import nhwc_bytes
 from .requant import build_epilogue, byte_codes, ep_tile, output_buffer, unsigned_view
+
+# Channels per `reduce_columns` task: a few vectors of sums, so that a wide
+# layer's head splits over threads even for one image.
+_COLUMN_BLOCK = 256
 
 
 @jit()
@@ -40,6 +50,36 @@ def reduce_rows(t0, t1, x2, flip, off, zp, inner, channels, out, chan_i, chan_f,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
 
 
+@jit()
+def reduce_columns(t0, t1, x3, flip, off, zp, inner, channels, out, chan_i, chan_f, sc_i, sc_f,
+                   table, other):  # fmt: skip
+    """Tasks t0..t1 of (image n, block of `_COLUMN_BLOCK` channels) of the
+    channels-last codes x3 [N, P, C]: result (n, c) = sum over the P pixels
+    of (code - zp), wrapped to int32, then the epilogue (output (n, c) at
+    n * C + c, its channel ((n * C + c) // inner) % channels). The int32
+    sums wrap as the int64 sum truncated would: the same result mod 2^32."""
+    _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
+    P, C = x3.shape[1], x3.shape[2]
+    blocks = (C + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
+    acc = np.empty((1, _COLUMN_BLOCK), np.int32)
+    sums = acc.reshape(_COLUMN_BLOCK)
+    fl = np.uint8(flip)
+    shift = np.int32(P * (zp + off))
+    for t in range(t0, t1):
+        n, b = t // blocks, t % blocks
+        c0 = b * _COLUMN_BLOCK
+        width = min(_COLUMN_BLOCK, C - c0)
+        sums[:] = 0
+        for p in range(P):
+            row = x3[n, p, c0 : c0 + width]
+            for c in range(width):
+                sums[U(c)] += np.int32(row[U(c)] ^ fl)
+        for c in range(width):
+            sums[U(c)] -= shift
+        ep_tile(acc, _0, _1, width, out, n * C + c0, _0, _1, _0, _0, _0, inner, channels,
+                chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
 def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
     x = node.inputs[0]
     zp = const_input(node, 1, "zero point")
@@ -58,12 +98,12 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
     ep = build_epilogue(chain, acc, channels, axis)
     flip, off = byte_codes(dt)
 
+    # over H and W of 8-bit codes with nothing else to read: channels-last
+    # inputs are summed in place (module doc)
+    pools_columns = rank == 4 and axes == [2, 3] and dt.bits == 8 and ep.other is None
+
     def run(x_array, other=None):
         shape = x_array.shape
-        moved = np.transpose(x_array, perm) if perm != list(range(rank)) else x_array
-        rows = int(math.prod([shape[i] for i in kept]))
-        length = int(math.prod([shape[i] for i in axes]))
-        x2 = unsigned_view(moved).reshape(rows, length)
         if keep:
             out_shape = tuple(1 if i in axes else d for i, d in enumerate(shape))
         else:
@@ -71,6 +111,18 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
         inner = int(math.prod(out_shape[axis + 1 :])) if axis is not None else 1
         out, flat = output_buffer(out_shape, ep.out_dtype)
         sc_i, sc_f = ep.scalars(out_shape, None if other is None else other.shape)
+        if pools_columns and _channels_last(x_array):
+            n, c, h, w = shape
+            x3 = nhwc_bytes(x_array).reshape(n, h * w, c)
+            tasks = n * -(-c // _COLUMN_BLOCK)
+            run_tasks(reduce_columns, tasks, x_array.size, ctx.num_threads, x3, flip, off, zp,
+                      max(inner, 1), channels, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
+                      ep.other_bytes(other, out_shape))  # fmt: skip
+            return [out]
+        moved = np.transpose(x_array, perm) if perm != list(range(rank)) else x_array
+        rows = int(math.prod([shape[i] for i in kept]))
+        length = int(math.prod([shape[i] for i in axes]))
+        x2 = unsigned_view(moved).reshape(rows, length)
         run_tasks(reduce_rows, rows, rows * length, ctx.num_threads, x2, flip, off, zp,
                   max(inner, 1), channels, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
                   ep.other_bytes(other, out_shape))  # fmt: skip
@@ -78,9 +130,15 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
 
     nodes = [node, *ep.nodes]
     inputs = [x] + ([ep.other] if ep.other is not None else [])
-    name = f"reduce_rows[{dt} axes={axes}]"
+    name = f"reduce_sum[{dt} axes={axes}]"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
-    return Kernel(label, run, inputs, nodes[-1].outputs, nodes)
+    return Kernel(label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=pools_columns)
+
+
+def _channels_last(array: np.ndarray) -> bool:
+    """Is the logical [N, C, H, W] `array`'s memory channels-last (a channels-
+    last kernel's output view), so that `nhwc_bytes` is free?"""
+    return array.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
 def _channel_axis(chain, acc) -> tuple[int | None, int]:
