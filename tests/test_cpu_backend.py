@@ -259,15 +259,20 @@ def test_column_split_cost_model(pixels, images, tile, threads):
 @pytest.mark.parametrize("kernel,m", [(3, 200), (1, 136)])
 def test_small_layers_split_their_output_channels_over_threads(x_dtype, kernel, m, monkeypatch):
     """A 7x7 layer on two threads is one pixel tile whose output channels
-    are split in two (whole NR panels, the last one partial), each thread
-    with its own narrower sums: the same bits."""
+    are split in two (whole NR panels, the last one partial: 16-column
+    panels pinned, 9 or 13 of them), each thread with its own narrower
+    sums: the same bits."""
+    import functools
+
     import numba
 
+    from qnnjit.backends.cpu import gemm
     from qnnjit.backends.cpu.kernels import _threads, conv_nhwc
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip(reason="one core: compiled models run on one thread")
     monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=16))
     chosen = []
     split = conv_nhwc.ChannelsLastConv.column_split
 

@@ -143,6 +143,23 @@ def test_default_configs_resnet_like_shapes(isa, threads):
             np.testing.assert_array_equal(c, reference(a, b), err_msg=f"{cfg.describe()}")
 
 
+@pytest.mark.skipif("avx512_vnni" not in RUNNABLE, reason="no AVX512-VNNI")
+def test_default_tile_takes_the_widest_unpadded_panel_at_small_k():
+    """Where several VNNI panel widths pad no columns, a small K (the output
+    stage weighs most) takes the widest, a large K the table's first; padding
+    still comes first (24 columns: one masked 32-wide panel, not 48)."""
+    wide_k, deep_k = 24, 1296
+    assert gemm._WIDE_PANELS_MAX_K >= wide_k and deep_k > gemm._WIDE_PANELS_MAX_K
+    widths = {
+        (n, k): gemm.default_config(3136, n, k, isa="avx512_vnni", threads=1).nr
+        for n in (24, 96, 144, 192) for k in (wide_k, deep_k)
+    }  # fmt: skip
+    assert widths == {
+        (24, wide_k): 32, (24, deep_k): 32, (96, wide_k): 48, (96, deep_k): 32,
+        (144, wide_k): 48, (144, deep_k): 16, (192, wide_k): 64, (192, deep_k): 64,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", ["pool", "numba"])
 def test_parallel_backends(backend, monkeypatch):
     monkeypatch.setenv("QNNJIT_GEMM_PARALLEL", backend)

@@ -86,12 +86,23 @@ _LANES = {"avx512_vnni": 16, "avx2": 8, "portable": 8}
 # Register-feasible microkernel tiles per ISA (accumulators + B vectors + one
 # broadcast fit the 32 zmm / 16 ymm registers), preferred first. On Zen 4 the
 # first five VNNI tiles measured within noise of each other (~430-440 GOPS on
-# the ResNet-18 shapes, one thread); 8x48 and 7x48 trailed by ~10%.
+# the ResNet-18 shapes, one thread); 8x48 and 7x48 trailed by ~10% then, by
+# 1.5-2% at K >= 576 with today's kernels, and lead at small K
+# (`_WIDE_PANELS_MAX_K`).
 _TILES = {
     "avx512_vnni": ((6, 64), (4, 64), (8, 32), (12, 32), (12, 16), (8, 48), (16, 16), (7, 48)),
     "avx2": ((6, 16), (4, 16), (4, 24), (2, 32), (3, 16), (8, 8)),
     "portable": ((4, 64), (4, 128), (2, 128), (4, 32), (4, 16)),
 }
+
+# Up to this K a GEMM's output stage weighs as much as its dot products, and
+# the widest panel that pads no more columns wins: one broadcast of A feeds
+# more vpdpbusd, and each row stores more bytes at once. Measured on Zen 4,
+# one thread, M = 3136: 8x48 over 12x16 +20% at K = 24 (N = 144, 240), +4%
+# at K = 144, +2% at K = 240; 8x48 over 8x32 +2% at K = 16 and +7% at K = 96
+# (N = 96), but -2% at K = 576 and -1.5% at K = 1296, where the table's
+# order stands.
+_WIDE_PANELS_MAX_K = 256
 
 _TASKS_PER_THREAD = 4
 # Below this many int8 ops (2*M*N*K) a GEMM runs on the calling thread: a pool
@@ -212,11 +223,16 @@ def default_config(
         fitting = [t for t in tiles if t[1] == nr]
         mr = fitting[0][0] if fitting else _max_rows(isa, nr)
     else:
-        # least column padding, then the first (best) tile in the table
+        # least column padding, then (at small K) the widest panel, then the
+        # first (best) tile in the table
         def waste(t):
             return _round_up(max(n, 1), t[1]) - n
 
-        mr, nr = min(tiles, key=lambda t: (waste(t) > 0.15 * max(n, 1), waste(t), tiles.index(t)))
+        def rank(t):
+            wide = -t[1] if k <= _WIDE_PANELS_MAX_K else 0
+            return waste(t) > 0.15 * max(n, 1), waste(t), wide, tiles.index(t)
+
+        mr, nr = min(tiles, key=rank)
     return _blocking(isa, mr, nr, m, n, k, threads)
 
 
