@@ -331,14 +331,16 @@ def _window_row(x, n, ih, flip, za, pad, xr, dst, PW, CP):
 
 
 @jit()
-def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder):
+def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder, edge):
     """xr[dst], as int16 pairs: input row ih of image n as a ``pairs`` row
     kernel reads it (`dwkernels`): pair e holds columns 2e and 2e + 1 of the
     padded row, channel by channel, low half first, each `code - za` (`pad`
     = pad - za outside the image), built by the generated `builder`
     (`dwkernels.pair_row_kernel`): the pairs inside the image straight from
     x, each border pair from a copy of its two columns with the pad byte
-    (the byte whose code - za is `pad`) in the padding."""
+    (the byte whose code - za is `pad`) in the padding, made in `edge` (2C
+    bytes, the caller's: one allocation per row cost as much as a 7x7
+    layer's whole row of pairs)."""
     H, W = x.shape[1], x.shape[2]
     row = xr[dst].view(np.int16)
     pairs = (row.size // (2 * C) + 1) // 2  # the padded width's columns, in pairs
@@ -348,34 +350,36 @@ def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder):
     xf = x.reshape(x.size)
     base = (n * H + ih) * W * C
     e0 = (PW + 1) // 2  # the first pair whose low column is in the image
-    e1 = max(e0, min(pairs, (W + PW - 1) // 2))  # past the last with both inside
+    e1 = max(e0, min(pairs, (W + PW) // 2))  # past the last with both inside
     call_pair_row(builder, xf[base + (2 * e0 - PW) * C :].ctypes.data, e1 - e0, C, flip, za,
                   row[2 * e0 * C :].ctypes.data)  # fmt: skip
-    two = np.empty(2 * C, np.uint8)
     pad_byte = np.uint8((np.int64(pad) + za) & 0xFF) ^ np.uint8(flip)
     for e in range(pairs):
         if e0 <= e < e1:
             continue
         for half in range(2):
             col = 2 * e - PW + half
+            o = half * C
             # Element loops, not slice assignments: an array-to-array slice
             # assignment costs ~1.7 s of Numba compile time (its shape-error
-            # message formatting), for a copy of a few dozen bytes.
+            # message formatting), for a copy of a few dozen bytes. Unsigned
+            # indices: no negative-index wrap, so the loops vectorize.
             if 0 <= col < W:
+                src = base + col * C
                 for ch in range(C):
-                    two[half * C + ch] = xf[base + col * C + ch]
+                    edge[U(o + ch)] = xf[U(src + ch)]
             else:
                 for ch in range(C):
-                    two[half * C + ch] = pad_byte
-        call_pair_row(builder, two.ctypes.data, 1, C, flip, za, row[2 * e * C :].ctypes.data)
+                    edge[U(o + ch)] = pad_byte
+        call_pair_row(builder, edge.ctypes.data, 1, C, flip, za, row[2 * e * C :].ctypes.data)
 
 
 @jit(inline=True)
-def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot, pairs):
+def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot, pairs, edge):
     """Make the ring `xr` hold the input rows of output row oh of image n
     (converting those it lacks: `_window_row`, or `_pair_row` for a pairs
-    row kernel, `pairs` then the address of its row builder); slot[kh] =
-    tap row kh's slot."""
+    row kernel, `pairs` then the address of its row builder, `edge` its
+    scratch); slot[kh] = tap row kh's slot."""
     KH, SH, PH, PW, DH = geo[GKH], geo[GSH], geo[GPH], geo[GPW], geo[GDH]
     span = xr.shape[0]
     for kh in range(KH):
@@ -384,7 +388,7 @@ def _ring_rows(x, n, oh, geo, flip, za, pad, xr, held, slot, pairs):
         key = n * geo[GHP] + ih + PH
         if held[s_] != key:
             if pairs:
-                _pair_row(x, n, ih, flip, za, pad, xr, s_, PW, x.shape[3], pairs)
+                _pair_row(x, n, ih, flip, za, pad, xr, s_, PW, x.shape[3], pairs, edge)
             else:
                 _window_row(x, n, ih, flip, za, pad, xr, s_, PW, xr.shape[1] // geo[GWP])
             held[s_] = key
@@ -414,6 +418,7 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
     span = (KH - 1) * geo[GDH] + 1
     xr = np.zeros((span, geo[GWP] * CP), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    edge = np.empty(0, np.uint8)  # float rows have no border pairs
     acc = np.empty(OW * CP, np.float32)
     sums = np.empty(OW * CP, np.int32)
     tile = sums.reshape(OW, CP)
@@ -421,7 +426,7 @@ def depthwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, wrow, fptr, out,
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     for t in range(t0, t1):
         n = t // OH
-        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot, 0)
+        _ring_rows(x, n, t - n * OH, geo, flip, za, np.float32(pad_shift), xr, held, slot, 0, edge)
         if fptr != 0:
             for kh in range(KH):
                 rows[kh] = xr[slot[kh]].ctypes.data
@@ -446,6 +451,7 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs,
     span = (KH - 1) * geo[GDH] + 1
     xr = np.zeros((span, geo[GWP] * C), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    edge = np.empty(2 * C, np.uint8)  # a border pair's two columns (`_pair_row`)
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     ep = _depthwise_requant_args(chan_i, chan_f)
@@ -453,7 +459,7 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs,
         n = t // OH
         dst = out.ctypes.data + t * OW * C
         _depthwise_row_requant(x, n, t - n * OH, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
-                               held, slot, rows, ep, dst)  # fmt: skip
+                               held, edge, slot, rows, ep, dst)  # fmt: skip
 
 
 @jit()
@@ -472,6 +478,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
     span = (KH - 1) * geo[GDH] + 1
     xr = np.zeros((span, geo[GWP] * C), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
+    edge = np.empty(2 * C, np.uint8)  # a border pair's two columns (`_pair_row`)
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     dw_ep = _depthwise_requant_args(dw_i, dw_f)
@@ -485,7 +492,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
         for j in range(count):
             dst = mid.ctypes.data + j * OW * C
             _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
-                                   held, slot, rows, dw_ep, dst)  # fmt: skip
+                                   held, edge, slot, rows, dw_ep, dst)  # fmt: skip
         o = ((n * OH + oh0) * OW) * M
         gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, 0, M,
                           ep, out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
@@ -500,11 +507,11 @@ def _depthwise_requant_args(chan_i, chan_f):
 
 
 @jit(inline=True)
-def _depthwise_row_requant(x, n, oh, geo, flip, za, pad_shift, ws, fptr, pairs, xr, held, slot,
-                           rows, ep, dst):  # fmt: skip
+def _depthwise_row_requant(x, n, oh, geo, flip, za, pad_shift, ws, fptr, pairs, xr, held, edge,
+                           slot, rows, ep, dst):  # fmt: skip
     """Output row oh of image n, requantized, to the address `dst`: the ring's
     input rows (`_ring_rows`), then the requantizing row kernel `fptr`."""
-    _ring_rows(x, n, oh, geo, flip, za, np.float32(pad_shift), xr, held, slot, pairs)
+    _ring_rows(x, n, oh, geo, flip, za, np.float32(pad_shift), xr, held, slot, pairs, edge)
     for kh in range(geo[GKH]):
         rows[kh] = xr[slot[kh]].ctypes.data
     call_depthwise_row(fptr, rows.ctypes.data, ws.ctypes.data, x.shape[3], geo[GOW], dst,
