@@ -354,9 +354,8 @@ def _pair_row(x, n, ih, flip, za, pad, xr, dst, PW, C, builder, edge):
     call_pair_row(builder, xf[base + (2 * e0 - PW) * C :].ctypes.data, e1 - e0, C, flip, za,
                   row[2 * e0 * C :].ctypes.data)  # fmt: skip
     pad_byte = np.uint8((np.int64(pad) + za) & 0xFF) ^ np.uint8(flip)
-    for e in range(pairs):
-        if e0 <= e < e1:
-            continue
+    for b in range(e0 + pairs - e1):  # the border pairs only: 0..e0 and e1..pairs
+        e = b if b < e0 else e1 + b - e0
         for half in range(2):
             col = 2 * e - PW + half
             o = half * C
