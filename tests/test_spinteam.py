@@ -135,8 +135,8 @@ def test_compiled_entry_is_per_argument_types():
         grid = np.zeros((3, 3), dtype)
         spinteam.run_ranges_spinning(_mark_compiled, 9, 2, hits, 2.0, grid)
         assert hits.tolist() == [1] * 9 and grid.sum() == 18.0
-    f32 = spinteam._native_entry(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float32)))
-    f64 = spinteam._native_entry(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float64)))
+    f32 = spinteam._entries(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float32)))[0]
+    f64 = spinteam._entries(_mark_compiled, (hits, 2.0, np.zeros((3, 3), np.float64)))[0]
     assert f32 and f64 and f32 != f64
 
 
@@ -186,7 +186,7 @@ def test_kernel_returning_a_value_runs_from_python():
     """The native call discards results, so a kernel with one is called from
     Python (its result unused, as `run_tasks` never reads one)."""
     hits = np.zeros(5, np.int64)
-    assert spinteam._native_entry(_mark_and_count, (hits,)) == 0
+    assert spinteam._entries(_mark_and_count, (hits,)) == (0, 0)
     spinteam.run_ranges_spinning(_mark_and_count, 5, 2, hits)
     assert hits.tolist() == [1] * 5
 

@@ -66,6 +66,9 @@ from .kernels.step_fusion import fuse_depthwise_pointwise
 
 # Input shapes whose recorded runs an executor keeps (`_keep`).
 _BOUND_SHAPES = 4
+# Input shapes an executor remembers having run once (`run`); past this many it
+# forgets them all, which only delays the next recordings by one run each.
+_SEEN_SHAPES = 256
 
 
 def resolve_num_threads(num_threads: int | None = None) -> int:
@@ -241,6 +244,8 @@ class CpuExecutor:
             finally:
                 free.append(binding)
         if key not in self._seen:
+            if len(self._seen) >= _SEEN_SHAPES:
+                self._seen.clear()
             self._seen.add(key)
             return self._run_steps(arrays)
         return self._record(arrays)

@@ -24,7 +24,7 @@ between kernels: its GIL-free loop (`_serve`) sees the new generation, calls
 the kernel's trampoline (`_trampoline`: one small function per argument
 types, which loads the tuple from `_ARGS` and calls the kernel), bumps its
 completion count and spins for the next. Both sides reach the kernel's
-compiled code through its native entry point (`_native_entry`: the address
+compiled code through its native entry point (`_entries`: the address
 of the overload for these argument types, looked up by Numba's own type
 fingerprint of the argument tuple), so neither holds the GIL while the other
 wants it. A hand-off to one helper and back costs about 7-9 us (median, a
@@ -314,16 +314,11 @@ def _await_helpers(states, helpers):
 _ENTRIES: dict[tuple, tuple[int, int]] = {}
 
 
-def _native_entry(kernel, args: tuple) -> int:
-    """The address of `kernel`'s native entry point for (t0, t1, *args), or 0
-    when it has none (not a Numba dispatcher, arguments Numba cannot
-    fingerprint, or a kernel that returns a value): such kernels are called
-    from Python."""
-    return _entries(kernel, args)[0]
-
-
 def _entries(kernel, args: tuple) -> tuple[int, int]:
-    """(`_native_entry`, its `_trampoline` or 0)."""
+    """(the address of `kernel`'s native entry point for (t0, t1, *args), its
+    `_trampoline`), or (0, 0) when it has none (not a Numba dispatcher,
+    arguments Numba cannot fingerprint, or a kernel that returns a value):
+    such kernels are called from Python."""
     if compute_fingerprint is None or not isinstance(kernel, Dispatcher):
         return 0, 0
     try:
