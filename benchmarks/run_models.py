@@ -7,7 +7,9 @@ target and by ONNX Runtime on the same inputs and thread counts in one run.
         [--threads 1 2] [--repeats 20] [--json results.json]
 
 Prints one table per model and variant (median and min latency, GOPS, ratio
-to ONNX Runtime). Report ratios, not absolute times: the machine is shared.
+to ONNX Runtime, and whether qnnjit's outputs are bit-identical to the
+reference interpreter's: the script exits non-zero if any is not). Report
+ratios, not absolute times: the machine is shared.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import full_size_match as fsm  # noqa: E402
 import modelzoo  # noqa: E402
 
-from qnnjit.bench import bench_model, format_table  # noqa: E402
+from qnnjit.bench import bench_model, format_table, inexact_rows  # noqa: E402
 
 VARIANTS = {
     "u8s8": modelzoo.Variant(per_channel=True),
@@ -64,6 +66,9 @@ def main():
                 results.append(result)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    wrong = [r["model"] for r in results if inexact_rows(r)]
+    if wrong:
+        sys.exit(f"outputs differ from the reference interpreter: {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Latency is reported as median and min over repeats (the machine is shared and
 noisy; absolute times drift, so the ratio to ONNX Runtime measured in the same
 run is the figure that means something). Work is counted from the compiled
 graph: 2 * multiply-accumulates of every convolution and matrix product.
+
+Each qnnjit row also says whether its outputs on the benchmark's inputs are
+bit-identical to the reference interpreter's (column "exact"): a fast wrong
+kernel shows up in the same table as its speed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Measurement:
     median_ms: float
     min_ms: float
     gops: float
+    exact: bool | None = None  # outputs bit-identical to the reference (None: not checked)
 
 
 def count_ops(graph) -> int:
@@ -93,20 +98,29 @@ def ort_session(model_path: str, threads: int):
     return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
 
 
-def bench_model(model_path, *, target=None, batches=(1,), threads=(1,), repeats=20) -> dict:
+def bench_model(
+    model_path, *, target=None, batches=(1,), threads=(1,), repeats=20, check=True
+) -> dict:
+    """Time qnnjit (each thread count) and ONNX Runtime on the same inputs;
+    with `check`, also compare qnnjit's outputs with the reference
+    interpreter's, bit for bit (row field "exact")."""
     rows: list[Measurement] = []
     start = time.perf_counter()
     compiled = {t: api.compile(model_path, target=target, num_threads=t) for t in threads}
     compile_s = (time.perf_counter() - start) / len(threads)
     any_model = next(iter(compiled.values()))
+    reference = None
+    if check and any_model.target != "reference":
+        reference = api.compile(model_path, target="reference")
     for batch in batches:
         feeds = make_inputs(any_model, batch)
         ops = count_ops(any_model.graph) * batch
+        want = reference.run(feeds) if reference is not None else None
         for t in threads:
             model = compiled[t]
             median, best = time_calls(lambda m=model, f=feeds: m.run(f), repeats)
             rows.append(Measurement(f"qnnjit-{model.target}", t, batch, median, best,
-                                    ops / best / 1e6))  # fmt: skip
+                                    ops / best / 1e6, _same(model.run(feeds), want)))  # fmt: skip
             try:
                 session = ort_session(str(model_path), t)
             except ImportError:
@@ -122,12 +136,27 @@ def bench_model(model_path, *, target=None, batches=(1,), threads=(1,), repeats=
     }
 
 
+def _same(got: dict, want: dict | None) -> bool | None:
+    """Are the outputs `got` bit-identical (dtype, shape, values) to `want`?"""
+    if want is None:
+        return None
+    return all(
+        got[name].dtype == value.dtype and np.array_equal(got[name], value)
+        for name, value in want.items()
+    )
+
+
+def inexact_rows(result: dict) -> list[dict]:
+    """The rows whose outputs differ from the reference interpreter's."""
+    return [row for row in result["rows"] if row.get("exact") is False]
+
+
 def format_table(result: dict) -> str:
     rows = result["rows"]
     lines = [
         f"model {result['model']}  (compile {result['compile_seconds']:.2f} s)",
         f"{'engine':18s} {'threads':>7s} {'batch':>5s} {'median ms':>10s} {'min ms':>8s} "
-        f"{'GOPS':>7s} {'vs ORT':>7s}",
+        f"{'GOPS':>7s} {'vs ORT':>7s} {'exact':>6s}",
     ]
     ort_min = {
         (r["threads"], r["batch"]): r["min_ms"] for r in rows if r["engine"] == "onnxruntime"
@@ -135,10 +164,13 @@ def format_table(result: dict) -> str:
     for r in rows:
         ratio = ort_min.get((r["threads"], r["batch"]))
         speedup = f"{ratio / r['min_ms']:.2f}x" if ratio else "-"
+        exact = {True: "yes", False: "NO", None: "-"}[r.get("exact")]
         lines.append(
             f"{r['engine']:18s} {r['threads']:7d} {r['batch']:5d} {r['median_ms']:10.2f} "
-            f"{r['min_ms']:8.2f} {r['gops']:7.1f} {speedup:>7s}"
+            f"{r['min_ms']:8.2f} {r['gops']:7.1f} {speedup:>7s} {exact:>6s}"
         )
+    if inexact_rows(result):
+        lines.append("outputs differ from the reference interpreter where exact is NO")
     return "\n".join(lines)
 
 

@@ -51,9 +51,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    from .bench import inexact_rows
     from .bench import main as bench_main
 
-    bench_main(
+    result = bench_main(
         args.model,
         target=args.target,
         batches=tuple(args.batch),
@@ -61,7 +62,7 @@ def _cmd_bench(args) -> int:
         repeats=args.repeats,
         json_path=args.json,
     )
-    return 0
+    return 1 if inexact_rows(result) else 0  # a wrong answer fails the command
 
 
 def _not_built(name: str, issue: str):
