@@ -1016,7 +1016,8 @@ def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, thre
     """A conv's channels-last output pooled over H and W is summed down its
     pixel rows (`reduce_columns`), not copied to NCHW first: 300 channels
     (a second, partial block of `_COLUMN_BLOCK`), three images, every task
-    on its own range with two threads, against the reference."""
+    on its own range with two threads, a per-tensor requantize or a bias and
+    a per-channel one, against the reference."""
     from qnnjit.backends.cpu.kernels import _threads, reduce
 
     monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
@@ -1039,6 +1040,9 @@ def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, thre
         {"dtype": dt, "rounding": "half_even_float", "axis": 1},
     ).outputs[0]  # fmt: skip
     acc = g.add_node("qreduce_sum", [y, g.constant(zp[:1].reshape(()))], {"axes": [2, 3]})
+    if per_channel:  # a bias add, fused into the epilogue too
+        bias = g.constant(rng.integers(-900, 900, (channels, 1, 1)).astype(np.int32))
+        acc = g.add_node("add", [acc.outputs[0], bias])
     # about 1 / pixels: each pixel moves the mean by up to 8 codes
     pooled_mult = rng.uniform(0.02, 0.04, channels if per_channel else 1).astype(np.float32)
     pooled_zp = codes(rng, dt.numpy, (channels,) if per_channel else ())
