@@ -128,6 +128,36 @@ def test_bindings_are_kept_for_a_few_shapes_only(model_zoo, monkeypatch):
     assert kept == [4, 5, 6, 7]
 
 
+def test_a_binding_holds_about_the_live_tensors_not_all_of_them(model_zoo):
+    """The recording draws each step's results from buffers whose tensors no
+    later step reads (`kernels/_buffers.py`): a binding's memory is within
+    twice the largest set of tensors live at once (best fit leaves some
+    slack), and well under the sum of every result. (That the reuse never
+    overwrites a live tensor is what the bit-exact replays above check.)"""
+    from modelzoo import example_input
+
+    from qnnjit.backends.cpu.kernels._buffers import root
+
+    path, ref = _zoo_model(model_zoo, "mobilenetv2_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+    x = example_input("mobilenetv2_style", batch=4, seed=0)
+    for _ in range(3):  # plain, recorded, replayed
+        np.testing.assert_array_equal(cpu(x), ref(x))
+    binding, executor = _binding(cpu, 4), cpu._executor
+    results = [binding.env[s] for _, _, writes, _ in executor._plan_steps for s in writes]
+    pooled = {id(root(r)): root(r).nbytes for r in results if root(r).dtype == np.uint8}
+    live, live_bytes = set(executor._input_slots), []
+    for _, _, writes, frees in executor._plan_steps:
+        live.update(writes)
+        roots = {id(root(binding.env[s])): root(binding.env[s]) for s in live if s not in
+                 executor._input_slots}  # fmt: skip
+        live_bytes.append(sum(r.nbytes for r in roots.values()))
+        live.difference_update(frees)
+    total = sum(pooled.values())
+    assert total <= 2 * max(live_bytes)
+    assert total < 0.6 * sum(r.nbytes for r in results), (total, len(results))
+
+
 def test_a_failing_replayed_call_names_its_node(model_zoo):
     from modelzoo import example_input
 

@@ -25,8 +25,11 @@ copied into its recorded buffers, which the replayed steps read.
 
 This is also the run's buffer plan: a replayed run allocates no arrays but
 the copies of the graph outputs it returns (the kernels' per-task scratch
-aside). The price is memory: a binding keeps every intermediate tensor of
-the run alive, where a plain run frees each one after its last reader.
+aside). A binding keeps its buffers as long as it lives, so the recorded
+call of each step draws its results from a pool (`kernels/_buffers.py`)
+that reuses the buffers of tensors no later step reads (the plan's
+`frees`): a binding holds about the largest set of tensors live at once,
+not every intermediate tensor of the run.
 
 A binding serves one run at a time; a concurrent run records another.
 """
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import QnnjitError
+from .kernels._buffers import Pool, pooled
 from .kernels._threads import TaskCall, recording
 
 
@@ -86,10 +90,13 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
     graph_inputs = set(executor._input_slots)
     calls: list[tuple[Callable[[], None], object]] = []
     replayed, reruns = 0, []
-    for step, reads, writes, _frees in executor._plan_steps:
+    pool, live = Pool(), set(graph_inputs)  # live: the slots a later step or the caller reads
+    for step, reads, writes, frees in executor._plan_steps:
         inputs = [env[s] for s in reads]
         first = _recorded(executor, step, inputs)
-        results, made = second = _recorded(executor, step, inputs)
+        pool.hold_only(env[s] for s in live)
+        with pooled(pool):  # the kept call's results: in buffers no live tensor uses
+            results, made = second = _recorded(executor, step, inputs)
         if graph_inputs.isdisjoint(reads) and _replayable(inputs, first, second):
             calls.extend((call.bound(), step) for call in made)
             replayed += 1
@@ -98,6 +105,8 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
             reruns.append(step)
         for s, result in zip(writes, results):
             env[s] = result
+        live.update(writes)
+        live.difference_update(frees)  # their buffers may take later results
     outputs = executor._outputs
     binding = Binding(list(executor._input_slots), env, calls, outputs, replayed, reruns)
     copies = _output_copies(env, outputs)

@@ -16,6 +16,7 @@ from .... import numerics
 from ....ir import dtypes
 from ....ir.graph import Node
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
+from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
@@ -120,7 +121,7 @@ def lower_qadd(node: Node, ctx: LowerContext) -> Kernel:
 
         def run(x, y):
             shape = np.broadcast_shapes(x.shape, y.shape)
-            out = np.empty(shape, dtype.numpy)
+            out = empty(shape, dtype.numpy)
             a_first = ort_broadcast_mode(x.shape, y.shape) != "scalar0"
             flat = unsigned_view(out).reshape(-1)
             run_tasks(qadd_flat, flat.size, 8 * flat.size, ctx.num_threads,
@@ -144,7 +145,7 @@ def lower_qmul(node: Node, ctx: LowerContext) -> Kernel:
 
         def run(x, y):
             shape = np.broadcast_shapes(x.shape, y.shape)
-            out = np.empty(shape, dtype.numpy)
+            out = empty(shape, dtype.numpy)
             flat = unsigned_view(out).reshape(-1)
             run_tasks(qmul_flat, flat.size, 8 * flat.size, ctx.num_threads,
                       _flat(x, shape), _flat(y, shape), codes, r, zcf, flat)  # fmt: skip
@@ -171,7 +172,7 @@ def lower_lookup(node: Node, ctx: LowerContext) -> Kernel:
         raise Decline(f"table of {table.dtype}")
 
     def run(x_array):
-        out = np.empty(x_array.shape, out_dt)
+        out = empty(x_array.shape, out_dt)
         view = unsigned_view(out) if out_dt.kind in "iu" else out
         flat = view.reshape(-1)
         run_tasks(
@@ -216,7 +217,7 @@ def lower_clip(node: Node, ctx: LowerContext) -> Kernel:
     lo, hi = ((code & mask) ^ flip for code in clip_bounds(node, dt))
 
     def run(x_array):
-        out = np.empty(x_array.shape, dt.numpy)
+        out = empty(x_array.shape, dt.numpy)
         flat = unsigned_view(out).reshape(-1)
         run_tasks(clip_flat, flat.size, 2 * flat.size, ctx.num_threads,
                   unsigned_view(x_array).reshape(-1), flip, lo, hi, flat)  # fmt: skip

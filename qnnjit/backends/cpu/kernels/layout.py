@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._buffers import empty
 from ._numba import U, jit
 
 # The unsigned type of each element width: kernels see every integer tensor
@@ -83,5 +84,5 @@ def channels_last_output(shape, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(logical [N, C, H, W] result, flat unsigned view of its NHWC memory that a
     kernel writes) for an output of logical `shape`."""
     n, c, h, w = shape
-    buffer = np.empty((n, h, w, c), dtype=dtype)
+    buffer = empty((n, h, w, c), dtype)
     return nchw_view(buffer), buffer.view(UNSIGNED[buffer.dtype.itemsize]).reshape(-1)

@@ -19,6 +19,7 @@ from ....ir.ops.nn import window_output_size
 from .. import dwkernels
 from ..calls import call_depthwise_row
 from ..features import select_isa
+from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
@@ -186,7 +187,7 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
                 fptr,
             )  # fmt: skip
             return [out[:, :, 0, :] if one_d else out]
-        out = np.empty((n, c, oh, ow), x_array.dtype)
+        out = empty((n, c, oh, ow), x_array.dtype)
         run_tasks(
             max_pool_2d,
             n * c,
@@ -294,7 +295,7 @@ def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
         with np.errstate(all="ignore"):
             gscale = np.float32(xs / np.float32(ys * np.float32(h * w)))
         fl = np.array([xs, ys, gscale], np.float32)
-        out = np.empty((n, c, oh, ow), dt.numpy)
+        out = empty((n, c, oh, ow), dt.numpy)
         run_tasks(qaverage_pool_2d, n * c, n * c * oh * ow * ksize, ctx.num_threads,
                   unsigned_view(x4), geo, codes, fl, unsigned_view(out).reshape(-1))  # fmt: skip
         return [np.ascontiguousarray(np.moveaxis(out, 1, -1)) if channels_last else out]

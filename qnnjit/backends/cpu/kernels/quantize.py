@@ -27,6 +27,7 @@ import numpy as np
 
 from ....ir import dtypes
 from ....ir.graph import Node
+from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
@@ -170,7 +171,7 @@ def lower_quantize(node: Node, ctx: LowerContext) -> Kernel:
 
     def run(x_array):
         xf = kernel_array(x_array, np.float32).reshape(-1)
-        out = np.empty(x_array.shape, dtype.numpy)
+        out = empty(x_array.shape, dtype.numpy)
         if axis is not None and x_array.shape[axis] != channels:
             raise ValueError(f"axis {axis} has {x_array.shape[axis]} entries, {channels} scales")
         inner = _inner(x_array.shape, axis)

@@ -47,6 +47,7 @@ from .... import numerics
 from ....ir import dtypes
 from ....ir.graph import Node, Value
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
+from ._buffers import empty
 from ._lowering import Chain, Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
@@ -624,7 +625,7 @@ def _add_clip(ep: Epilogue, clip: Node) -> None:
 
 def output_buffer(shape, dtype: dtypes.DType):
     """(result array, flat unsigned view the kernel writes)."""
-    out = np.empty(shape, dtype=dtype.numpy)
+    out = empty(shape, dtype.numpy)
     return out, out.view(UNSIGNED[out.dtype.itemsize]).reshape(-1)
 
 
