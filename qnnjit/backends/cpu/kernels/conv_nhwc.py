@@ -194,6 +194,19 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
         r += end - ow
 
 
+@jit(inline=True)
+def _im2col_tile(rows, K, K4):
+    """An im2col tile of `rows` rows of K4 bytes whose columns K..K4 are zero
+    (the weights there are zero too, but the zero keeps every A row's bytes
+    defined); the rest is left for `_a_rows` to fill. np.zeros of the whole
+    tile cleared up to 0.9 MB per call for nothing."""
+    a = np.empty((rows, K4), np.uint8)
+    for r in range(rows):
+        for k in range(K, K4):
+            a[U(r), U(k)] = 0
+    return a
+
+
 @jit()
 def _row_sums(a, rows, K, rowsum):
     for r in range(rows):
@@ -244,7 +257,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
     K = geo[GKH] * geo[GKW] * C
     mr = gp[G_MR]
     tiles = (P + Pt - 1) // Pt
-    a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
+    a = _im2col_tile(0 if direct else Pt, K, gp[G_K4])
     rowsum = np.zeros(Pt, np.int64)
     c = np.empty((Pt, M), np.int32)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
@@ -281,7 +294,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
     Pt, splits, nr = geo[GPT], geo[GNS], gp[G_NR]
     tiles = (P + Pt - 1) // Pt
     span = ((M + nr - 1) // nr + splits - 1) // splits * nr  # columns per split
-    a = np.zeros((0 if direct else Pt, gp[G_K4]), np.uint8)  # columns K..K4 stay zero
+    a = _im2col_tile(0 if direct else Pt, geo[GKH] * geo[GKW] * C, gp[G_K4])
     c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
     ep = _requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
