@@ -40,6 +40,7 @@ def _binding(cpu, batch):
         ("resnet_style", "qdq_u8s8_pc"),
         ("mobilenetv2_style", "qoperator_s8s8_pt_pow2"),
         ("inception_style", "qdq_u8s8_pc"),
+        ("mlp_attention", "qdq_s8s8_pc_sym_pow2"),
     ],
 )
 def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypatch, name,
@@ -63,7 +64,8 @@ def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypa
     reruns = [step.name for step in binding.rerun_steps]
     assert binding.replayed_steps + len(reruns) == steps
     assert reruns[0].startswith("quantize")
-    assert len(reruns) <= (6 if name == "inception_style" else 1), reruns
+    most = {"inception_style": 6, "mlp_attention": 18}.get(name, 1)  # NumPy steps, broadcasts
+    assert len(reruns) <= most, reruns
 
 
 def test_runs_leave_the_callers_arrays_alone_and_return_their_own(model_zoo):
