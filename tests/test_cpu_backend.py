@@ -579,6 +579,39 @@ def test_matmul_integer_row_and_column_zero_points():
         check_model(one_node_model("MatMulInteger", feeds, consts, attrs, out=np.int32), feeds)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_of_few_rows_splits_its_columns_over_threads(rows, threads, monkeypatch):
+    """A classifier's matmul at batch 1 has one row tile: on two threads
+    each takes a range of whole NR panels (the last one partial), with the
+    row and column zero points folded per column range (MatMulInteger: no
+    epilogue) and a requantize with a per-column scale (QLinearMatMul)."""
+    from qnnjit.backends.cpu.kernels import _threads, matmul
+
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    chosen = []
+    split = matmul._column_splits
+    monkeypatch.setattr(
+        matmul, "_column_splits", lambda *args: chosen.append(split(*args)) or chosen[-1]
+    )
+    rng = np.random.default_rng(rows * 10 + threads)
+    n = 203  # several panels of any width, the last partial
+    a, b = codes(rng, np.uint8, (rows, 40)), codes(rng, np.int8, (40, n))
+    consts = {"b": b, "az": codes(rng, np.uint8, (rows,)), "bz": codes(rng, np.int8, (n,))}
+    attrs = {"order": ["a", "b", "az", "bz"]}
+    model = one_node_model("MatMulInteger", {"a": a}, consts, attrs, out=np.int32)
+    check_model(model, {"a": a}, num_threads=threads)
+    consts = {
+        "as": np.float32(0.02), "az": scalar(np.uint8, 7), "b": b,
+        "bs": rng.uniform(1e-3, 2e-3, n).astype(np.float32), "bz": np.zeros(n, np.int8),
+        "ys": np.float32(0.05), "yz": scalar(np.uint8, 120),
+    }  # fmt: skip
+    attrs = {"order": ["a", "as", "az", "b", "bs", "bz", "ys", "yz"]}
+    model = one_node_model("QLinearMatMul", {"a": a}, consts, attrs, out=np.uint8)
+    check_model(model, {"a": a}, num_threads=threads)
+    assert chosen and set(chosen) == {threads}, chosen
+
+
 def test_matmul_accumulator_wraps_at_large_k():
     """K = 70000 products of 255 * 127 leave int32: the sum wraps, exactly as
     the reference's int64-then-wrap does, on the GEMM engine's path."""

@@ -9,7 +9,7 @@ driver serves every layer (tile sizes and addresses are run-time arguments).
 
 Two orientations:
 
-- matmul (`plan_gemm`, `gemm_tile`): C[rows, N] = A @ B with the activation
+- matmul (`plan_gemm`, `gemm_columns`): C[rows, N] = A @ B with the activation
   rows as the u8 operand A (signed activations arrive as `code + 128`, see
   `requant.byte_codes`) and the constant weights packed once as B
   (`gemm.pack_b`); C's rows are the output's rows.
@@ -115,31 +115,19 @@ def plan_gemm(b_groups: list[np.ndarray], rows_hint: int) -> GemmPlan:
 
 
 @jit()
-def gemm_tile(a, rows, c, g, fptrs, data, init, gp):
-    """c[:rows, :] = a[:rows, :K] @ B_g (int32, exact modulo 2^32). `a` is
-    uint8 [>= rows, K4] with columns K..K4 zero; `c` int32 [>= rows, N]."""
-    n = c.shape[1]
-    mr = gp[G_MR]
-    mc = ((rows + mr - 1) // mr) * mr
+def gemm_columns(a, rows, c, n0, n1, fptrs, data, init, gp):
+    """c[:rows, :n1 - n0] = a[:rows, :K] @ B[:, n0:n1] (int32, exact modulo
+    2^32), column j at c[:, j - n0]: the panels of columns n0..n1 only (n0 a
+    multiple of NR). `a` is uint8 [>= rows, K4] with columns K..K4 zero; `c`
+    int32 [>= rows, >= n1 - n0]."""
+    nr, mr = gp[G_NR], gp[G_MR]
+    n = n1 - n0
     drivers.run_serial(
-        fptrs,
-        a.ctypes.data,
-        a.shape[1],
-        rows,
-        gp[G_KG],
-        data.ctypes.data + g * gp[G_GROUP_BYTES],
-        gp[G_PANEL_BYTES],
-        gp[G_NR],
-        c.ctypes.data,
-        n,
-        n,
-        init.ctypes.data,
-        mr,
-        gp[G_KCG],
-        mc,
-        gp[G_NC],
-        gp[G_DESC],
-    )
+        fptrs, a.ctypes.data, a.shape[1], rows, gp[G_KG],
+        data.ctypes.data + (n0 // nr) * gp[G_PANEL_BYTES], gp[G_PANEL_BYTES], nr,
+        c.ctypes.data, c.shape[1], n, init.ctypes.data + 4 * n0, mr, gp[G_KCG],
+        ((rows + mr - 1) // mr) * mr, ((n + nr - 1) // nr) * nr, gp[G_DESC],
+    )  # fmt: skip
 
 
 @jit()

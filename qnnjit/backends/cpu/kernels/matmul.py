@@ -27,7 +27,7 @@ import numpy as np
 
 from ....ir import dtypes
 from ....ir.graph import Node
-from ._gemm import gemm_tile, plan_gemm
+from ._gemm import G_K4, G_NR, gemm_columns, plan_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import jit
 from ._threads import run_tasks
@@ -42,19 +42,26 @@ from .requant import (
 
 
 @jit()
-def matmul_gemm(t0, t1, a2, flip, tile, za, za_period, zb, need_rowsum, colsum, fptrs, data, init,
-                gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
-    """Row tiles t0..t1 of `a2 @ B` (a2: [R, K] stored bytes, flipped to u8 by
-    `flip`), zero points folded, then the epilogue (column j is channel j)."""
+def matmul_gemm(t0, t1, a2, flip, tile, splits, za, za_period, zb, need_rowsum, colsum, fptrs, data,
+                init, gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+    """Tasks t0..t1 of `a2 @ B` (a2: [R, K] stored bytes, flipped to u8 by
+    `flip`), zero points folded, then the epilogue (column j is channel j):
+    task t is row tile t // splits, columns split t % splits of `splits`
+    (whole NR panels: `_column_span`)."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
     R, K = a2.shape
     N = zb.size
-    K4 = gp[1]
+    K4, nr = gp[G_K4], gp[G_NR]
+    span = _column_span(N, nr, splits)
     a = np.zeros((tile, K4), np.uint8)  # columns K..K4 stay zero
     rowsum = np.zeros(tile, np.int64)
-    c = np.empty((tile, N), np.int32)
+    c = np.empty((tile, min(span, N)), np.int32)
     for t in range(t0, t1):
-        r0 = t * tile
+        r0 = (t // splits) * tile
+        n0 = (t % splits) * span
+        n1 = min(N, n0 + span)
+        if n0 >= n1:
+            continue
         rows = min(tile, R - r0)
         for r in range(rows):
             s = 0
@@ -63,15 +70,23 @@ def matmul_gemm(t0, t1, a2, flip, tile, za, za_period, zb, need_rowsum, colsum, 
                 a[r, k] = v
                 s += v
             rowsum[r] = s
-        gemm_tile(a, rows, c, _0, fptrs, data, init, gp)
+        gemm_columns(a, rows, c, n0, n1, fptrs, data, init, gp)
         for r in range(rows):
             zar = za[(r0 + r) % za_period]
             rs = rowsum[r] if need_rowsum else 0
             if rs != 0 or zar != 0:
-                for j in range(N):
-                    c[r, j] = np.int32(c[r, j] - zb[j] * rs - zar * colsum[j] + K * zar * zb[j])
-        ep_tile(c, _0, rows, N, out, r0 * N, N, _1, _0, _0, _1, _0, N,
+                for j in range(n0, n1):
+                    c[r, j - n0] = np.int32(
+                        c[r, j - n0] - zb[j] * rs - zar * colsum[j] + K * zar * zb[j]
+                    )
+        ep_tile(c, _0, rows, n1 - n0, out, r0 * N + n0, N, _1, n0, _0, _1, _0, N,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
+@jit(inline=True)
+def _column_span(n, nr, splits):
+    """Columns per split: whole NR panels, as even as they come."""
+    return ((n + nr - 1) // nr + splits - 1) // splits * nr
 
 
 @jit()
@@ -196,12 +211,12 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
             plan.ensure_rows(tile)
             plan.ensure_rows(rows % tile or tile)
             sc_i, sc_f = ep.scalars(out_shape, None if other is None else other.shape)
-            tasks = -(-rows // tile)
+            splits = _column_splits(-(-rows // tile), plan, ctx.num_threads)
             run_tasks(
-                matmul_gemm, tasks, rows * k * n_dim, ctx.num_threads, a2, a_flip, tile, za_s,
-                za_period, zb_cols, need_rowsum, colsum, plan.fptrs, plan.data, plan.init,
-                plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
-                ep.other_bytes(other, out_shape),
+                matmul_gemm, -(-rows // tile) * splits, rows * k * n_dim, ctx.num_threads, a2,
+                a_flip, tile, splits, za_s, za_period, zb_cols, need_rowsum, colsum, plan.fptrs,
+                plan.data, plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f,
+                ep.table, ep.other_bytes(other, out_shape),
             )  # fmt: skip
             return [out]
 
@@ -273,6 +288,16 @@ def _tile_rows(rows: int, plan, threads: int) -> int:
     if _ceil_div(rows, tile) < threads and rows > mr:
         tile = max(mr, _round_up(_ceil_div(rows, threads), mr))
     return tile
+
+
+def _column_splits(row_tiles: int, plan, threads: int) -> int:
+    """Column ranges per row tile: 1, or one per thread when there are fewer
+    row tiles than threads and enough NR panels (a batch-1 classifier: one
+    row, whose weights each thread then streams only a share of)."""
+    panels = _ceil_div(plan.n, plan.config.nr)
+    if row_tiles >= threads or panels < threads:
+        return 1
+    return threads
 
 
 def _ceil_div(a: int, b: int) -> int:
