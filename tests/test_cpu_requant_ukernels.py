@@ -135,7 +135,7 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     """One row block through `gemm_requant_rows` with `kind` kernels against
     the engine's int32 sums plus `ep_tile`; returns the expected bytes."""
     b = rng.integers(-128, 128, (K, n)).astype(np.int8)
-    plan = plan_gemm([b], ROWS)
+    plan = plan_gemm(b, ROWS)
     plan.ensure_rows(ROWS, kind)
     gp = plan.gparams.copy()
     gp[G_KCG] = 64  # KC = 256: four K blocks, the last one partial

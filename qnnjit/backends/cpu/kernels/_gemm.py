@@ -36,23 +36,21 @@ from ._numba import jit
 (EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS,
  EP_YLO, EP_YHI, EP_YFLIP) = range(len(REQUANT_FIELDS))  # fmt: skip
 # gparams slots
-G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_GROUP_BYTES, G_NC = range(9)
+G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_NC = range(8)
 
 
 @dataclass
 class GemmPlan:
-    """Packed weights of `groups` GEMMs sharing K and N, and the engine's
-    parameters for them."""
+    """Packed weights of a GEMM, and the engine's parameters for it."""
 
     config: gemm.GemmConfig
-    data: np.ndarray  # int8 [groups, panels, k_groups, nr*4]
+    data: np.ndarray  # int8 [panels, k_groups, nr*4]
     init: np.ndarray  # int32 [panels*nr], zeros
     fptrs: np.ndarray  # int64 [mr]: microkernel addresses by row count (0: not compiled)
     gparams: np.ndarray  # int64, the G_* slots
-    packed: object  # the first group's PackedB (the engine picks kernels from it)
+    packed: object  # the PackedB (the engine picks kernels from it)
     k: int
     n: int
-    i16_ok: bool  # may the engine prove the AVX2 i16-pair kernel safe (one group)
 
     @property
     def k4(self) -> int:
@@ -66,17 +64,13 @@ class GemmPlan:
         """Compile (or load) the microkernels a tile of `rows` rows runs (with
         `requant`, also the requantizing ones of the last K block)."""
         if rows > 0:
-            gemm.microkernels(self.config, self.packed, allow_i16_pairs=self.i16_ok, m=rows)
+            gemm.microkernels(self.config, self.packed, m=rows)
         if rows > 0 and requant:
-            gemm.microkernels(
-                self.config, self.packed, allow_i16_pairs=self.i16_ok, m=rows, requant=requant
-            )
+            gemm.microkernels(self.config, self.packed, m=rows, requant=requant)
 
     def requant_fptrs(self, requant: str) -> np.ndarray:
         """The requantizing microkernels' table (`ensure_rows` compiles them)."""
-        fptrs, _ = gemm.microkernels(
-            self.config, self.packed, allow_i16_pairs=self.i16_ok, requant=requant
-        )
+        fptrs, _ = gemm.microkernels(self.config, self.packed, requant=requant)
         return fptrs
 
     def init_with(self, bias: np.ndarray) -> np.ndarray:
@@ -89,29 +83,25 @@ class GemmPlan:
         return self.config.describe()
 
 
-def plan_gemm(b_groups: list[np.ndarray], rows_hint: int) -> GemmPlan:
-    """Pack `b_groups` (each int8 [K, N]) for tiles of about `rows_hint` rows."""
-    k, n = b_groups[0].shape
+def plan_gemm(b: np.ndarray, rows_hint: int) -> GemmPlan:
+    """Pack `b` (int8 [K, N]) for tiles of about `rows_hint` rows."""
+    k, n = b.shape
     config = gemm.default_config(max(rows_hint, 1), n, k, threads=1)
-    packed = [gemm.pack_b(np.ascontiguousarray(b, dtype=np.int8), config) for b in b_groups]
-    data = np.ascontiguousarray(np.stack([p.data for p in packed]))
-    first = packed[0]
+    packed = gemm.pack_b(np.ascontiguousarray(b, dtype=np.int8), config)
     # A is u8 over its whole range; on AVX2 the engine proves (or refutes) from
-    # the weights that the fast i16-pair kernel cannot saturate (one group here).
-    i16_ok = len(packed) == 1
-    fptrs, desc = gemm.microkernels(config, first, allow_i16_pairs=i16_ok)
-    gparams = np.zeros(9, np.int64)
+    # the weights that the fast i16-pair kernel cannot saturate.
+    fptrs, desc = gemm.microkernels(config, packed)
+    gparams = np.zeros(8, np.int64)
     gparams[G_DESC] = desc
-    gparams[G_K4] = first.k_groups * 4
-    gparams[G_KG] = first.k_groups
+    gparams[G_K4] = packed.k_groups * 4
+    gparams[G_KG] = packed.k_groups
     gparams[G_NR] = config.nr
     gparams[G_MR] = config.mr
     gparams[G_KCG] = config.kc // 4
-    gparams[G_PANEL_BYTES] = first.k_groups * config.nr * 4
-    gparams[G_GROUP_BYTES] = data[0].nbytes
-    gparams[G_NC] = first.panels * config.nr
-    init = np.zeros(first.panels * config.nr, np.int32)
-    return GemmPlan(config, data, init, fptrs, gparams, first, k, n, i16_ok)
+    gparams[G_PANEL_BYTES] = packed.k_groups * config.nr * 4
+    gparams[G_NC] = packed.panels * config.nr
+    init = np.zeros(packed.panels * config.nr, np.int32)
+    return GemmPlan(config, np.ascontiguousarray(packed.data), init, fptrs, gparams, packed, k, n)
 
 
 @jit()

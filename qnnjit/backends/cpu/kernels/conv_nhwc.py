@@ -574,7 +574,7 @@ class ChannelsLastConv:
                  pointwise: bool, pixels_hint: int, num_threads: int):  # fmt: skip
         m, c, kh, kw = w_int8.shape
         b = np.ascontiguousarray(w_int8.transpose(2, 3, 1, 0).reshape(kh * kw * c, m))
-        self.plan = plan_gemm([b], max(pixels_hint, 1))
+        self.plan = plan_gemm(b, max(pixels_hint, 1))
         self.zw = np.ascontiguousarray(zw, dtype=np.int64)
         self.need_rowsum = bool(np.any(self.zw != 0))
         self.channels = c

@@ -198,7 +198,7 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
             za_s = np.zeros(1, np.int64)
         ep = build_epilogue(chain, out_value, channels, channel_axis, base_bias)
         rows_hint = int(math.prod([d for d in a_shape[:-1] if isinstance(d, int)] or [1]))
-        plan = plan_gemm([bb], max(rows_hint, 1))
+        plan = plan_gemm(bb, max(rows_hint, 1))
         need_rowsum = bool(np.any(zb_cols != 0))
         za_period = za_s.size
 
