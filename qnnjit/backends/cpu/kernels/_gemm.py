@@ -104,6 +104,14 @@ def plan_gemm(b: np.ndarray, rows_hint: int) -> GemmPlan:
     return GemmPlan(config, np.ascontiguousarray(packed.data), init, fptrs, gparams, packed, k, n)
 
 
+@jit(inline=True)
+def column_span(n, nr, splits):
+    """Columns per split when `n` columns are cut into `splits` ranges of
+    whole NR panels, as even as they come (the last range may be shorter,
+    or empty)."""
+    return ((n + nr - 1) // nr + splits - 1) // splits * nr
+
+
 @jit()
 def gemm_columns(a, rows, c, n0, n1, fptrs, data, init, gp):
     """c[:rows, :n1 - n0] = a[:rows, :K] @ B[:, n0:n1] (int32, exact modulo

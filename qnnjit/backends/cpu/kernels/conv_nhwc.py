@@ -88,6 +88,7 @@ from ._gemm import (
     G_NC,
     G_NR,
     G_PANEL_BYTES,
+    column_span,
     gemm_requant_rows,
     plan_gemm,
 )  # fmt: skip
@@ -293,7 +294,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
     P = geo[GOH] * geo[GOW]
     Pt, splits, nr = geo[GPT], geo[GNS], gp[G_NR]
     tiles = (P + Pt - 1) // Pt
-    span = ((M + nr - 1) // nr + splits - 1) // splits * nr  # columns per split
+    span = column_span(M, nr, splits)
     a = _im2col_tile(0 if direct else Pt, geo[GKH] * geo[GKW] * C, gp[G_K4])
     c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
     ep = _requant_args(chan_f, sc_i, sc_f)

@@ -30,6 +30,12 @@ UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32
              8: np.dtype(np.uint64)}  # fmt: skip
 
 
+def is_channels_last(array: np.ndarray) -> bool:
+    """Is the logical [N, C, H, W] `array`'s memory channels-last (a channels-
+    last kernel's output view), so that `nhwc_bytes` needs no transpose?"""
+    return array.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def nhwc_bytes(array: np.ndarray) -> np.ndarray:
     """The [N, H, W, C] C-contiguous, writable unsigned view of a logical
     [N, C, H, W] array: free when its memory is already channels-last, else

@@ -27,7 +27,7 @@ import numpy as np
 
 from ....ir import dtypes
 from ....ir.graph import Node
-from ._gemm import G_K4, G_NR, gemm_columns, plan_gemm
+from ._gemm import G_K4, G_NR, column_span, gemm_columns, plan_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import jit
 from ._threads import run_tasks
@@ -47,12 +47,12 @@ def matmul_gemm(t0, t1, a2, flip, tile, splits, za, za_period, zb, need_rowsum, 
     """Tasks t0..t1 of `a2 @ B` (a2: [R, K] stored bytes, flipped to u8 by
     `flip`), zero points folded, then the epilogue (column j is channel j):
     task t is row tile t // splits, columns split t % splits of `splits`
-    (whole NR panels: `_column_span`)."""
+    (whole NR panels: `_gemm.column_span`)."""
     _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
     R, K = a2.shape
     N = zb.size
     K4, nr = gp[G_K4], gp[G_NR]
-    span = _column_span(N, nr, splits)
+    span = column_span(N, nr, splits)
     a = np.zeros((tile, K4), np.uint8)  # columns K..K4 stay zero
     rowsum = np.zeros(tile, np.int64)
     c = np.empty((tile, min(span, N)), np.int32)
@@ -81,12 +81,6 @@ def matmul_gemm(t0, t1, a2, flip, tile, splits, za, za_period, zb, need_rowsum, 
                     )
         ep_tile(c, _0, rows, n1 - n0, out, r0 * N + n0, N, _1, n0, _0, _1, _0, N,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
-
-
-@jit(inline=True)
-def _column_span(n, nr, splits):
-    """Columns per split: whole NR panels, as even as they come."""
-    return ((n + nr - 1) // nr + splits - 1) // splits * nr
 
 
 @jit()

@@ -21,7 +21,7 @@ from ....ir.graph import Node
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
-from .layout import nhwc_bytes
+from .layout import is_channels_last, nhwc_bytes
 from .requant import build_epilogue, byte_codes, ep_tile, output_buffer, unsigned_view
 
 # Channels per `reduce_columns` task: a few vectors of sums, so that a wide
@@ -111,7 +111,7 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
         inner = int(math.prod(out_shape[axis + 1 :])) if axis is not None else 1
         out, flat = output_buffer(out_shape, ep.out_dtype)
         sc_i, sc_f = ep.scalars(out_shape, None if other is None else other.shape)
-        if pools_columns and _channels_last(x_array):
+        if pools_columns and is_channels_last(x_array):
             n, c, h, w = shape
             x3 = nhwc_bytes(x_array).reshape(n, h * w, c)
             tasks = n * -(-c // _COLUMN_BLOCK)
@@ -133,12 +133,6 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
     name = f"reduce_sum[{dt} axes={axes}]"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=pools_columns)
-
-
-def _channels_last(array: np.ndarray) -> bool:
-    """Is the logical [N, C, H, W] `array`'s memory channels-last (a channels-
-    last kernel's output view), so that `nhwc_bytes` is free?"""
-    return array.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
 def _channel_axis(chain, acc) -> tuple[int | None, int]:
