@@ -778,7 +778,9 @@ def test_shared_requantize_is_not_merged_into_the_lookup():
 def test_passes_run_right_after_qdq_canonicalization():
     names = [p.name for p in PIPELINE]
     at = names.index("qdq_to_integer")
-    assert names[at + 1 : at + 4] == ["fold_zero_points", "fuse_activation", "requantize_pairs"]
+    assert names[at + 1 : at + 5] == [
+        "fold_zero_points", "fuse_activation", "elementwise_tables", "requantize_pairs",
+    ]  # fmt: skip
 
 
 ZOO_CASES = [

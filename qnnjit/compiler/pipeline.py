@@ -20,6 +20,7 @@ from .passes.accumulator_ranges import accumulator_ranges
 from .passes.constant_folding import constant_folding, constant_folding_with_dequantize
 from .passes.cse import cse
 from .passes.dce import dead_code_elimination
+from .passes.elementwise_tables import elementwise_tables
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.fold_zero_points import fold_zero_points
 from .passes.fuse_activation import fuse_activation
@@ -42,6 +43,7 @@ PIPELINE: list[Pass] = [
     Pass("qdq_to_integer", qdq_to_integer),
     Pass("fold_zero_points", fold_zero_points),
     Pass("fuse_activation", fuse_activation),
+    Pass("elementwise_tables", elementwise_tables),
     Pass("requantize_pairs", requantize_pairs),
     Pass("constant_folding_with_dequantize", constant_folding_with_dequantize),
     Pass("dead_code_elimination", dead_code_elimination),

@@ -49,7 +49,7 @@ from .fuse_activation import (
 MAX_TABLE_BITS = 8
 
 
-def _lookup(graph: Graph, x, table: np.ndarray, like: Node, name: str) -> Node:
+def lookup_like(graph: Graph, x, table: np.ndarray, like: Node, name: str) -> Node:
     """lookup(x, table) typed like `like`'s output (its scale and zero point
     as the typing operands)."""
     out = like.outputs[0].type
@@ -84,7 +84,7 @@ def dq_q_to_lookup(m: Matcher, q_node: Node) -> None:
     if x.type.dtype == out and np.array_equal(table.astype(np.int64), codes):
         graph.replace_all_uses(q_node.outputs[0], x)  # Q2(DQ1(q)) == q on every code
         return
-    node = _lookup(graph, x, table, q_node, q_node.name)
+    node = lookup_like(graph, x, table, q_node, q_node.name)
     graph.replace_all_uses(q_node.outputs[0], node.outputs[0])
 
 
@@ -136,4 +136,4 @@ def requantize_pairs(graph: Graph, log: RuleLog | None = None) -> bool:
     return changed
 
 
-__all__ = ["requantize_pairs"]
+__all__ = ["MAX_TABLE_BITS", "lookup_like", "requantize_pairs"]
