@@ -6,8 +6,10 @@ registered as `ops.get(op).lowerings["cpu"]`:
     reduce       qreduce_sum
     requant      requantize, and the epilogue every accumulating kernel fuses
     elementwise  qadd, qmul, lookup, clip (integers)
+    normalize    layer_norm (float32/float64, the reference's two algorithms)
     pool         max_pool (integers), qaverage_pool
     quantize     quantize, dequantize
+    softmax      qsoftmax (ONNX Runtime's QLinearSoftmax: exp table, float32 row sums)
     views        flatten, reshape, squeeze, unsqueeze, identity (NumPy reshapes);
                  concat, transpose (NumPy copies: data movement, no arithmetic)
     fused        `fused` nodes (their body, compiled by a nested executor)
@@ -25,7 +27,19 @@ from ._lowering import Decline, Kernel, LowerContext
 from ._numba import numba_cache_dir
 
 with numba_cache_dir():
-    from . import conv, elementwise, fused, matmul, pool, quantize, reduce, requant, views
+    from . import (
+        conv,
+        elementwise,
+        fused,
+        matmul,
+        normalize,
+        pool,
+        quantize,
+        reduce,
+        requant,
+        softmax,
+        views,
+    )
 
 LOWERINGS = {
     "qconv": conv.lower_qconv,
@@ -40,7 +54,9 @@ LOWERINGS = {
     "qaverage_pool": pool.lower_qaverage_pool,
     "quantize": quantize.lower_quantize,
     "dequantize": quantize.lower_dequantize,
+    "qsoftmax": softmax.lower_qsoftmax,
     "fused": fused.lower_fused,
+    "layer_norm": normalize.lower_layer_norm,
     **dict.fromkeys(views.SHAPE_OPS, views.lower_view),
     **dict.fromkeys(views.COPY_OPS, views.lower_copy),
 }
