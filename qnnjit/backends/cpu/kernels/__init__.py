@@ -10,8 +10,9 @@ registered as `ops.get(op).lowerings["cpu"]`:
     pool         max_pool (integers), qaverage_pool
     quantize     quantize, dequantize
     softmax      qsoftmax (ONNX Runtime's QLinearSoftmax: exp table, float32 row sums)
-    views        flatten, reshape, squeeze, unsqueeze, identity (NumPy reshapes);
-                 concat, transpose (NumPy copies: data movement, no arithmetic)
+    views        flatten, reshape, squeeze, unsqueeze, identity (NumPy reshapes),
+                 gather of one index (a view); transpose (a copy kernel), concat
+                 (a NumPy copy): data movement, no arithmetic
     fused        `fused` nodes (their body, compiled by a nested executor)
 
 `_numba` picks the on-disk cache directory before any kernel is decorated,
@@ -57,6 +58,8 @@ LOWERINGS = {
     "qsoftmax": softmax.lower_qsoftmax,
     "fused": fused.lower_fused,
     "layer_norm": normalize.lower_layer_norm,
+    "gather": views.lower_gather,
+    "transpose": views.lower_transpose,
     **dict.fromkeys(views.SHAPE_OPS, views.lower_view),
     **dict.fromkeys(views.COPY_OPS, views.lower_copy),
 }
