@@ -256,3 +256,22 @@ def test_a_step_that_reads_a_graph_input_reruns(model_zoo):
     assert binding.rerun_steps[0] is steps[0] and binding.calls[0][1] is steps[0]
     assert binding.replayed_steps + len(binding.rerun_steps) == len(steps)
     assert f"replayed: {binding.replayed_steps} of {len(steps)} steps" in cpu.report()
+
+
+@pytest.mark.parametrize("op", ["qadd", "qmul"])
+def test_a_binary_op_with_a_broadcast_constant_is_replayed(op):
+    """A bias qadd after a matmul: the constant row is broadcast to the
+    result's shape once per shape, not copied anew by every call."""
+    from qnnjit.backends.cpu.kernels import elementwise
+    from qnnjit.backends.cpu.kernels._lowering import LowerContext
+    from qnnjit.ir import Graph, TensorType, dtypes
+
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.uint8, (4, 8)))
+    bias = g.constant(np.arange(8, dtype=np.uint8), "bias")
+    scale, zp = g.constant(np.float32(0.1), "s"), g.constant(np.uint8(128), "z")
+    rounding = "mlas_fma" if op == "qadd" else "mlas"
+    node = g.add_node(op, [bias, scale, zp, x, scale, zp, scale, zp], {"rounding": rounding})
+    lower = elementwise.lower_qadd if op == "qadd" else elementwise.lower_qmul
+    kernel = lower(node, LowerContext(g))
+    assert _replayable(kernel.run, [np.zeros((4, 8), np.uint8)])

@@ -77,6 +77,26 @@ def _flat(array: np.ndarray, shape) -> np.ndarray:
     return unsigned_view(array).reshape(-1)
 
 
+def _flat_operands(*constants):
+    """`_flat` for a kernel whose operands may be the constants given: a
+    constant that broadcasts is copied once per result shape, not per call,
+    so the kernel's calls pass the same arrays and its step is replayed
+    (`replay.py`; a bias qadd after a matmul, for one)."""
+    held = {id(c) for c in constants if c is not None}  # alive in the kernel's closure
+    cache: dict[tuple, np.ndarray] = {}
+
+    def flat(array: np.ndarray, shape) -> np.ndarray:
+        if id(array) not in held:
+            return _flat(array, shape)
+        key = (id(array), tuple(shape))
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = _flat(array, shape)
+        return found
+
+    return flat
+
+
 def _scalar_f32(v) -> np.float32:
     return F32(np.asarray(v, dtype=np.float32).reshape(-1)[0])
 
@@ -96,7 +116,7 @@ def _binary(node: Node, ctx: LowerContext, make_run, name: str) -> Kernel:
         raise Decline(f"{dtype} operands")
     flip, off = byte_codes(dtype)
     inputs = [v for v, c in ((a, a_const), (b, b_const)) if c is None]
-    kernel_run = make_run(params, flip, off, dtype)
+    kernel_run = make_run(params, flip, off, dtype, _flat_operands(a_const, b_const))
 
     def run(*arrays):
         arrays = list(arrays)
@@ -108,7 +128,7 @@ def _binary(node: Node, ctx: LowerContext, make_run, name: str) -> Kernel:
 
 
 def lower_qadd(node: Node, ctx: LowerContext) -> Kernel:
-    def make_run(params, flip, off, dtype):
+    def make_run(params, flip, off, dtype, operand):
         sa, za, sb, zb, sc, zc = params
         sa, sb, sc = _scalar_f32(sa), _scalar_f32(sb), _scalar_f32(sc)
         za, zb, zc = _scalar_int(za), _scalar_int(zb), _scalar_int(zc)
@@ -124,8 +144,9 @@ def lower_qadd(node: Node, ctx: LowerContext) -> Kernel:
             out = empty(shape, dtype.numpy)
             a_first = ort_broadcast_mode(x.shape, y.shape) != "scalar0"
             flat = unsigned_view(out).reshape(-1)
-            run_tasks(qadd_flat, flat.size, 8 * flat.size, ctx.num_threads,
-                      _flat(x, shape), _flat(y, shape), codes, sc_arr, a_first, flat)  # fmt: skip
+            a, b = operand(x, shape), operand(y, shape)
+            run_tasks(qadd_flat, flat.size, 8 * flat.size, ctx.num_threads, a, b, codes, sc_arr,
+                      a_first, flat)  # fmt: skip
             return [out]
 
         return run
@@ -134,7 +155,7 @@ def lower_qadd(node: Node, ctx: LowerContext) -> Kernel:
 
 
 def lower_qmul(node: Node, ctx: LowerContext) -> Kernel:
-    def make_run(params, flip, off, dtype):
+    def make_run(params, flip, off, dtype, operand):
         sa, za, sb, zb, sc, zc = params
         sa, sb, sc = _scalar_f32(sa), _scalar_f32(sb), _scalar_f32(sc)
         za, zb, zc = _scalar_int(za), _scalar_int(zb), _scalar_int(zc)
@@ -148,7 +169,7 @@ def lower_qmul(node: Node, ctx: LowerContext) -> Kernel:
             out = empty(shape, dtype.numpy)
             flat = unsigned_view(out).reshape(-1)
             run_tasks(qmul_flat, flat.size, 8 * flat.size, ctx.num_threads,
-                      _flat(x, shape), _flat(y, shape), codes, r, zcf, flat)  # fmt: skip
+                      operand(x, shape), operand(y, shape), codes, r, zcf, flat)  # fmt: skip
             return [out]
 
         return run
