@@ -336,8 +336,10 @@ class Epilogue:
     out_dtype: dtypes.DType
     nodes: list[Node] = field(default_factory=list)
     other: Value | None = None  # the post op's other operand (run-time input)
+    other_const: np.ndarray | None = None  # ... or a constant, broadcast to the result
     y_index: int = 0  # which qadd/qmul operand (0 or 3) the requantized value is
     notes: list[str] = field(default_factory=list)
+    _broadcast: dict = field(default_factory=dict)  # result shape -> other_const's bytes
 
     @property
     def requantizes(self) -> bool:
@@ -355,6 +357,8 @@ class Epilogue:
     def scalars(self, out_shape, other_shape=None):
         """(sc_i, sc_f) for a run: qadd's operand order follows the run-time
         shapes (ORT's broadcast mode), everything else is fixed."""
+        if other_shape is None and self.other_const is not None:
+            other_shape = self.other_const.shape
         if other_shape is None or self.sc_i[I_POST] != P_QADD:
             return self.sc_i, self.sc_f
         shapes = (out_shape, other_shape) if self.y_index == 0 else (other_shape, out_shape)
@@ -371,8 +375,17 @@ class Epilogue:
             )
 
     def other_bytes(self, other: np.ndarray | None, out_shape) -> np.ndarray:
-        """The post op's operand as flat bytes in the result's (C) order."""
+        """The post op's operand as flat bytes in the result's (C) order; a
+        constant one broadcast once per result shape (the same array every
+        call: the step stays replayable)."""
         self.check_other(other, out_shape)
+        if other is None and self.other_const is not None:
+            key = tuple(out_shape)
+            found = self._broadcast.get(key)
+            if found is None:
+                whole = np.ascontiguousarray(np.broadcast_to(self.other_const, key))
+                found = self._broadcast[key] = unsigned_view(whole).reshape(-1)
+            return found
         if other is None:
             return _EMPTY_U8
         return unsigned_view(other).reshape(-1)
@@ -419,13 +432,18 @@ def build_epilogue(
     channels: int,
     axis: int | None,
     base_bias: np.ndarray | None = None,
+    *,
+    constant_other: bool = False,
 ) -> Epilogue:
     """Pack `chain` (after the accumulator value `acc`, whose channel axis is
     `axis` with `channels` entries; None: no channel axis) into an Epilogue.
 
     Takes the longest prefix of the chain it can compute exactly; what it
     leaves (and why) is in `notes`. `base_bias` (int64 per channel) is the
-    anchor's own constant term, added (mod 2^32) to the bias node's."""
+    anchor's own constant term, added (mod 2^32) to the bias node's.
+    `constant_other`: the caller takes a qadd / qmul whose other operand is a
+    constant broadcast to the result (`Epilogue.other_bytes`), as a
+    transformer's quantized bias add after a matmul is."""
     bias = np.zeros(channels, np.int64) if base_bias is None else base_bias.astype(np.int64)
     nodes: list[Node] = []
     notes = list(chain.reasons)
@@ -448,7 +466,7 @@ def build_epilogue(
     ep.notes = notes
     if chain.post is not None:
         try:
-            _add_post(ep, chain.post, rq.outputs[0])
+            _add_post(ep, chain.post, rq.outputs[0], constant_other)
             ep.nodes.append(chain.post)
         except Decline as why:
             ep.notes.append(str(why))
@@ -543,7 +561,7 @@ def _scalar_int(value) -> int:
     return 0 if value is None else int(np.asarray(value).reshape(-1)[0])
 
 
-def _add_post(ep: Epilogue, post: Node, y: Value) -> None:
+def _add_post(ep: Epilogue, post: Node, y: Value, constant_other: bool) -> None:
     """Extend `ep` with the qadd / qmul / lookup `post` that reads `y`."""
     if post.op == "lookup":
         table = const_input(post, 1, "table")
@@ -567,9 +585,11 @@ def _add_post(ep: Epilogue, post: Node, y: Value) -> None:
     other = post.inputs[3] if y_index == 0 else post.inputs[0]
     if other is y:
         raise Decline(f"{post.name} reads the requantized value twice")
-    if other.is_constant:
-        raise Decline(f"{post.name}: constant operand (not fused)")
-    if other.type.shape is None or tuple(other.type.shape) != tuple(y.type.shape or ()):
+    if other.is_constant and not (constant_other and _broadcasts_to(other.const.shape, y)):
+        raise Decline(f"{post.name}: constant operand (not fused here)")
+    if not other.is_constant and (
+        other.type.shape is None or tuple(other.type.shape) != tuple(y.type.shape or ())
+    ):
         raise Decline(f"{post.name}: operands of shapes {other.type.shape} and {y.type.shape}")
     dtype = post.outputs[0].type.dtype
     if dtype.bits != 8 or other.type.dtype != dtype or ep.out_dtype != dtype:
@@ -600,9 +620,21 @@ def _add_post(ep: Epilogue, post: Node, y: Value) -> None:
                 sc_i[I_ZY], sc_i[I_ZO] = zy, zo
             for sc_f in (ep.sc_f, ep.sc_f_swapped):
                 sc_f[F_RMUL], sc_f[F_ZC] = r, F32(zc)
-    ep.other = other
+    if other.is_constant:
+        ep.other_const = other.const
+    else:
+        ep.other = other
     ep.y_index = y_index
     ep.out_dtype = dtype
+
+
+def _broadcasts_to(shape: tuple, y: Value) -> bool:
+    """Whether a constant of `shape` broadcasts to `y`'s shape without
+    enlarging it (its dims 1 or equal to y's, symbolic dims taking 1s only)."""
+    target = y.type.shape
+    if target is None or len(shape) > len(target):
+        return False
+    return all(d == 1 or d == t for d, t in zip(shape[::-1], tuple(target)[::-1]))
 
 
 def _add_clip(ep: Epilogue, clip: Node) -> None:
