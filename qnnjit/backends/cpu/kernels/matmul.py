@@ -10,9 +10,35 @@
 
   (`a` stored bytes, signed codes + 128; `b` int8, uint8 weights - 128); a
   per-tensor za makes the last two terms one constant per column.
-- `matmul_batched`: anything else (both operands at run time, batched and
-  broadcast, up to 16 bits): per (batch, row), `acc_j += (a - za) * b`, then
-  `- zb_j * sum_k (a - za)`, exact int64 sums.
+- `matmul_batched_gemm`: anything else with 8-bit operands (both at run
+  time, batched and broadcast: attention's Q @ K^T and P @ V). Per batch the
+  run-time b[K, N] is packed into the engine's panel layout inside the
+  kernel (`_pack_panels`, as `conv_gemm` packs its im2col tile), as the
+  int8 `B = b_u - 128` (`b_u`: b's code + 128 when signed); each row tile of
+  a (as the u8 `a_u`: code + 128 when signed) is copied beside its row sums,
+  the engine computes `sum_k a_u * B` and the zero points, moved to those
+  domains (`za' = za + 128` for signed a, `zb' = zb - 128` for unsigned b),
+  are folded as above:
+
+      sum_k (a_u - za'_r)(B - zb'_j)
+          = sum_k a_u*B - zb'_j * sum_k a_u - za'_r * sum_k B + K * za'_r * zb'_j
+
+  with a per-tensor za' the last two terms start the sums (the engine's
+  per-column `init`, once per packed b). Tasks are (batch, row tile), the
+  batches ordered by their b, so that each thread packs each b it meets once
+  (b broadcast over a's batches: once per thread).
+- `matmul_batched`: the rest (16-bit operands): per (batch, row),
+  `acc_j += (a - za) * b`, then `- zb_j * sum_k (a - za)`, exact int64 sums.
+
+Every path is exact modulo 2^32, as the reference's int64-then-wrap is: the
+engine's int32 sums wrap (`vpdpbusd` does not saturate; on AVX2 the "exact"
+kernels, since b is not known at compile time), and the corrections are int64
+wrapped to int32, so whether the raw sum or the accumulator fits int32 does
+not matter.
+
+A step is replayed (`replay.py`): what `run` derives from the operands'
+shapes (the batch index arrays, the row tiles, the engine's kernels) is
+computed once per shape and the same arrays are passed on every call.
 
 Operands follow `numpy.matmul` (1-D operands promoted, batch dims
 broadcast); `a_zero_point` is per-tensor or one per row of a, `b_zero_point`
@@ -22,14 +48,29 @@ per-tensor or one per column of b.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from ....ir import dtypes
 from ....ir.graph import Node
-from ._gemm import G_K4, G_NR, column_span, gemm_columns, plan_gemm
+from .. import gemm
+from ..ukernels import UkernelSpec
+from ._gemm import (
+    G_DESC,
+    G_K4,
+    G_KCG,
+    G_KG,
+    G_MR,
+    G_NC,
+    G_NR,
+    G_PANEL_BYTES,
+    column_span,
+    gemm_columns,
+    plan_gemm,
+)
 from ._lowering import Decline, Kernel, LowerContext, const_input
-from ._numba import jit
+from ._numba import U, jit
 from ._threads import run_tasks
 from .requant import (
     build_epilogue,
@@ -80,6 +121,120 @@ def matmul_gemm(t0, t1, a2, flip, tile, splits, za, za_period, zb, need_rowsum, 
                         c[r, j - n0] - zb[j] * rs - zar * colsum[j] + K * zar * zb[j]
                     )
         ep_tile(c, _0, rows, n1 - n0, out, r0 * N + n0, N, _1, n0, _0, _1, _0, N,
+                chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+
+
+@jit()
+def _pack_panels(b, bx, kn, nr, kg, bpack, colsum):
+    """b (uint8 [K, N], stored bytes) as the engine's B operand: the int8
+    `B[k, n] = b[k, n] ^ bx` (bx = b's flip ^ 0x80: b_u - 128) in the panel
+    layout of `packing.py`, flat in `bpack` (uint8 [panels * kg * nr * 4]):
+    "k4n" (kn == 0), the four k of a group of column n as one little-endian
+    word `4 * n` bytes into the panel's group; "kn" (kn != 0, portable), k's
+    row of the group at `(k % 4) * nr`. Bytes outside B are left alone (the
+    caller's zeros). colsum[n] = sum_k B[k, n]."""
+    K, N = b.shape
+    panels = (N + nr - 1) // nr
+    colsum[:] = 0
+    if kn != 0:
+        for k in range(K):
+            src = b[k]
+            row = (k >> 2) * nr * 4 + (k & 3) * nr
+            for p in range(panels):
+                n0 = p * nr
+                dst = p * kg * nr * 4 + row
+                for q in range(min(nr, N - n0)):
+                    x = np.int64(src[U(n0 + q)]) ^ bx
+                    bpack[U(dst + q)] = x
+                    colsum[U(n0 + q)] += x - ((x & 128) << 1)
+        return
+    words = bpack.view(np.uint32)
+    for g in range(kg):
+        k0 = 4 * g
+        if k0 + 4 <= K:
+            s0, s1, s2, s3 = b[k0], b[k0 + 1], b[k0 + 2], b[k0 + 3]
+            for p in range(panels):
+                n0 = p * nr
+                dst = (p * kg + g) * nr
+                for q in range(min(nr, N - n0)):
+                    i = U(n0 + q)
+                    x0, x1 = np.int64(s0[i]) ^ bx, np.int64(s1[i]) ^ bx
+                    x2, x3 = np.int64(s2[i]) ^ bx, np.int64(s3[i]) ^ bx
+                    words[U(dst + q)] = np.uint32(x0 | (x1 << 8) | (x2 << 16) | (x3 << 24))
+                    high = (x0 & 128) + (x1 & 128) + (x2 & 128) + (x3 & 128)
+                    colsum[i] += x0 + x1 + x2 + x3 - (high << 1)
+        else:  # the last, partial group: its bytes past K stay zero
+            for p in range(panels):
+                n0 = p * nr
+                dst = (p * kg + g) * nr
+                for q in range(min(nr, N - n0)):
+                    w = np.int64(0)
+                    for k in range(k0, K):
+                        x = np.int64(b[k, n0 + q]) ^ bx
+                        w |= x << (8 * (k - k0))
+                        colsum[n0 + q] += x - ((x & 128) << 1)
+                    words[U(dst + q)] = np.uint32(w)
+
+
+@jit()
+def matmul_batched_gemm(t0, t1, a3, b3, order, ia, ib, tile, a_flip, bx, za, zb, need_rowsum, kn,
+                        fptrs, gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+    """Tasks t0..t1 of the broadcast batch product through the GEMM engine:
+    task t is row tile t % tiles (`tile` rows) of batch `bi = order[t //
+    tiles]`, i.e. of a3[ia[bi]] @ b3[ib[bi]]. a3, b3: stored bytes (uint8),
+    `a_u = a ^ a_flip`, `B = b ^ bx` (int8); za: za' per row (size M) or
+    per tensor (size 1); zb: zb' per column (size N). See the module doc."""
+    _0, _1 = np.int64(0), np.int64(1)  # not literals: one ep_tile compile
+    M, K = a3.shape[1], a3.shape[2]
+    N = b3.shape[2]
+    nr, kg = gp[G_NR], gp[G_KG]
+    tiles = (M + tile - 1) // tile
+    panels = (N + nr - 1) // nr
+    bpack = np.zeros(panels * kg * nr * 4, np.uint8)  # k past K, n past N stay zero
+    init = np.zeros(panels * nr, np.int32)
+    colsum = np.empty(N, np.int64)
+    a = np.zeros((tile, kg * 4), np.uint8)  # columns K..K4 stay zero
+    rowsum = np.zeros(tile, np.int64)
+    c = np.empty((tile, N), np.int32)
+    per_row = za.size > 1
+    current = -1
+    for t in range(t0, t1):
+        bi = order[t // tiles]
+        r0 = (t % tiles) * tile
+        rows = min(tile, M - r0)
+        bj = ib[bi]
+        if bj != current:
+            _pack_panels(b3[bj], bx, kn, nr, kg, bpack, colsum)
+            if not per_row:
+                z = za[0]
+                for j in range(N):
+                    init[j] = np.int32(K * z * zb[j] - z * colsum[j])
+            current = bj
+        ai = ia[bi]
+        for r in range(rows):
+            src, dst = a3[ai, r0 + r], a[r]
+            s = np.int64(0)
+            for k in range(K):
+                v = np.int64(src[U(k)]) ^ a_flip
+                dst[U(k)] = v
+                s += v
+            rowsum[r] = s
+        if kg > 0:
+            gemm_columns(a, rows, c, 0, N, fptrs, bpack, init, gp)
+        else:
+            c[:rows, :] = 0
+        if per_row:
+            for r in range(rows):
+                z, rs, cr = za[r0 + r], rowsum[r], c[r]
+                for j in range(N):
+                    i = U(j)
+                    cr[i] = np.int32(cr[i] - zb[i] * rs - z * colsum[i] + K * z * zb[i])
+        elif need_rowsum:
+            for r in range(rows):
+                rs, cr = rowsum[r], c[r]
+                for j in range(N):
+                    cr[U(j)] = np.int32(cr[U(j)] - zb[U(j)] * rs)
+        ep_tile(c, _0, rows, N, out, (bi * M + r0) * N, N, _1, _0, _0, _1, _0, N,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
 
 
@@ -190,7 +345,9 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
         if za_s.size == 1:  # per-tensor: the za terms are constant per column
             base_bias = -int(za_s[0]) * colsum + k * int(za_s[0]) * zb_cols
             za_s = np.zeros(1, np.int64)
-        ep = build_epilogue(chain, out_value, channels, channel_axis, base_bias)
+        ep = build_epilogue(
+            chain, out_value, channels, channel_axis, base_bias, constant_other=True
+        )
         rows_hint = int(math.prod([d for d in a_shape[:-1] if isinstance(d, int)] or [1]))
         plan = plan_gemm(bb, max(rows_hint, 1))
         need_rowsum = bool(np.any(zb_cols != 0))
@@ -219,59 +376,156 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
     else:
         if a_dt.bits > 16 or b_dt.bits > 16:
             raise Decline(f"operands of {a_dt} and {b_dt}")
+        engine = a_dt.bits == 8 and b_dt.bits == 8
         a_flip, a_off = byte_codes(a_dt)
         b_flip, b_off = byte_codes(b_dt)
-        codes = np.array([a_flip, a_off, b_flip, b_off], np.int64)
-        ep = build_epilogue(chain, out_value, channels, channel_axis)
-        zb_cols = np.ascontiguousarray(zb, dtype=np.int64)
-        za_rows = np.ascontiguousarray(za, dtype=np.int64)
+        ep = build_epilogue(chain, out_value, channels, channel_axis, constant_other=True)
+        if engine:  # za' = za + 128 for signed a, zb' = zb - 128 for unsigned b
+            bx = b_flip ^ 0x80
+            za_k = kernel_array(za + a_off, np.int64)
+            zb_k = kernel_array(np.broadcast_to(zb + b_off - 128, (n_dim,)), np.int64)
+            need_rowsum = bool(np.any(zb_k != 0))
+        else:
+            codes = np.array([a_flip, a_off, b_flip, b_off], np.int64)
+            za_k = kernel_array(za, np.int64)
+            zb_k = kernel_array(zb, np.int64)
         a_rank, b_rank = len(a_shape), len(b_shape)
-        b_const = b.const if b.is_constant else None
+        b_fixed = None
+        if b.is_constant:  # one array, the same on every call
+            bc = b.const.reshape(*b.const.shape, 1) if b_rank == 1 else b.const
+            b3_const = unsigned_view(kernel_array(bc)).reshape(_flat_batch(bc.shape))
+            b_fixed = (bc.shape, b3_const)
+        launches = {}
 
         def run(*arrays):
             arrays = list(arrays)
             a_array = arrays.pop(0)
-            b_array = b_const if b_const is not None else arrays.pop(0)
-            other = arrays.pop(0) if arrays else None
+            other = arrays.pop(-1) if ep.other is not None else None
             a3 = a_array.reshape(1, *a_array.shape) if a_rank == 1 else a_array
-            b3 = b_array.reshape(*b_array.shape, 1) if b_rank == 1 else b_array
-            batch = np.broadcast_shapes(a3.shape[:-2], b3.shape[:-2])
-            size = int(math.prod(batch))
-            ia = np.broadcast_to(
-                np.arange(int(math.prod(a3.shape[:-2])), dtype=np.int64).reshape(a3.shape[:-2]),
-                batch,
-            ).reshape(-1)
-            ib = np.broadcast_to(
-                np.arange(int(math.prod(b3.shape[:-2])), dtype=np.int64).reshape(b3.shape[:-2]),
-                batch,
-            ).reshape(-1)
-            m_, k_ = a3.shape[-2:]
-            n_ = b3.shape[-1]
-            a3 = unsigned_view(a3).reshape(-1, m_, k_)
-            b3 = unsigned_view(b3).reshape(-1, k_, n_)
-            full = (*batch, m_, n_)
-            out_shape = full
-            if b_rank == 1:
-                out_shape = out_shape[:-1]
-            if a_rank == 1:
-                out_shape = out_shape[:-2] + out_shape[-1:] if b_rank > 1 else out_shape[:-1]
-            out, flat = output_buffer(out_shape, ep.out_dtype)
-            sc_i, sc_f = ep.scalars(out_shape, None if other is None else other.shape)
-            if size:
+            if b_fixed is None:
+                b_array = arrays.pop(0)
+                b3 = b_array.reshape(*b_array.shape, 1) if b_rank == 1 else b_array
+                b_shape3 = b3.shape
+            else:
+                b_shape3 = b_fixed[0]
+            key = (a3.shape, b_shape3, None if other is None else other.shape)
+            launch = launches.get(key)
+            if launch is None:
+                launch = launches[key] = _batched_launch(
+                    *key, a_rank, b_rank, engine, ep, za_k.size, ctx.num_threads
+                )
+            a3 = unsigned_view(a3).reshape(launch.a3_shape)
+            b3 = b_fixed[1] if b_fixed is not None else unsigned_view(b3).reshape(launch.b3_shape)
+            out, flat = output_buffer(launch.out_shape, ep.out_dtype)
+            ob = ep.other_bytes(other, launch.out_shape)
+            sc_i, sc_f = launch.scalars
+            if launch.tasks and engine:
                 run_tasks(
-                    matmul_batched, size * m_, size * m_ * k_ * n_, ctx.num_threads, a3, b3,
-                    kernel_array(ia), kernel_array(ib), codes, za_rows, zb_cols, flat, ep.chan_i,
-                    ep.chan_f, sc_i, sc_f, ep.table, ep.other_bytes(other, out_shape),
+                    matmul_batched_gemm, launch.tasks, launch.work, ctx.num_threads, a3, b3,
+                    launch.order, launch.ia, launch.ib, launch.tile, a_flip, bx, za_k, zb_k,
+                    need_rowsum, launch.kn, launch.fptrs, launch.gp, flat, ep.chan_i, ep.chan_f,
+                    sc_i, sc_f, ep.table, ob,
+                )  # fmt: skip
+            elif launch.tasks:
+                run_tasks(
+                    matmul_batched, launch.tasks, launch.work, ctx.num_threads, a3, b3, launch.ia,
+                    launch.ib, codes, za_k, zb_k, flat, ep.chan_i, ep.chan_f, sc_i, sc_f,
+                    ep.table, ob,
                 )  # fmt: skip
             return [out]
 
-        name = f"matmul_batched[{a_dt}x{b_dt}]"
+        kind = "matmul_batched_gemm" if engine else "matmul_batched"
+        name = f"{kind}[{a_dt}x{b_dt}]"
         inputs = [a] + ([] if b.is_constant else [b])
 
     nodes = [node, *ep.nodes]
     inputs = inputs + ([ep.other] if ep.other is not None else [])
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(label, run, inputs, nodes[-1].outputs, nodes)
+
+
+class _Launch(NamedTuple):
+    """What a batched product's run derives from its operands' shapes (once
+    per shape: the arrays are then the same objects on every call)."""
+
+    out_shape: tuple
+    a3_shape: tuple  # [batches of a, M, K]
+    b3_shape: tuple  # [batches of b, K, N]
+    scalars: tuple  # the epilogue's (sc_i, sc_f)
+    tasks: int
+    work: int
+    ia: np.ndarray  # a's batch of each batch of the result
+    ib: np.ndarray  # b's batch
+    # the engine's (matmul_batched_gemm):
+    order: np.ndarray | None = None  # the batches, those sharing a b together
+    tile: int = 0  # rows per task
+    kn: int = 0  # 1: the portable "kn" panel layout
+    fptrs: np.ndarray | None = None
+    gp: np.ndarray | None = None  # the _gemm G_* slots
+
+
+def _batched_launch(a_shape, b_shape, other_shape, a_rank, b_rank, engine, ep, za_size,
+                    threads) -> _Launch:  # fmt: skip
+    """The launch of a batched product of a [..., M, K] and b [..., K, N]
+    (1-D operands already promoted: `a_rank`, `b_rank` are the originals')."""
+    batch = np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    size = int(math.prod(batch))
+    m, k = a_shape[-2:]
+    n = b_shape[-1]
+    if za_size > 1 and za_size != m:
+        raise ValueError(f"{za_size} a zero points for {m} rows")
+    out_shape = (*batch, m, n)
+    if b_rank == 1:
+        out_shape = out_shape[:-1]
+    if a_rank == 1:
+        out_shape = out_shape[:-2] + out_shape[-1:] if b_rank > 1 else out_shape[:-1]
+    scalars = ep.scalars(out_shape, other_shape)
+    ia, ib = (
+        kernel_array(
+            np.broadcast_to(np.arange(math.prod(s[:-2]), dtype=np.int64).reshape(s[:-2]), batch)
+        ).reshape(-1)
+        for s in (a_shape, b_shape)
+    )
+    work = size * m * k * n
+    shapes = (out_shape, _flat_batch(a_shape), _flat_batch(b_shape), scalars)
+    if not engine:
+        return _Launch(*shapes, size * m, work, ia, ib)
+    config = gemm.default_config(max(m, 1), max(n, 1), max(k, 1), threads=1)
+    mr, nr = config.mr, config.nr
+    tile = _batched_tile(m, size, mr, config.mc, threads)
+    tiles = _ceil_div(m, tile)
+    order = kernel_array(np.argsort(ib, kind="stable"), np.int64)
+    kg = _ceil_div(k, 4)
+    if config.isa == "portable":
+        fptrs, desc, kn = gemm.portable_fptrs(mr), nr << 16, 1
+    else:  # b is not known until run time: the "exact" kernels on AVX2 (see _gemm)
+        table = gemm.kernel_table(UkernelSpec(config.isa, mr, nr, False, "exact"))
+        for rows in {tile, m - (tiles - 1) * tile}:
+            if rows > 0:
+                table.ensure_for(rows)
+        fptrs, desc, kn = table.fptrs, 0, 0
+    gp = np.zeros(8, np.int64)
+    gp[G_DESC], gp[G_K4], gp[G_KG], gp[G_NR], gp[G_MR] = desc, 4 * kg, kg, nr, mr
+    gp[G_KCG], gp[G_PANEL_BYTES], gp[G_NC] = config.kc // 4, kg * nr * 4, _round_up(n, nr)
+    return _Launch(*shapes, size * tiles, work, ia, ib, order, tile, kn, fptrs, gp)
+
+
+def _flat_batch(shape) -> tuple:
+    """[..., R, C] as [batches, R, C]."""
+    return (math.prod(shape[:-2]), *shape[-2:])
+
+
+def _batched_tile(m: int, batches: int, mr: int, mc: int, threads: int) -> int:
+    """Rows per task of a batched product: the engine's cache-sized MC, cut
+    (when threads share the tasks) until the (batch, row tile) tasks split
+    evenly over the threads or are many (a thread packs each b it meets)."""
+    tile = min(mc, _round_up(max(m, 1), mr))
+    if threads > 1:
+        tiles, most = _ceil_div(m, tile), _ceil_div(m, mr)
+        while tiles < most and (batches * tiles) % threads and batches * tiles < 4 * threads:
+            tiles += 1
+        tile = _round_up(_ceil_div(m, tiles), mr)
+    return max(tile, 1)
 
 
 def _tile_rows(rows: int, plan, threads: int) -> int:
