@@ -175,6 +175,43 @@ def test_helper_asleep_without_notice_is_woken():
     assert hits.tolist() == [2] * 4
 
 
+def test_a_range_no_helper_has_started_is_taken_over():
+    """A helper still waking (or descheduled) when the caller has done its own
+    range: the caller runs the helper's range too instead of waiting for it
+    (here the helper sleeps; its wake-up takes far longer than a range)."""
+    grid = np.zeros((2, 3))
+    before = spinteam.taken_over()
+    for _ in range(3):
+        hits = np.zeros(6, np.int64)
+        time.sleep(spinteam.SPIN_SECONDS * 20)  # the helper sleeps
+        spinteam.run_ranges_spinning(_mark_compiled, 6, 2, hits, 1.0, grid)
+        assert hits.tolist() == [1] * 6
+    assert spinteam.taken_over() > before
+    hits = np.zeros(6, np.int64)
+    spinteam.run_ranges_spinning(_mark_compiled, 6, 2, hits, 1.0, grid)  # the team is in step
+    assert hits.tolist() == [1] * 6
+
+
+def test_every_task_runs_once_while_helpers_fall_behind():
+    """Compiled calls (whose ranges a caller may take over) between calls
+    from Python (never taken over), at 2 and 3 threads, with pauses that let
+    helpers fall asleep or lag: a helper must skip a generation the caller
+    took, and never run a later generation's work twice."""
+    rng = np.random.default_rng(0)
+    grid = np.zeros((2, 3))
+    for i in range(300):
+        hits = np.zeros(9, np.int64)
+        if i % 3 == 0:
+            spinteam.run_ranges_spinning(_mark, 9, 2 + i % 2, hits)
+        else:
+            spinteam.run_ranges_spinning(_mark_compiled, 9, 2 + i % 2, hits, 1.0, grid)
+        assert hits.tolist() == [1] * 9, i
+        if i % 40 == 0:
+            time.sleep(spinteam.SPIN_SECONDS * 3)
+        elif rng.random() < 0.3:
+            time.sleep(rng.uniform(0, 2e-4))
+
+
 @njit(nogil=True)
 def _mark_and_count(t0, t1, hits):
     for t in range(t0, t1):

@@ -102,6 +102,10 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _GEN, _DONE, _ERROR, _SLEEPING, _READY, _TRAMP, _T0, _T1 = range(8)
 _STATES = np.zeros((MAX_THREADS - 1, 16), np.int64)  # 128 bytes a row: no false sharing
 _ENTRY = 8
+# CLAIM: the latest generation whose range someone started (the helper, or the caller taking it
+# over: `_await_helpers`), raised with an atomic max, so each range runs once; TAKEN: how many of
+# the helper's ranges the caller took over (`taken_over`).
+_CLAIM, _TAKEN = 9, 10
 # The caller's packed arguments, which every helper's trampoline reads (one kernel on the team at
 # a time); a signature whose arguments do not fit gets no trampoline.
 _ARGS = np.zeros(1 << 14, np.uint8)
@@ -217,6 +221,24 @@ def _pause(typingctx):
     return sig, codegen
 
 
+@intrinsic
+def _claim(typingctx, array, index, gen):
+    """Atomically raise ``array[index]`` to ``gen`` (a max, never lowered):
+    whether this call did, i.e. whether generation ``gen`` was unclaimed."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+    sig = types.boolean(array, types.int64, types.int64)
+
+    def codegen(context, builder, signature, llargs):
+        arr = context.make_array(signature.args[0])(context, builder, llargs[0])
+        index = context.cast(builder, llargs[1], signature.args[1], types.int64)
+        gen = context.cast(builder, llargs[2], signature.args[2], types.int64)
+        old = builder.atomic_rmw("max", builder.gep(arr.data, [index]), gen, "seq_cst")
+        return builder.icmp_signed("<", old, gen)
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True)
 def _spin_until_changed(state, index, old, checks):
     """Spin (GIL-free) until ``state[index] != old`` or ``checks`` reads pass;
@@ -241,16 +263,31 @@ def _serve(state, buf, seen, checks, complete):
         _fetch_add(state[_DONE:], 1)
     while True:
         gen = _spin_until_changed(state, _GEN, seen, checks)
-        if gen == seen or state[_TRAMP] == 0:
+        if gen == seen:
+            return seen, gen
+        if not _claims(state, gen):
+            seen = gen  # the caller ran it (`_await_helpers`)
+            continue
+        if state[_TRAMP] == 0:
             return seen, gen
         _run_ready(state, buf, gen)
         seen = gen
 
 
 @njit(cache=True, nogil=True)
+def _claims(state, gen):
+    """Claim generation `gen` for the helper: False when the caller took its
+    range over (`_await_helpers`), which it then ran and completed. Only a
+    claimed generation's work (TRAMP, T0, T1, the Python `work`) is read: the
+    caller does not reassign them until the claimed range completes, but may
+    already have for a generation it took over."""
+    return _claim(state, _CLAIM, gen)
+
+
+@njit(cache=True, nogil=True)
 def _run_ready(state, buf, gen):
-    """Run generation `gen`'s range through its trampoline once the caller's
-    arguments for it are in `buf`, record its status, complete."""
+    """Run claimed generation `gen`'s range through its trampoline once the
+    caller's arguments for it are in `buf`, record its status, complete."""
     while _load_acquire(state, _READY) != gen:
         _pause()
     state[_ERROR] = _call_trampoline(
@@ -270,7 +307,7 @@ def _team_call(states, helpers, skip, address, t1, args, buf):
     _store_args(buf, args)
     _publish(states, helpers, skip)
     status = _call_native(address, 0, t1, args)
-    return status | _await_helpers(states, helpers)
+    return status | _await_helpers(states, helpers, buf)
 
 
 @njit(cache=True, nogil=True)
@@ -282,7 +319,7 @@ def _team_call_packed(states, helpers, skip, trampoline, entry, t1, packed, buf)
         buf[i] = packed[i]
     _publish(states, helpers, skip)
     status = _call_trampoline(trampoline, entry, packed.ctypes.data, 0, t1)
-    return status | _await_helpers(states, helpers)
+    return status | _await_helpers(states, helpers, buf)
 
 
 @njit(cache=True, nogil=True)
@@ -298,12 +335,24 @@ def _publish(states, helpers, skip):
 
 
 @njit(cache=True, nogil=True)
-def _await_helpers(states, helpers):
+def _await_helpers(states, helpers, buf):
     """0 once every helper has completed its generation, 2 if one has not
-    after `_LEAD_CHECKS` reads."""
+    after `_LEAD_CHECKS` reads. A helper that has not started its range by
+    the time the caller finished its own (descheduled by another process on
+    a busy machine, or still waking from sleep) has it taken over: the caller
+    claims it and runs it through the trampoline itself. Waiting instead cost
+    a scheduler time slice per call: an attention block at two threads ran
+    100x slower than at one while another process kept both cores busy."""
     for i in range(helpers):
         row = states[i]
         gen = row[_GEN]
+        if row[_TRAMP] != 0 and _load_acquire(row, _DONE) != gen and _claim(row, _CLAIM, gen):
+            row[_ERROR] = _call_trampoline(
+                row[_TRAMP], row[_ENTRY], buf.ctypes.data, row[_T0], row[_T1]
+            )
+            row[_TAKEN] += 1  # one caller at a time (`_LOCK_CALL`)
+            _fetch_add(row[_DONE:], 1)
+            continue
         if _spin_until_changed(row, _DONE, gen - 1, _LEAD_CHECKS) != gen:
             if _load_acquire(row, _DONE) != gen:
                 return 2
@@ -421,6 +470,9 @@ class _Helper:
                         self.cond.wait()
                     self.state[_SLEEPING] = 0
                     gen = int(self.state[_GEN])
+                if not _claims(self.state, gen):
+                    seen = gen  # taken over by the caller while this helper woke
+                    continue
                 if self.state[_TRAMP]:
                     _run_ready(self.state, _ARGS, gen)
                     seen = gen
@@ -481,6 +533,12 @@ def _team(count: int) -> list[_Helper]:
         while len(_TEAM) < count:
             _TEAM.append(_Helper(len(_TEAM)))
         return _TEAM[:count]
+
+
+def taken_over() -> int:
+    """How many helper ranges callers have run themselves, the helper not
+    having started them (`_await_helpers`)."""
+    return int(_STATES[:, _TAKEN].sum())
 
 
 def task_ranges(tasks: int, threads: int) -> list[int]:
