@@ -7,12 +7,12 @@ registered as `ops.get(op).lowerings["cpu"]`:
     requant      requantize, and the epilogue every accumulating kernel fuses
     elementwise  qadd, qmul, lookup, clip (integers)
     normalize    layer_norm (float32/float64, the reference's two algorithms)
-    pool         max_pool (integers), qaverage_pool
+    pool         max_pool (integers), qaverage_pool (NCHW, or channels-last in place)
     quantize     quantize, dequantize
     softmax      qsoftmax (ONNX Runtime's QLinearSoftmax: exp table, float32 row sums)
     views        flatten, reshape, squeeze, unsqueeze, identity (NumPy reshapes),
-                 gather of one index (a view); transpose (a copy kernel), concat
-                 (a NumPy copy): data movement, no arithmetic
+                 gather of one index (a view); transpose, channel concat (copy
+                 kernels; other concats NumPy's): data movement, no arithmetic
     fused        `fused` nodes (their body, compiled by a nested executor)
 
 `_numba` picks the on-disk cache directory before any kernel is decorated,
@@ -61,7 +61,7 @@ LOWERINGS = {
     "gather": views.lower_gather,
     "transpose": views.lower_transpose,
     **dict.fromkeys(views.SHAPE_OPS, views.lower_view),
-    **dict.fromkeys(views.COPY_OPS, views.lower_copy),
+    "concat": views.lower_concat,
 }
 
 

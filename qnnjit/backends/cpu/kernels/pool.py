@@ -8,6 +8,14 @@ reference's padding with `iinfo.min` does. Codes are compared as stored
 unsigned values with the sign bit flipped (`byte ^ 0x80` orders int8 codes
 like their values), so signed and unsigned tensors share the kernel.
 Float max_pool (NaN semantics) stays with the reference.
+
+The average pool sums, per output, f32(x_scale * f32(code - x_zp)) over its
+taps in the window's row-major order, as the reference does; the kernels
+take the taps one at a time over a whole output row (every output pixel
+with that tap inside gets its term), so the inner loop runs over columns
+(NCHW) or columns and channels (channels-last, `qaverage_pool_2d_nhwc`,
+which reads a conv's NHWC result in place and writes a channels-last one)
+in float32 vector lanes, while each output still adds its terms in order.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
-from .layout import channels_last_output, nhwc_bytes
-from .requant import byte_codes, cvt_saturate, unsigned_view
+from .layout import channels_last_output, is_channels_last, nhwc_bytes
+from .requant import byte_codes, unsigned_view
 
 
 @jit()
@@ -204,64 +212,172 @@ def lower_max_pool(node: Node, ctx: LowerContext) -> Kernel:
     return Kernel(name, run, [x], node.outputs, [node], strided_inputs=channels_last)
 
 
+@jit(inline=True)
+def _global_code(total, gscale, yzp, qmin, qmax):
+    """ORT's global average of one plane: the exact integer sum `total` of
+    (code - x_zp), times f32(x_scale / f32(y_scale * f32(size))), rounded half
+    to even, plus y_zp, saturated (`global_average_requantize`)."""
+    r = np.rint(np.float32(total) * gscale)
+    if not r >= qmin - yzp:
+        return qmin
+    if r > qmax - yzp:
+        return qmax
+    return np.int64(r) + yzp
+
+
+@jit(inline=True)
+def _average_code(s, count, ys, yzf, lo, hi, big):
+    """`cvtps2dq(f32(f32(f32(s / count) / ys) + yzf))` saturated to [lo, hi]
+    (qmin, qmax as float32; big = 2^31): `requant.cvt_saturate`, whose NaN
+    and out-of-int32 results are qmin, written as float selects so that a
+    loop over channels vectorizes (below -2^31 the clamp gives qmin too)."""
+    r = np.rint(np.float32(np.float32(s / count) / ys) + yzf)
+    r = r if r < big else lo  # NaN compares false
+    r = lo if r < lo else r
+    r = hi if r > hi else r
+    return np.int32(r)
+
+
+@jit(inline=True)
+def _accumulate(xf, src, step, acc, dst, count, width, xs, zero, top):
+    """acc[dst + i * width + c] += f32(xs * f32(code - x_zp)) of the stored
+    byte b = xf[src + i * step + c], for i < count and c < width, where
+    `f32(code - x_zp) = f32(b) - zero`, less 256 when b >= top (signed codes:
+    top = 128; unsigned: top = 256, never), exact on these small integers
+    and all in float32 lanes. One tap of `count` outputs: each acc element
+    gets one addition, so the taps' order per output is the caller's.
+    Contiguous runs (step == width) are one loop."""
+    if step == width:
+        for i in range(count * width):
+            b = np.float32(xf[U(src + i)])
+            d = b - zero
+            d = d - np.float32(256.0) if b >= top else d
+            acc[U(dst + i)] += np.float32(xs * d)
+        return
+    for k in range(count):
+        s0, d0 = src + k * step, dst + k * width
+        for c in range(width):
+            b = np.float32(xf[U(s0 + c)])
+            d = b - zero
+            d = d - np.float32(256.0) if b >= top else d
+            acc[U(d0 + c)] += np.float32(xs * d)
+
+
+@jit(inline=True)
+def _tap_columns(kw, SW, PW, W, OW):
+    """[lo, hi): the output columns whose window tap `kw` lies inside [0, W)."""
+    lo = max(0, -((kw - PW) // SW))  # ceil((PW - kw) / SW)
+    hi = min(OW, (W - 1 + PW - kw) // SW + 1)
+    return lo, max(lo, hi)
+
+
+@jit(inline=True)
+def _inside(start, k, size):
+    """How many of the taps start .. start + k - 1 lie inside [0, size)."""
+    return max(0, min(k, size - start) - max(0, -start))
+
+
 @jit()
 def qaverage_pool_2d(t0, t1, x, geo, codes, fl, out):
-    """ONNX Runtime's QLinearAveragePool (`ir/ops/qlinear_contrib.py`), planes
-    t0..t1 of NCHW x: per window, in float32 and in the kernel's row-major tap
-    order, `s += f32(x_scale * (code - x_zp))` over taps inside the input
-    (padding adds +0.0, which changes nothing), `a = f32(s / count)`, then
-    `cvtps2dq(f32(f32(a / y_scale) + y_zp))` saturated. With `geo[10]` set the
-    window is the whole unpadded image and ORT's global kernel runs instead:
-    the exact integer sum, times f32(x_scale / f32(y_scale * f32(size))),
-    rounded half to even, plus y_zp, saturated. geo = (KH, KW, SH, SW, PH, PW,
-    OH, OW, count_include_pad, kernel size, global); codes = (flip, off,
-    x_zp, y_zp, qmin, qmax); fl = (x_scale, y_scale, global scale)."""
+    """ONNX Runtime's QLinearAveragePool (`ir/ops/qlinear_contrib.py`), output
+    rows t0..t1 (plane, oh) of NCHW x: per window, in float32 and in the
+    kernel's row-major tap order, `s += f32(x_scale * (code - x_zp))` over
+    taps inside the input (padding adds +0.0, which changes nothing),
+    `a = f32(s / count)`, then `cvtps2dq(f32(f32(a / y_scale) + y_zp))`
+    saturated. A row's sums are taken tap by tap over its output columns
+    (vectorized over columns; each output still sums its taps in order).
+    With `geo[10]` set the window is the whole unpadded image and ORT's
+    global kernel runs instead (`_global_code`; OH = OW = 1, a task per
+    plane). geo = (KH, KW, SH, SW, PH, PW, OH, OW, count_include_pad, kernel
+    size, global); codes = (flip, off, x_zp, y_zp, qmin, qmax); fl =
+    (x_scale, y_scale, global scale)."""
     N, C, H, W = x.shape
+    xf = x.reshape(x.size)
     KH, KW, SH, SW, PH, PW, OH, OW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
     include_pad, ksize, is_global = geo[8], geo[9], geo[10]
     flip, off, xzp, yzp, qmin, qmax = codes[0], codes[1], codes[2], codes[3], codes[4], codes[5]
     xs, ys, gscale = fl[0], fl[1], fl[2]
-    yzf = np.float32(yzp)
-    for t in range(t0, t1):
-        n = t // C
-        c = t - n * C
-        base = t * OH * OW
-        if is_global != 0:
+    yzf, lo, hi, big = np.float32(yzp), np.float32(qmin), np.float32(qmax), np.float32(2.0**31)
+    zero, top = np.float32(xzp), np.float32(128.0 if flip else 256.0)
+    if is_global != 0:
+        for t in range(t0, t1):
             total = np.int64(0)
-            for i in range(H):
-                for j in range(W):
-                    total += ((np.int64(x[n, c, U(i), U(j)]) ^ flip) - off) - xzp
-            r = np.rint(np.float32(total) * gscale)
-            if not r >= qmin - yzp:
-                y = qmin
-            elif r > qmax - yzp:
-                y = qmax
-            else:
-                y = np.int64(r) + yzp
-            out[U(base)] = y
-            continue
-        for oh in range(OH):
-            for ow in range(OW):
-                s = np.float32(0.0)
-                count = 0
-                for kh in range(KH):
-                    ih = oh * SH - PH + kh
-                    if ih < 0 or ih >= H:
-                        continue
-                    for kw in range(KW):
-                        iw = ow * SW - PW + kw
-                        if iw >= 0 and iw < W:
-                            code = ((np.int64(x[n, c, U(ih), U(iw)]) ^ flip) - off) - xzp
-                            s = s + np.float32(xs * np.float32(code))
-                            count += 1
-                if include_pad != 0:
-                    count = ksize
-                a = s / np.float32(count)
-                v = np.float32(a / ys) + yzf
-                out[U(base + oh * OW + ow)] = cvt_saturate(v, qmin, qmax)
+            for i in range(t * H * W, (t + 1) * H * W):
+                total += ((np.int64(xf[U(i)]) ^ flip) - off) - xzp
+            out[U(t)] = _global_code(total, gscale, yzp, qmin, qmax)
+        return
+    acc = np.empty(OW, np.float32)
+    for t in range(t0, t1):
+        plane = t // OH
+        oh = t - plane * OH
+        h0 = oh * SH - PH
+        acc[:] = 0
+        for kh in range(max(0, -h0), min(KH, H - h0)):
+            row = (plane * H + h0 + kh) * W - PW
+            for kw in range(KW):
+                c0, c1 = _tap_columns(kw, SW, PW, W, OW)
+                _accumulate(xf, row + c0 * SW + kw, SW, acc, c0, c1 - c0, 1, xs, zero, top)
+        rows = _inside(h0, KH, H)
+        for ow in range(OW):
+            count = ksize if include_pad != 0 else rows * _inside(ow * SW - PW, KW, W)
+            y = _average_code(acc[U(ow)], np.float32(count), ys, yzf, lo, hi, big)
+            out[U(t * OW + ow)] = y
+
+
+@jit()
+def qaverage_pool_2d_nhwc(t0, t1, x, geo, codes, fl, out):
+    """`qaverage_pool_2d` on channels-last x [N, H, W, C] into out
+    [N, OH, OW, C] (flat), output rows t0..t1 (image, oh), reading the NHWC
+    bytes in place: per output row the window taps, in row-major order, each
+    add one term to the float32 sums of every output pixel that has it
+    inside the input, channels innermost (so the loops vectorize over
+    channels and each channel's sum keeps the reference's order). Global
+    windows: a task per image, exact integer sums over its pixels."""
+    N, H, W, C = x.shape
+    xf = x.reshape(x.size)
+    KH, KW, SH, SW, PH, PW, OH, OW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    include_pad, ksize, is_global = geo[8], geo[9], geo[10]
+    flip, off, xzp, yzp, qmin, qmax = codes[0], codes[1], codes[2], codes[3], codes[4], codes[5]
+    xs, ys, gscale = fl[0], fl[1], fl[2]
+    yzf, lo, hi, big = np.float32(yzp), np.float32(qmin), np.float32(qmax), np.float32(2.0**31)
+    zero, top = np.float32(xzp), np.float32(128.0 if flip else 256.0)
+    if is_global != 0:
+        total = np.empty(C, np.int64)
+        for t in range(t0, t1):
+            total[:] = 0
+            for p in range(t * H * W, (t + 1) * H * W):
+                for c in range(C):
+                    total[U(c)] += ((np.int64(xf[U(p * C + c)]) ^ flip) - off) - xzp
+            for c in range(C):
+                out[U(t * C + c)] = _global_code(total[U(c)], gscale, yzp, qmin, qmax)
+        return
+    acc = np.empty(OW * C, np.float32)
+    for t in range(t0, t1):
+        n = t // OH
+        oh = t - n * OH
+        h0 = oh * SH - PH
+        acc[:] = 0
+        for kh in range(max(0, -h0), min(KH, H - h0)):
+            row = (n * H + h0 + kh) * W - PW
+            for kw in range(KW):
+                c0, c1 = _tap_columns(kw, SW, PW, W, OW)
+                src = (row + c0 * SW + kw) * C
+                _accumulate(xf, src, SW * C, acc, c0 * C, c1 - c0, C, xs, zero, top)
+        rows = _inside(h0, KH, H)
+        for ow in range(OW):
+            count = ksize if include_pad != 0 else rows * _inside(ow * SW - PW, KW, W)
+            cf = np.float32(count)
+            dst, a = (t * OW + ow) * C, ow * C
+            for c in range(C):
+                out[U(dst + c)] = _average_code(acc[U(a + c)], cf, ys, yzf, lo, hi, big)
 
 
 def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
+    """Channels-last inputs (a conv's result view, or the node's own NHWC
+    layout) run `qaverage_pool_2d_nhwc` on their memory in place and give a
+    channels-last result; other inputs run the NCHW kernel on C-contiguous
+    memory. Either way the step's only work is its recorded kernel call
+    (no operand copy), so a replayed run repeats it."""
     x = node.inputs[0]
     dt = x.type.dtype
     kernel = list(node.attrs["kernel_shape"])
@@ -277,14 +393,15 @@ def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
     strides, pads = node.attrs["strides"], node.attrs["pads"]
     ceil_mode = bool(node.attrs.get("ceil_mode", False))
     include_pad = bool(node.attrs.get("count_include_pad", False))
-    channels_last = bool(node.attrs.get("channels_last", False))
+    nhwc_node = bool(node.attrs.get("channels_last", False))  # the node's own layout
     flip, off = byte_codes(dt)
     codes = np.array([flip, off, xzp, yzp, dt.qmin, dt.qmax], np.int64)
     ksize = kernel[0] * kernel[1]
+    launches = {}
 
-    def run(x_array):
-        x4 = np.moveaxis(x_array, -1, 1) if channels_last else x_array
-        n, c, h, w = x4.shape
+    def launch(n, c, h, w):
+        """(oh, ow, geo, fl, work) of an [n, c, h, w] input, once per shape (the
+        same arrays every call: what replaying needs)."""
         is_global = (h, w) == tuple(kernel) and not any(pads)
         oh = window_output_size(h, kernel[0], strides[0], pads[0], pads[2], 1, ceil_mode)
         ow = window_output_size(w, kernel[1], strides[1], pads[1], pads[3], 1, ceil_mode)
@@ -295,9 +412,36 @@ def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
         with np.errstate(all="ignore"):
             gscale = np.float32(xs / np.float32(ys * np.float32(h * w)))
         fl = np.array([xs, ys, gscale], np.float32)
-        out = empty((n, c, oh, ow), dt.numpy)
-        run_tasks(qaverage_pool_2d, n * c, n * c * oh * ow * ksize, ctx.num_threads,
-                  unsigned_view(x4), geo, codes, fl, unsigned_view(out).reshape(-1))  # fmt: skip
-        return [np.ascontiguousarray(np.moveaxis(out, 1, -1)) if channels_last else out]
+        return oh, ow, geo, fl, n * c * oh * ow * (h * w if is_global else ksize)
 
-    return Kernel(f"qaverage_pool_2d[{dt} {kernel[0]}x{kernel[1]}]", run, [x], node.outputs, [node])
+    def shaped(n, c, h, w):
+        entry = launches.get((n, c, h, w))
+        if entry is None:
+            entry = launches[(n, c, h, w)] = launch(n, c, h, w)
+        return entry
+
+    def pool_nhwc(x_hwc, flat_out, n, c, h, w):
+        oh, _, geo, fl, work = shaped(n, c, h, w)
+        run_tasks(qaverage_pool_2d_nhwc, n * oh, work, ctx.num_threads, x_hwc, geo, codes, fl,
+                  flat_out)  # fmt: skip
+
+    def run(x_array):
+        if nhwc_node:  # logical [N, H, W, C]
+            n, h, w, c = x_array.shape
+            oh, ow = shaped(n, c, h, w)[:2]
+            out = empty((n, oh, ow, c), dt.numpy)
+            pool_nhwc(unsigned_view(x_array), unsigned_view(out).reshape(-1), n, c, h, w)
+            return [out]
+        n, c, h, w = x_array.shape
+        oh, ow, geo, fl, work = shaped(n, c, h, w)
+        if is_channels_last(x_array) and x_array.flags.writeable:
+            out, flat = channels_last_output((n, c, oh, ow), dt.numpy)
+            pool_nhwc(nhwc_bytes(x_array), flat, n, c, h, w)  # a view, no copy
+            return [out]
+        out = empty((n, c, oh, ow), dt.numpy)
+        run_tasks(qaverage_pool_2d, n * c * oh, work, ctx.num_threads, unsigned_view(x_array),
+                  geo, codes, fl, unsigned_view(out).reshape(-1))  # fmt: skip
+        return [out]
+
+    name = f"qaverage_pool_2d[{dt} {kernel[0]}x{kernel[1]}]"
+    return Kernel(name, run, [x], node.outputs, [node], strided_inputs=True)

@@ -12,7 +12,13 @@
   run repeats it: a NumPy copy made outside the recorded calls would make
   its step run again through Python each time), over the permutation with
   runs of source-contiguous dims merged, at most `_TRANSPOSE_RANK` left;
-- concat: `np.concatenate`, a single C loop over memory already.
+- concat along the channels of 4-D tensors: `concat_channels`, one copy
+  kernel call per operand through `run_tasks` into its channel segment of a
+  channels-last result (`layout.py`), reading each operand's NHWC memory
+  in place (a conv's result) or its NCHW memory (a transposing read), so
+  the step replays and the convolutions and pools reading the result get
+  their NHWC bytes without a transpose. Other concats, and channel concats
+  with no channels-last operand, are `np.concatenate`.
 The copies are listed as copies in the plan, not as fallbacks: no number
 changes on the way, so there is no numerics to compile."""
 
@@ -26,10 +32,9 @@ from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, const_input, numpy_kernel
 from ._numba import U, jit
 from ._threads import run_tasks
-from .layout import UNSIGNED
+from .layout import UNSIGNED, channels_last_output, is_channels_last
 
 SHAPE_OPS = ("flatten", "reshape", "squeeze", "unsqueeze", "identity")
-COPY_OPS = ("concat",)
 _TRANSPOSE_RANK = 4  # dims `transpose_rows` walks (after merging)
 
 
@@ -55,8 +60,90 @@ def lower_view(node: Node, ctx: LowerContext) -> Kernel:
     return Kernel(f"view:{node.op}", run, [node.inputs[0]], node.outputs, [node])
 
 
-def lower_copy(node: Node, ctx: LowerContext) -> Kernel:
-    return numpy_kernel(node, "numpy-copy")
+# ---- concat --------------------------------------------------------------------------
+
+
+@jit()
+def concat_channels(t0, t1, src, geo, out):
+    """Pixel rows t0..t1 (image, h) of one operand of a channel concat into
+    its channel segment of the channels-last result out [N, H, W, total]
+    (flat): out[p * total + offset + c] = the operand's channel c at pixel p
+    (over all images), read from its NHWC memory, src[p * C + c], or with
+    `nchw` from its NCHW memory, src[(n * C + c) * HW + p - n * HW].
+    geo = (C, W, HW, total, offset, nchw)."""
+    C, W, HW, total, offset, nchw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    for t in range(t0, t1):
+        p0 = t * W
+        if nchw == 0:
+            for p in range(p0, p0 + W):
+                s, d = p * C, p * total + offset
+                for c in range(C):
+                    out[U(d + c)] = src[U(s + c)]
+        else:
+            n = p0 // HW
+            s0 = n * C * HW + p0 - n * HW  # (n, channel 0, pixel p0)
+            for c in range(C):
+                s, d = s0 + c * HW, p0 * total + offset + c
+                for i in range(W):
+                    out[U(d + i * total)] = src[U(s + i)]
+
+
+def _concat_operand(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """(flat unsigned view of `array`'s memory, 1 if that memory is NCHW else 0
+    for NHWC): in place when it is either and writable, else a C-contiguous
+    copy (Numba types read-only arrays apart)."""
+    unsigned = UNSIGNED[array.dtype.itemsize]
+    hwc = array.transpose(0, 2, 3, 1)
+    if hwc.flags.c_contiguous and hwc.flags.writeable:
+        return hwc.view(unsigned).reshape(-1), 0
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.array(array, order="C")
+    return array.view(unsigned).reshape(-1), 1
+
+
+def lower_concat(node: Node, ctx: LowerContext) -> Kernel:
+    """Concat along axis 1 of 4-D tensors: with a channels-last operand, the
+    result is channels-last, one `concat_channels` call per operand; else,
+    and for every other concat, `np.concatenate`."""
+    shape = node.outputs[0].type.shape
+    dtype = node.outputs[0].type.dtype.numpy
+    if shape is None or len(shape) != 4 or node.attrs["axis"] != 1:
+        return numpy_kernel(node, "numpy-copy")
+    if np.dtype(dtype).itemsize not in UNSIGNED:
+        return numpy_kernel(node, "numpy-copy")
+    # constant operands, and their kernel views, made once (the same arrays every call)
+    template = [np.array(v.const, order="C") if v.is_constant else None for v in node.inputs]
+    constants = {i: _concat_operand(a) for i, a in enumerate(template) if a is not None}
+    runtime = [i for i, v in enumerate(node.inputs) if not v.is_constant]
+    plans: dict[tuple, list] = {}
+
+    def run(*arrays):
+        operands = list(template)
+        for index, array in zip(runtime, arrays):
+            operands[index] = array
+        n, _, h, w = operands[0].shape
+        same = all(a.ndim == 4 and (a.shape[0], *a.shape[2:]) == (n, h, w) for a in operands)
+        if not (same and any(is_channels_last(a) for a in arrays)):
+            return [np.concatenate(operands, axis=1)]  # (or NumPy's error)
+        sources = [constants.get(i) or _concat_operand(a) for i, a in enumerate(operands)]
+        key = tuple((a.shape, nchw) for a, (_, nchw) in zip(operands, sources))
+        geos = plans.get(key)
+        if geos is None:  # per operand, the same array every call (replay needs that)
+            total = sum(a.shape[1] for a in operands)
+            offsets = np.cumsum([0] + [a.shape[1] for a in operands])
+            geos = plans[key] = [
+                np.array([a.shape[1], w, h * w, total, offset, nchw], np.int64)
+                for a, (_, nchw), offset in zip(operands, sources, offsets)
+            ]
+        out, flat = channels_last_output((n, int(geos[0][3]), h, w), dtype)
+        for a, (src, _), geo in zip(operands, sources, geos):
+            if a.size:
+                run_tasks(concat_channels, n * h, a.size, ctx.num_threads, src, geo, flat)
+        return [out]
+
+    inputs = [node.inputs[i] for i in runtime]
+    name = f"concat_channels[{node.outputs[0].type.dtype}]"
+    return Kernel(name, run, inputs, node.outputs, [node], strided_inputs=True)
 
 
 # ---- gather of one index -----------------------------------------------------------
