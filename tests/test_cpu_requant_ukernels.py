@@ -30,9 +30,10 @@ from qnnjit.backends.cpu.kernels._gemm import (
     G_NR,
     G_PANEL_BYTES,
     gemm_requant_rows,
+    packs_exactly,
     plan_gemm,
+    requant_args,
 )
-from qnnjit.backends.cpu.kernels.conv_nhwc import _requant_args, packs_exactly
 
 SIMD = [
     pytest.param(
@@ -158,7 +159,7 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     init = plan.init_with(chan_i[0])  # the requantizing kernels' sums start at the bias
     got = np.zeros(ROWS * n, np.uint8)
     scratch = np.zeros((ROWS, n), np.int32)
-    ep = _requant_args(chan_f, sc_i, sc_f)
+    ep = requant_args(chan_f, sc_i, sc_f)
     gemm_requant_rows(
         a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
         init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n,

@@ -31,6 +31,24 @@ from .. import drivers, gemm
 from ..calls import call_ukernel, call_ukernel_requant
 from ..ukernels import REQUANT_FIELDS, UkernelSpec
 from ._numba import jit
+from .requant import (
+    F_RY,
+    FM_MULT,
+    I_FAST,
+    I_HI,
+    I_LO,
+    I_OFLIP,
+    I_OOFF,
+    I_PHI,
+    I_PLO,
+    I_POST,
+    I_ROUND,
+    I_YFIRST,
+    I_YQMIN,
+    P_NONE,
+    P_QADD,
+    R_FLOAT,
+)  # fmt: skip
 
 # the requantizing microkernels' epilogue argument slots (ukernels.REQUANT_FIELDS)
 (EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS,
@@ -169,6 +187,53 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
         if last:
             break
     ep[EP_F] = f0
+
+
+def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
+    """The requantizing microkernels (ukernels REQUANT_DOC) that can store the
+    result of `plan`'s GEMM followed by epilogue `ep` straight from their
+    registers (`gemm_requant_rows`): "plain", "packed" or "qadd"; "" when
+    none can. They need the float requantize to 8 bits, alone or followed by
+    a qadd, and nothing between the GEMM and it (`need_rowsum`: a per-row
+    term of a weight zero point). A plain requantize takes the "packed"
+    kernels where `packs_exactly` allows and panels are 32 columns or wider
+    (one vector a row: the plain store is as fast as the packs)."""
+    sc = ep.sc_i
+    kinds = {P_NONE: "plain", P_QADD: "qadd"}
+    if (
+        plan.config.isa == "portable"
+        or need_rowsum
+        or not (sc[I_FAST] and sc[I_ROUND] == R_FLOAT and int(sc[I_POST]) in kinds)
+        or ep.out_dtype.bits != 8
+    ):
+        return ""
+    kind = kinds[int(sc[I_POST])]
+    if kind == "plain" and plan.config.nr >= 32 and packs_exactly(plan.config.isa, ep.chan_f):
+        return "packed"
+    return kind
+
+
+def packs_exactly(isa: str, chan_f: np.ndarray) -> bool:
+    """May the "packed" microkernels (ukernels REQUANT_DOC) requantize with
+    these per-channel constants? They convert the scaled sums to int32
+    without clamping them first, which is exact when no sum can reach
+    2^31: |f32(int32) * mult| <= 2^31 * 0.5."""
+    mult = chan_f[FM_MULT]
+    return isa == "avx512_vnni" and bool(np.all(np.abs(mult) <= 0.5))
+
+
+@jit()
+def requant_args(chan_f, sc_i, sc_f):
+    """The requantizing microkernels' `ep` (ukernels.REQUANT_FIELDS) at column 0."""
+    ep = np.zeros(EP_YFLIP + 1, np.int64)
+    ep[EP_F], ep[EP_LDF] = chan_f.ctypes.data, chan_f.shape[1]
+    ep[EP_OFLIP], ep[EP_OOFF], ep[EP_YFIRST] = sc_i[I_OFLIP], sc_i[I_OOFF], sc_i[I_YFIRST]
+    ep[EP_PLO], ep[EP_PHI] = sc_i[I_PLO], sc_i[I_PHI]
+    ep[EP_RATIOS] = sc_f.ctypes.data + 4 * F_RY  # ry, ro, fixed: consecutive float32
+    # "packed" kernels: signed codes go through the unsigned byte range + 128
+    flip = 128 if sc_i[I_YQMIN] < 0 else 0
+    ep[EP_YLO], ep[EP_YHI], ep[EP_YFLIP] = sc_i[I_LO] + flip, sc_i[I_HI] + flip, flip
+    return ep
 
 
 # ---- channel-major GEMM for convolutions ------------------------------------------

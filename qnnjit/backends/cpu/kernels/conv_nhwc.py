@@ -69,17 +69,6 @@ from ._conv_geometry import (
     GWP,
 )  # fmt: skip
 from ._gemm import (
-    EP_F,
-    EP_LDF,
-    EP_OFLIP,
-    EP_OOFF,
-    EP_PHI,
-    EP_PLO,
-    EP_RATIOS,
-    EP_YFIRST,
-    EP_YFLIP,
-    EP_YHI,
-    EP_YLO,
     G_DESC,
     G_K4,
     G_KCG,
@@ -91,27 +80,18 @@ from ._gemm import (
     column_span,
     gemm_requant_rows,
     plan_gemm,
+    requant_args,
+    requant_kind,
 )  # fmt: skip
 from ._numba import U, jit
 from ._threads import run_tasks
 from .layout import channels_last_output, nhwc_bytes
 from .requant import (
-    F_RY,
-    FM_MULT,
     FM_ZP,
     I_FAST,
-    I_HI,
-    I_LO,
-    I_OFLIP,
-    I_OOFF,
-    I_PHI,
-    I_PLO,
     I_POST,
     I_ROUND,
-    I_YFIRST,
-    I_YQMIN,
     P_NONE,
-    P_QADD,
     R_FLOAT,
     ep_tile,
 )  # fmt: skip
@@ -217,20 +197,6 @@ def _row_sums(a, rows, K, rowsum):
         rowsum[U(r)] = s
 
 
-@jit()
-def _requant_args(chan_f, sc_i, sc_f):
-    """The requantizing microkernels' `ep` (ukernels.REQUANT_FIELDS) at column 0."""
-    ep = np.zeros(EP_YFLIP + 1, np.int64)
-    ep[EP_F], ep[EP_LDF] = chan_f.ctypes.data, chan_f.shape[1]
-    ep[EP_OFLIP], ep[EP_OOFF], ep[EP_YFIRST] = sc_i[I_OFLIP], sc_i[I_OOFF], sc_i[I_YFIRST]
-    ep[EP_PLO], ep[EP_PHI] = sc_i[I_PLO], sc_i[I_PHI]
-    ep[EP_RATIOS] = sc_f.ctypes.data + 4 * F_RY  # ry, ro, fixed: consecutive float32
-    # "packed" kernels: signed codes go through the unsigned byte range + 128
-    flip = 128 if sc_i[I_YQMIN] < 0 else 0
-    ep[EP_YLO], ep[EP_YHI], ep[EP_YFLIP] = sc_i[I_LO] + flip, sc_i[I_HI] + flip, flip
-    return ep
-
-
 @jit(inline=True)
 def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col):
     """(address, row stride) of the A rows of output pixels p0.. p0 + rows of
@@ -297,7 +263,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
     span = column_span(M, nr, splits)
     a = _im2col_tile(0 if direct else Pt, geo[GKH] * geo[GKW] * C, gp[G_K4])
     c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
-    ep = _requant_args(chan_f, sc_i, sc_f)
+    ep = requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
         tile, s = t // splits, t % splits
@@ -497,7 +463,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
     dw_ep = _depthwise_requant_args(dw_i, dw_f)
     mid = np.empty((band * OW, C), np.uint8)  # the band's depthwise output: the GEMM's A
     c = np.empty((band * OW, M), np.int32)  # the GEMM's sums between K blocks
-    ep = _requant_args(chan_f, sc_i, sc_f)
+    ep = requant_args(chan_f, sc_i, sc_f)
     for t in range(t0, t1):
         n = t // bands
         oh0 = (t - n * bands) * band
@@ -554,15 +520,6 @@ def _depthwise_taps(xr, slot, ws, wrow, geo, acc):
                         acc[U(dst + c)] += ws[U(tap), U(c)] * row[U(src + c)]
 
 
-def packs_exactly(isa: str, chan_f: np.ndarray) -> bool:
-    """May the "packed" microkernels (ukernels REQUANT_DOC) requantize with
-    these per-channel constants? They convert the scaled sums to int32
-    without clamping them first, which is exact when no sum can reach
-    2^31: |f32(int32) * mult| <= 2^31 * 0.5."""
-    mult = chan_f[FM_MULT]
-    return isa == "avx512_vnni" and bool(np.all(np.abs(mult) <= 0.5))
-
-
 class ChannelsLastConv:
     """A GEMM convolution over NHWC pixels. Built once per layer (weights packed
     as B [K = (kh, kw, c), M]); `prepare` once per input shape (tile size,
@@ -594,22 +551,8 @@ class ChannelsLastConv:
         per-pixel weight zero point term). A plain requantize uses the
         "packed" kernels where `packs_exactly` allows and panels are 32
         columns or wider; every kind's sums start at the bias (`rq_init`)."""
-        sc = ep.sc_i
-        kinds = {P_NONE: "plain", P_QADD: "qadd"}
-        if (
-            self.plan.config.isa != "portable"
-            and not self.need_rowsum
-            and sc[I_FAST] and sc[I_ROUND] == R_FLOAT and int(sc[I_POST]) in kinds
-            and ep.out_dtype.bits == 8
-        ):  # fmt: skip
-            self.requant = kinds[int(sc[I_POST])]
-            # one vector a row: the plain store is as fast as the packs
-            if (
-                self.requant == "plain"
-                and self.plan.config.nr >= 32
-                and packs_exactly(self.plan.config.isa, ep.chan_f)
-            ):
-                self.requant = "packed"
+        self.requant = requant_kind(self.plan, ep, self.need_rowsum)
+        if self.requant:
             # the requantizing kernels' sums start at the bias (they wrap alike)
             self.rq_init = self.plan.init_with(ep.chan_i[0])
             self.rq_fptrs = self.plan.requant_fptrs(self.requant)
