@@ -317,3 +317,63 @@ def test_the_constants_own_shape_picks_orts_operand_order():
     g, inputs = _bias_graph(rng, True, (1,), True, scales, zero_points, bias, rows=64)
     cpu = _check(g, inputs, rng, runs=3)
     assert _matmul_step(cpu).name.endswith("+qadd")
+
+
+# ---- constant b: the requantizing microkernels store the result ----------------------
+
+
+def _linear_graph(rng, a_dt, k, n, rows, post, za_per_row=False, b_dt=S8, zb=0):
+    """quantize(a) -> qmatmul(a, constant b) -> requantize [-> qadd with a
+    run-time operand ("qadd") or a constant row ("bias")]."""
+    g = Graph()
+    a = _quantized_input(g, "a", a_dt, (rows, k))
+    inputs = [((rows, k), a_dt)]
+    b = g.constant(codes(rng, b_dt, (k, n)))
+    za = (
+        codes(rng, a_dt, (rows,)) if za_per_row else np.asarray(7 if a_dt == U8 else -9, a_dt.numpy)
+    )
+    y = g.add_node("qmatmul", [a, b, g.constant(za), g.constant(np.asarray(zb, b_dt.numpy))])
+    attrs = {"dtype": U8, "rounding": "half_even_float", "axis": None}
+    rq = [y.outputs[0], g.constant(np.float32(1 / 900)), g.constant(np.uint8(110))]
+    y = g.add_node("requantize", rq, attrs).outputs[0]
+    if post is not None:
+        if post == "qadd":
+            other = _quantized_input(g, "o", U8, (rows, n))
+            inputs.append(((rows, n), U8))
+        else:
+            other = g.constant(codes(rng, U8, (n,)))
+        s = [g.constant(np.float32(v)) for v in (0.02, 0.013, 0.024)]
+        z = [g.constant(np.uint8(v)) for v in (110, 120, 115)]
+        operands = [y, s[0], z[0], other, s[1], z[1], s[2], z[2]]
+        y = g.add_node("qadd", operands, {"rounding": "mlas_fma"}).outputs[0]
+    g.set_outputs([y])
+    return g, inputs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("post", [None, "qadd", "bias"])
+@pytest.mark.parametrize(
+    "a_dt, k, n, rows",
+    [(U8, 12, 40, 37), (U8, 13, 70, 5), (S8, 12, 70, 1), (S8, 9, 33, 37)],
+)  # fmt: skip
+def test_a_linear_layer_requantizes_in_its_microkernels(a_dt, k, n, rows, post, threads,
+                                                        monkeypatch):  # fmt: skip
+    """A rows read in place (u8, K % 4 == 0) or copied flipped; the plain,
+    packed and qadd kernels; one row split by columns over two threads."""
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(k * n + rows)
+    g, inputs = _linear_graph(rng, a_dt, k, n, rows, post)
+    cpu = _check(g, inputs, rng, threads=threads, runs=3)
+    assert "(microkernels requantize:" in _matmul_step(cpu).name, _matmul_step(cpu).name
+
+
+@pytest.mark.parametrize(
+    "why, kwargs", [("per-row za", {"za_per_row": True}), ("u8 b, zb 3", {"b_dt": U8, "zb": 3})]
+)
+def test_a_per_row_term_keeps_the_int32_tile(why, kwargs):
+    """A per-row za or a b zero point adds a term per row between the GEMM and
+    the requantize: the int32 tile and the epilogue loop, still exact."""
+    rng = np.random.default_rng(1)
+    g, inputs = _linear_graph(rng, U8, 12, 40, 9, "qadd", **kwargs)
+    cpu = _check(g, inputs, rng, runs=2)
+    assert "microkernels" not in _matmul_step(cpu).name, why
