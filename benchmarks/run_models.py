@@ -1,10 +1,12 @@
 """The model benchmark of the CPU milestone: full-size ResNet-18 and
-MobileNetV2 (1x3x224x224), quantized by ONNX Runtime (QDQ, per-channel s8
-weights; u8 activations, and s8 symmetric activations), run by qnnjit's best
-target and by ONNX Runtime on the same inputs and thread counts in one run.
+MobileNetV2 (1x3x224x224), and the other models of `full_size_match.py` (a
+ViT-Tiny-style encoder, a pre-norm attention block, an Inception-style CNN),
+quantized by ONNX Runtime (QDQ, per-channel s8 weights; u8 activations, and
+s8 symmetric activations), run by qnnjit's best target and by ONNX Runtime
+on the same inputs and thread counts in one run.
 
-    python benchmarks/run_models.py [--models resnet18 mobilenetv2] [--batch 1 8]
-        [--threads 1 2] [--repeats 20] [--json results.json]
+    python benchmarks/run_models.py [--models resnet18 mobilenetv2 vit attention inception]
+        [--batch 1 8] [--threads 1 2] [--repeats 20] [--json results.json]
 
 Prints one table per model and variant (median and min latency, GOPS, ratio
 to ONNX Runtime, and whether qnnjit's outputs are bit-identical to the
@@ -44,7 +46,7 @@ def build(name: str, variant_name: str, workdir: Path) -> Path:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenetv2"])
+    parser.add_argument("--models", nargs="+", choices=list(fsm.MODELS), default=list(fsm.MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
