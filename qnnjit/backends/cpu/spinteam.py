@@ -41,6 +41,16 @@ runs its own range through the trampoline too (`_team_call_packed`), so no
 argument is unboxed per call (MobileNetV2 at 2 threads: 1.91 -> 1.73 ms a
 run, alternating models in one process).
 
+Taking over. A helper that has not started its range when the caller has
+finished its own (descheduled by another process on a busy machine, or
+still waking from sleep) would cost the call a scheduler time slice: with
+both cores loaded, an attention block ran 100x slower at two threads than
+at one. So every generation is claimed (`_claim`, an atomic max on the
+row's CLAIM): the helper claims before it reads its work, the caller after
+its own range (`_await_helpers`), and whoever wins runs the range; a helper
+that loses skips that generation, whose work the caller may already have
+replaced with the next one's.
+
 State, per helper: one row of `_STATES` (int64, two cache lines of its own):
 generation (the caller's count of calls handed over), completions (the
 helper's count of calls finished), error (the last range's status), sleeping

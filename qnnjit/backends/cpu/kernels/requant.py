@@ -339,7 +339,7 @@ class Epilogue:
     other_const: np.ndarray | None = None  # ... or a constant, broadcast to the result
     y_index: int = 0  # which qadd/qmul operand (0 or 3) the requantized value is
     notes: list[str] = field(default_factory=list)
-    _broadcast: dict = field(default_factory=dict)  # result shape -> other_const's bytes
+    _broadcast: dict = field(default_factory=dict, repr=False)  # shape -> other_const's bytes
 
     @property
     def requantizes(self) -> bool:
