@@ -48,7 +48,7 @@ def erf(x: np.ndarray) -> np.ndarray:
 
 
 # MLAS `MlasErfConstants` (onnxruntime/core/mlas/lib/erf.cpp), float32.
-_ERF = {
+MLAS_ERF_CONSTANTS = {
     name: np.float32(value)
     for name, value in {
         "upper": 3.925, "split": 0.921875,
@@ -80,7 +80,7 @@ def mlas_erf(x: np.ndarray) -> np.ndarray:
     from ... import numerics
 
     fma, f32 = numerics.fma_f32, np.float32
-    c = _ERF
+    c = MLAS_ERF_CONSTANTS
     x = np.asarray(x, dtype=f32)
     a = np.minimum(np.abs(x), c["upper"])  # NaN stays NaN, as in ORT
     square = (a * a).astype(f32)

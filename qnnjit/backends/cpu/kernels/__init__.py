@@ -1,6 +1,7 @@
 """The CPU backend's kernels, one module per op family, each op's lowering
 registered as `ops.get(op).lowerings["cpu"]`:
 
+    activations  erf, gelu (float32, ONNX Runtime's MLAS algorithm)
     conv         qconv (im2col + GEMM engine, depthwise direct, generic direct)
     matmul       qmatmul (packed constant weights through the GEMM engine; batched)
     reduce       qreduce_sum
@@ -29,6 +30,7 @@ from ._numba import numba_cache_dir
 
 with numba_cache_dir():
     from . import (
+        activations,
         conv,
         elementwise,
         fused,
@@ -56,6 +58,8 @@ LOWERINGS = {
     "quantize": quantize.lower_quantize,
     "dequantize": quantize.lower_dequantize,
     "qsoftmax": softmax.lower_qsoftmax,
+    "erf": activations.lower_erf,
+    "gelu": activations.lower_gelu,
     "fused": fused.lower_fused,
     "layer_norm": normalize.lower_layer_norm,
     "gather": views.lower_gather,
