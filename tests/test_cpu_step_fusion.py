@@ -151,3 +151,98 @@ def test_depthwise_pointwise_fused_on_avx2(monkeypatch):
     model = dw_pw_model(rng, channels=24, out_channels=20, stride=2)
     x = rng.integers(0, 256, (2, 24, 13, 9)).astype(np.uint8)
     check(model, x, 1, fused=True)
+
+
+# ---- dequantize -> layer_norm -> quantize ----------------------------------------------
+
+
+def _qdq_layer_norm_graph(rng, dtype, shape, axis, bias=True, read_mean=False, read_float=False):
+    """x -> clip (so the chain reads no graph input) -> DQ -> layer_norm
+    ("ort_mlas", constant scale [and bias]) -> Q; `read_mean`: its mean is a
+    graph output too; `read_float`: so is the dequantized tensor."""
+    from qnnjit.ir import Graph, TensorType, dtypes
+
+    dt = {"u8": dtypes.uint8, "s8": dtypes.int8}[dtype]
+    g = Graph()
+    x = g.add_input("x", TensorType(dt, shape))
+    x = g.add_node("clip", [x], {"min": None, "max": None}).outputs[0]
+    zx = 131 if dt == dtypes.uint8 else -7
+    dq_attrs = {"axis": 1, "block_size": 0, "dtype": dtypes.float32}
+    f = g.add_node(
+        "dequantize", [x, g.constant(np.float32(0.043)), g.constant(np.asarray(zx, dt.numpy))],
+        dq_attrs,
+    ).outputs[0]  # fmt: skip
+    norm = shape[axis:]
+    if not all(isinstance(d, int) for d in norm):
+        norm = (1,)  # broadcast over a symbolic row length
+    params = [g.constant((rng.random(norm) + 0.5).astype(np.float32))]
+    if bias:
+        params.append(g.constant((rng.standard_normal(norm) * 0.2).astype(np.float32)))
+    attrs = {"axis": axis, "epsilon": 1e-5, "stash_dtype": "float32", "algorithm": "ort_mlas"}
+    y, mean, _ = g.add_node("layer_norm", [f, *params], attrs).outputs
+    q_attrs = {
+        "dtype": dt,
+        "axis": 1,
+        "block_size": 0,
+        "saturate": True,
+        "precision": dtypes.float32,
+    }
+    zy = 120 if dt == dtypes.uint8 else 3
+    q = g.add_node(
+        "quantize", [y, g.constant(np.float32(0.031)), g.constant(np.asarray(zy, dt.numpy))],
+        q_attrs,
+    ).outputs[0]  # fmt: skip
+    g.set_outputs([q] + ([mean] if read_mean else []) + ([f] if read_float else []))
+    return g, dt
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "dtype, shape, axis, bias",
+    [("u8", (2, 9, 64), 2, True), ("s8", (3, 40), 1, False), ("u8", (2, 3, 4, 5), 2, True),
+     ("u8", (4, 9), 1, True)],
+)  # fmt: skip
+def test_a_qdq_layer_norm_runs_from_codes_to_codes(dtype, shape, axis, bias, threads, monkeypatch):
+    from qnnjit.backends.cpu.executor import CpuExecutor
+    from qnnjit.backends.cpu.kernels import _threads
+    from qnnjit.backends.reference import ReferenceExecutor
+
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(len(shape) + axis)
+    g, dt = _qdq_layer_norm_graph(rng, dtype, shape, axis, bias)
+    cpu, ref = CpuExecutor(g, num_threads=threads), ReferenceExecutor(g)
+    names = [step.name for step in cpu.steps]
+    assert names[1].startswith("dequantize+layer_norm+quantize[") and len(names) == 2, names
+    for seed in range(3):
+        x = np.random.default_rng(seed).integers(dt.qmin, dt.qmax + 1, shape).astype(dt.numpy)
+        np.testing.assert_array_equal(cpu.run([x])[0], ref.run([x])[0])
+    (binding,) = next(iter(cpu._bindings.values()))
+    assert [s.name for s in binding.rerun_steps] == [names[0]]
+
+
+@pytest.mark.parametrize("why", ["read_mean", "read_float", "rows of 6"])
+def test_a_layer_norm_whose_floats_are_read_elsewhere_stays_apart(why):
+    """Also rows shorter than 8, which the reference normalizes in two passes."""
+    from qnnjit.backends.cpu.executor import CpuExecutor
+    from qnnjit.backends.reference import ReferenceExecutor
+
+    kwargs = {} if why == "rows of 6" else {why: True}
+    shape = (2, 6) if why == "rows of 6" else (2, 16)
+    g, dt = _qdq_layer_norm_graph(np.random.default_rng(0), "u8", shape, 1, **kwargs)
+    cpu = CpuExecutor(g, num_threads=1)
+    assert not any("+layer_norm+" in step.name for step in cpu.steps)
+    x = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    for got, want in zip(cpu.run([x]), ReferenceExecutor(g).run([x]), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_symbolic_row_length_under_8_takes_the_two_pass_steps():
+    from qnnjit.backends.cpu.executor import CpuExecutor
+    from qnnjit.backends.reference import ReferenceExecutor
+
+    g, dt = _qdq_layer_norm_graph(np.random.default_rng(2), "u8", (2, "d"), 1, bias=False)
+    cpu, ref = CpuExecutor(g, num_threads=1, warmup=False), ReferenceExecutor(g)
+    assert cpu.steps[1].name.startswith("dequantize+layer_norm+quantize[")
+    for d in (6, 16, 6):
+        x = np.random.default_rng(d).integers(0, 256, (2, d)).astype(np.uint8)
+        np.testing.assert_array_equal(cpu.run([x])[0], ref.run([x])[0])

@@ -62,7 +62,7 @@ from . import replay
 from .compile_jobs import helped_warmup, share_caches
 from .kernels import Decline, Kernel, LowerContext
 from .kernels._lowering import numpy_kernel
-from .kernels.step_fusion import fuse_depthwise_pointwise
+from .kernels.step_fusion import fuse_steps
 
 # Input shapes whose recorded runs an executor keeps (`_keep`).
 _BOUND_SHAPES = 4
@@ -112,7 +112,7 @@ class CpuExecutor:
         self._alias: dict[int, object] = {}
         steps = self._lower_graph(self.graph)
         outputs = [self._canonical(v) for v in self.graph.outputs]
-        self.steps = fuse_depthwise_pointwise(steps, self._canonical, outputs)
+        self.steps = fuse_steps(steps, self._canonical, outputs)
 
     def _canonical(self, value):
         """The plan's value for `value` (a fused body's values are aliases)."""

@@ -28,6 +28,8 @@ reference broadcasts those against x, not against one row).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +39,7 @@ from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
+from .quantize import code_params, quantized_code
 
 # Work per element in `run_tasks` units (2^18 of them ~ 15 us): one thread
 # takes 0.8 ns per element ("ort_mlas") to 1.1 ns ("two_pass"), its sums in
@@ -142,57 +145,96 @@ def layer_norm_two_pass(t0, t1, x2, scale, bias, has_bias, eps, one, zero, y2, m
                 y[U(i)] = c[U(i)] * inv * scale[U(i)]
 
 
+@jit(inline=True)
+def _mlas_row(row, scale, bias, has_bias, eps, y):
+    """One row of `layer_norm_mlas` (module doc) into y; returns (mean, inv_std)."""
+    n = row.shape[0]
+    n4, n8 = n - n % 4, n - n % 8
+    grouped = n8 + 4 * ((n - n8) // 4)  # the tail's first group of 4
+    count = np.float32(n)
+    s0, s1 = np.float64(row[0]), np.float64(row[1])
+    s2, s3 = np.float64(row[2]), np.float64(row[3])
+    for i in range(4, n4, 4):
+        s0 += np.float64(row[U(i)])
+        s1 += np.float64(row[U(i + 1)])
+        s2 += np.float64(row[U(i + 2)])
+        s3 += np.float64(row[U(i + 3)])
+    total = (s0 + s2) + (s1 + s3)
+    for i in range(n4, n):
+        total += np.float64(row[U(i)])
+    m = np.float32(total / np.float64(n))
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
+    for i in range(0, n8, 8):
+        d0, d1 = row[U(i)] - m, row[U(i + 1)] - m
+        d2, d3 = row[U(i + 2)] - m, row[U(i + 3)] - m
+        d4, d5 = row[U(i + 4)] - m, row[U(i + 5)] - m
+        d6, d7 = row[U(i + 6)] - m, row[U(i + 7)] - m
+        a0 = fma_f32(d0, d0, a0)
+        a1 = fma_f32(d1, d1, a1)
+        a2 = fma_f32(d2, d2, a2)
+        a3 = fma_f32(d3, d3, a3)
+        a4 = fma_f32(d4, d4, a4)
+        a5 = fma_f32(d5, d5, a5)
+        a6 = fma_f32(d6, d6, a6)
+        a7 = fma_f32(d7, d7, a7)
+    var = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+    for i in range(n8, n):
+        d = row[U(i)] - m
+        if i < grouped:
+            var = var + d * d
+        else:
+            var = fma_f32(d, d, var)
+    inv = np.float32(1) / np.sqrt(var / count + eps)
+    if has_bias:
+        for i in range(n):
+            y[U(i)] = fma_f32((row[U(i)] - m) * inv, scale[U(i)], bias[U(i)])
+    else:
+        for i in range(n):
+            y[U(i)] = ((row[U(i)] - m) * inv) * scale[U(i)]
+    return m, inv
+
+
 @jit()
 def layer_norm_mlas(t0, t1, x2, scale, bias, has_bias, eps, y2, mean, inv_std):
     """Rows t0..t1 of the float32 x2 [R, n], n >= 8, as ONNX Runtime's MLAS
     kernel (module doc)."""
-    n = x2.shape[1]
-    n4, n8 = n - n % 4, n - n % 8
-    grouped = n8 + 4 * ((n - n8) // 4)  # the tail's first group of 4
-    count = np.float32(n)
     for r in range(t0, t1):
-        row, y = x2[r], y2[r]
-        s0, s1 = np.float64(row[0]), np.float64(row[1])
-        s2, s3 = np.float64(row[2]), np.float64(row[3])
-        for i in range(4, n4, 4):
-            s0 += np.float64(row[U(i)])
-            s1 += np.float64(row[U(i + 1)])
-            s2 += np.float64(row[U(i + 2)])
-            s3 += np.float64(row[U(i + 3)])
-        total = (s0 + s2) + (s1 + s3)
-        for i in range(n4, n):
-            total += np.float64(row[U(i)])
-        m = np.float32(total / np.float64(n))
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
-        for i in range(0, n8, 8):
-            d0, d1 = row[U(i)] - m, row[U(i + 1)] - m
-            d2, d3 = row[U(i + 2)] - m, row[U(i + 3)] - m
-            d4, d5 = row[U(i + 4)] - m, row[U(i + 5)] - m
-            d6, d7 = row[U(i + 6)] - m, row[U(i + 7)] - m
-            a0 = fma_f32(d0, d0, a0)
-            a1 = fma_f32(d1, d1, a1)
-            a2 = fma_f32(d2, d2, a2)
-            a3 = fma_f32(d3, d3, a3)
-            a4 = fma_f32(d4, d4, a4)
-            a5 = fma_f32(d5, d5, a5)
-            a6 = fma_f32(d6, d6, a6)
-            a7 = fma_f32(d7, d7, a7)
-        var = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
-        for i in range(n8, n):
-            d = row[U(i)] - m
-            if i < grouped:
-                var = var + d * d
-            else:
-                var = fma_f32(d, d, var)
-        inv = np.float32(1) / np.sqrt(var / count + eps)
-        mean[r] = m
-        inv_std[r] = inv
-        if has_bias:
-            for i in range(n):
-                y[U(i)] = fma_f32((row[U(i)] - m) * inv, scale[U(i)], bias[U(i)])
-        else:
-            for i in range(n):
-                y[U(i)] = ((row[U(i)] - m) * inv) * scale[U(i)]
+        mean[r], inv_std[r] = _mlas_row(x2[r], scale, bias, has_bias, eps, y2[r])
+
+
+@jit()
+def layer_norm_mlas_codes(t0, t1, c2, dq, dscale, scale, bias, has_bias, eps, qscale, qzp, lims,
+                          out2):  # fmt: skip
+    """dequantize -> layer_norm ("ort_mlas") -> quantize, all per tensor, on
+    rows t0..t1 of the 8-bit codes c2 [R, n] (stored bytes) into out2 (stored
+    bytes), n >= 8: each float row lives in a row buffer only. dq = (flip,
+    off, zero point): the code is `(byte ^ flip) - off`, its value
+    f32(f32(code - zp) * dscale) (`quantize.dequantize_flat`); the result's
+    code `quantize.quantized_code`."""
+    n = c2.shape[1]
+    flip, off, dzp = dq[0], dq[1], dq[2]
+    xr, yr = np.empty(n, np.float32), np.empty(n, np.float32)
+    params = code_params(lims, qzp)
+    for r in range(t0, t1):
+        row, dst = c2[r], out2[r]
+        for i in range(n):
+            xr[U(i)] = np.float32(((np.int64(row[U(i)]) ^ flip) - off) - dzp) * dscale
+        _mlas_row(xr, scale, bias, has_bias, eps, yr)
+        for i in range(n):
+            dst[U(i)] = quantized_code(yr[U(i)], qscale, qzp, params)
+
+
+@dataclass
+class LayerNormStage:
+    """What `step_fusion` needs to run an "ort_mlas" layer norm with constant
+    scale and bias on codes (`layer_norm_mlas_codes`): its axis, epsilon,
+    and `rows(normalized shape)`, the scale and bias rows."""
+
+    axis: int
+    eps: np.float32
+    has_bias: bool
+    rows: Callable[[tuple], tuple]
+    threads: int
 
 
 def lower_layer_norm(node: Node, ctx: LowerContext) -> Kernel:
@@ -261,4 +303,10 @@ def lower_layer_norm(node: Node, ctx: LowerContext) -> Kernel:
 
     algorithm = "ort_mlas" if mlas else "two_pass"
     name = f"layer_norm[{algorithm} {dt} stash={stash}]"
-    return Kernel(name, run, runtime, node.outputs, [node])
+    stage = None
+    if mlas and runtime == [x]:  # constant scale and bias: runnable on codes
+        consts = [None if v is None else v.const for v in params]
+        stage = LayerNormStage(
+            axis, eps, has_bias, lambda norm: row_params(norm, consts), ctx.num_threads
+        )
+    return Kernel(name, run, runtime, node.outputs, [node], stage=stage)

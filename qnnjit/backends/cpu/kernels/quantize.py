@@ -22,6 +22,7 @@ non-float32 outputs are declined (the reference runs them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,15 +38,15 @@ from .requant import byte_codes, kernel_array, unsigned_view
 
 
 @jit(inline=True)
-def _params(lims, z):
-    """`_quantized`'s constants for zero point z, from lims = (qmin, qmax, lo,
+def code_params(lims, z):
+    """`quantized_code`'s constants for zero point z, from lims = (qmin, qmax, lo,
     hi, has_clamp): loaded once, outside the loops, so that they vectorize."""
     lo_r, hi_r = np.float32(lims[0] - z), np.float32(lims[1] - z)  # exact: <= 17 bits
     return lo_r, hi_r, lims[2], lims[3], lims[4] != 0
 
 
 @jit(inline=True)
-def _quantized(xv, s, z, params):
+def quantized_code(xv, s, z, params):
     """The code of the float32 `xv` (scale s, zero point z)."""
     lo_r, hi_r, lo, hi, has_clamp = params
     r = np.rint(xv / s)
@@ -66,9 +67,9 @@ def quantize_flat(t0, t1, x, inner, channels, scale, zp, lims, out):
     for t in range(t0, t1):
         c = U(t % channels)
         s, z = scale[c], zp[c]
-        params = _params(lims, z)
+        params = code_params(lims, z)
         for i in range(t * inner, (t + 1) * inner):
-            out[U(i)] = _quantized(x[U(i)], s, z, params)
+            out[U(i)] = quantized_code(x[U(i)], s, z, params)
 
 
 _NHWC_BLOCK = 256  # pixels per task of quantize_to_nhwc
@@ -84,7 +85,7 @@ def quantize_to_nhwc(t0, t1, x, scale, zp, lims, out):
     N, C, P = x.shape
     blocks = (P + _NHWC_BLOCK - 1) // _NHWC_BLOCK
     s, z = scale[0], zp[0]
-    params = _params(lims, z)
+    params = code_params(lims, z)
     xf, of = x.reshape(x.size), out.reshape(out.size)  # flat: the loops vectorize
     codes = np.empty(C * _NHWC_BLOCK, out.dtype)
     for t in range(t0, t1):
@@ -94,7 +95,7 @@ def quantize_to_nhwc(t0, t1, x, scale, zp, lims, out):
         for c in range(C):
             src, row = (n * C + c) * P + p0, c * _NHWC_BLOCK
             for p in range(width):
-                codes[U(row + p)] = _quantized(xf[U(src + p)], s, z, params)
+                codes[U(row + p)] = quantized_code(xf[U(src + p)], s, z, params)
         interleave(codes, _NHWC_BLOCK, width, C, of[(n * P + p0) * C :])
 
 
@@ -126,6 +127,29 @@ def _inner(shape, axis) -> int:
     if axis is None:
         return max(shape[-1], 1) if shape else 1
     return max(math.prod(shape[axis + 1 :]), 1)
+
+
+@dataclass(frozen=True)
+class QuantizeStage:
+    """A per-tensor quantize to 8 bits, for `step_fusion` to compute inside
+    the kernel before it (`quantized_code` with these constants)."""
+
+    scale: np.float32
+    zero_point: int
+    lims: np.ndarray  # `code_params`' lims
+    dtype: dtypes.DType
+
+
+@dataclass(frozen=True)
+class DequantizeStage:
+    """A per-tensor dequantize of 8-bit codes to float32, for `step_fusion`
+    to compute inside the kernel after it: f32(f32(code - zp) * scale), the
+    code `(byte ^ flip) - off`."""
+
+    flip: int
+    off: int
+    zero_point: int
+    scale: np.float32
 
 
 def lower_quantize(node: Node, ctx: LowerContext) -> Kernel:
@@ -181,7 +205,10 @@ def lower_quantize(node: Node, ctx: LowerContext) -> Kernel:
 
     if nhwc:
         return Kernel(f"quantize_to_nhwc[f32->{dtype}]", run_nhwc, [x], node.outputs, [node])
-    return Kernel(f"quantize_flat[f32->{dtype}]", run, [x], node.outputs, [node])
+    stage = None
+    if axis is None and dtype.bits == 8 and x.type.dtype == dtypes.float32:
+        stage = QuantizeStage(scale_c[0], int(zp_c[0]), lims, dtype)
+    return Kernel(f"quantize_flat[f32->{dtype}]", run, [x], node.outputs, [node], stage=stage)
 
 
 def lower_dequantize(node: Node, ctx: LowerContext) -> Kernel:
@@ -203,7 +230,7 @@ def lower_dequantize(node: Node, ctx: LowerContext) -> Kernel:
     flip, off = byte_codes(q_dt)
 
     def run(q_array):
-        out = np.empty(q_array.shape, np.float32)
+        out = empty(q_array.shape, np.float32)
         if axis is not None and q_array.shape[axis] != channels:
             raise ValueError(f"axis {axis} has {q_array.shape[axis]} entries, {channels} scales")
         inner = _inner(q_array.shape, axis)
@@ -214,4 +241,7 @@ def lower_dequantize(node: Node, ctx: LowerContext) -> Kernel:
         )  # fmt: skip
         return [out]
 
-    return Kernel(f"dequantize_flat[{q_dt}->f32]", run, [q], node.outputs, [node])
+    stage = None
+    if axis is None and q_dt.bits == 8:
+        stage = DequantizeStage(flip, off, int(zp_c[0]), scale_c[0])
+    return Kernel(f"dequantize_flat[{q_dt}->f32]", run, [q], node.outputs, [node], stage=stage)
