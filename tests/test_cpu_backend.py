@@ -906,6 +906,27 @@ def test_qlinear_binary_every_code_pair(op_type):
         check_model(one_node_model(op_type, feeds, consts, attrs, domain=MS, out=np.uint8), feeds)
 
 
+@pytest.mark.parametrize("op_type", ["QLinearAdd", "QLinearMul"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_binary_past_int32_and_nan(op_type, dtype):
+    """Scale ratios that send the sums past +-2^31 (x86's conversion gives
+    INT32_MIN there, so qmin), and a zero output scale (inf and NaN: qmin
+    too)."""
+    grid = np.arange(256).astype(np.uint8).view(dtype)
+    a, b = grid.reshape(256, 1), grid[::-1].reshape(1, 256)
+    for sc in (np.float32(1e-4), np.float32(0.0)):
+        consts = {
+            "sa": np.float32(1e6), "za": scalar(dtype, 3),
+            "sb": np.float32(2e5), "zb": scalar(dtype, 5),
+            "sc": sc, "zc": scalar(dtype, 7),
+        }  # fmt: skip
+        attrs = {"order": ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"]}
+        feeds = {"a": a, "b": b}
+        model = one_node_model(op_type, feeds, consts, attrs, domain=MS, out=dtype)
+        cpu = check_model(model, feeds)
+        assert f"{op_type[7:].lower()}_flat" in kernel_names(cpu._executor)
+
+
 def test_fma_is_one_rounding():
     """The kernels' fma (llvm.fma.f32) against numerics.fma_f32 (exact
     rationals), including near-ties where two roundings would differ."""

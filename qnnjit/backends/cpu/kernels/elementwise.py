@@ -20,38 +20,61 @@ from ._buffers import empty
 from ._lowering import Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
-from .requant import byte_codes, cvt_saturate, kernel_array, unsigned_view
+from .requant import byte_codes, kernel_array, unsigned_view
 
 F32 = np.float32
+
+
+@jit(inline=True)
+def _code(byte, flip, off):
+    """The code of a stored byte, in int32 lanes (so the loops vectorize)."""
+    return (np.int32(byte) ^ flip) - off
+
+
+@jit(inline=True)
+def _saturated(v, lo, hi):
+    """`requant.cvt_saturate` as float selects, so the loops vectorize: x86
+    cvtps2dq of v (NaN and |v| >= 2^31 give INT32_MIN), saturated to [lo, hi]
+    (qmin, qmax as float32)."""
+    r = np.rint(v)
+    y = r if r > lo else lo  # NaN, and below: qmin
+    y = y if y < hi else hi
+    y = y if r < np.float32(2147483648.0) else lo
+    return np.int32(y)
 
 
 @jit()
 def qadd_flat(i0, i1, a, b, codes, sc, a_first, out):
     """codes = (flip, off, qmin, qmax); sc = (rA, rB, fixed for (A, B) as MLAS's
     (A, B), fixed for (B, A))."""
-    flip, off, qmin, qmax = codes[0], codes[1], codes[2], codes[3]
+    flip, off = np.int32(codes[0]), np.int32(codes[1])
+    lo, hi = np.float32(codes[2]), np.float32(codes[3])
     ra, rb = sc[0], sc[1]
-    fixed = sc[2] if a_first else sc[3]
-    for k in range(i0, i1):
-        i = U(k)
-        af = np.float32((np.int64(a[i]) ^ flip) - off)
-        bf = np.float32((np.int64(b[i]) ^ flip) - off)
-        if a_first:
-            t = fma_f32(af, ra, fma_f32(bf, rb, fixed))
-        else:
-            t = fma_f32(bf, rb, fma_f32(af, ra, fixed))
-        out[i] = cvt_saturate(t, qmin, qmax)
+    if a_first:  # two loops, not a test per element: each vectorizes
+        fixed = sc[2]
+        for k in range(i0, i1):
+            i = U(k)
+            af, bf = np.float32(_code(a[i], flip, off)), np.float32(_code(b[i], flip, off))
+            out[i] = _saturated(fma_f32(af, ra, fma_f32(bf, rb, fixed)), lo, hi)
+    else:
+        fixed = sc[3]
+        for k in range(i0, i1):
+            i = U(k)
+            af, bf = np.float32(_code(a[i], flip, off)), np.float32(_code(b[i], flip, off))
+            out[i] = _saturated(fma_f32(bf, rb, fma_f32(af, ra, fixed)), lo, hi)
 
 
 @jit()
 def qmul_flat(i0, i1, a, b, codes, r, zc, out):
-    """codes = (flip, off, qmin, qmax, za, zb)."""
-    flip, off, qmin, qmax, za, zb = codes[0], codes[1], codes[2], codes[3], codes[4], codes[5]
+    """codes = (flip, off, qmin, qmax, za, zb); (a - za)(b - zb) is exact in
+    int32 (8-bit codes)."""
+    flip, off = np.int32(codes[0]), np.int32(codes[1])
+    lo, hi = np.float32(codes[2]), np.float32(codes[3])
+    za, zb = np.int32(codes[4]), np.int32(codes[5])
     for k in range(i0, i1):
         i = U(k)
-        p = (((np.int64(a[i]) ^ flip) - off) - za) * (((np.int64(b[i]) ^ flip) - off) - zb)
-        v = np.float32(np.float32(p) * r) + zc
-        out[i] = cvt_saturate(v, qmin, qmax)
+        p = (_code(a[i], flip, off) - za) * (_code(b[i], flip, off) - zb)
+        out[i] = _saturated(np.float32(np.float32(p) * r) + zc, lo, hi)
 
 
 @jit()
