@@ -2,7 +2,7 @@
 `backends/cpu/kernels/pool.py`) against the reference semantics
 (`ir/ops/qlinear_contrib.py`), bit for bit: a conv's channels-last result
 pooled in place (`qaverage_pool_2d_nhwc`, a channels-last result), an NCHW
-tensor (`qaverage_pool_2d`), and the node's own NHWC layout; u8 and s8;
+tensor (the same kernel on its planes), and the node's own NHWC layout; u8 and s8;
 windows 3x3, 2x2, 3x1, 1x1 with strides, pads, ceil_mode,
 count_include_pad, windows with no tap inside, the global case; scales with
 rounding ties (powers of two, and float sums whose ties their order breaks)
@@ -138,7 +138,7 @@ def check_runs(g: Graph, inputs: list, threads: int):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_average_pool_matches_the_reference_and_replays(dt, producer, threads, monkeypatch):
     monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)  # every call split over threads
-    want = pool.qaverage_pool_2d if producer == "clip" else pool.qaverage_pool_2d_nhwc
+    want = pool.qaverage_pool_2d_nhwc
     for index, (spec, scales, channels) in enumerate(
         (spec, scales, channels) for spec in POOLS for scales in SCALES for channels in (3, 40)
     ):

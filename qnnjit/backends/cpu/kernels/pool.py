@@ -10,12 +10,13 @@ like their values), so signed and unsigned tensors share the kernel.
 Float max_pool (NaN semantics) stays with the reference.
 
 The average pool sums, per output, f32(x_scale * f32(code - x_zp)) over its
-taps in the window's row-major order, as the reference does; the kernels
-take the taps one at a time over a whole output row (every output pixel
-with that tap inside gets its term), so the inner loop runs over columns
-(NCHW) or columns and channels (channels-last, `qaverage_pool_2d_nhwc`,
-which reads a conv's NHWC result in place and writes a channels-last one)
-in float32 vector lanes, while each output still adds its terms in order.
+taps in the window's row-major order, as the reference does; its kernel
+(`qaverage_pool_2d_nhwc`) takes the taps one at a time over a whole output
+row (every output pixel with that tap inside gets its term), so the inner
+loop runs over columns and channels in float32 vector lanes while each
+output still adds its terms in order. It reads a conv's NHWC result in
+place and writes a channels-last one; an NCHW tensor is n * c images of
+one channel.
 """
 
 from __future__ import annotations
@@ -278,61 +279,22 @@ def _inside(start, k, size):
 
 
 @jit()
-def qaverage_pool_2d(t0, t1, x, geo, codes, fl, out):
-    """ONNX Runtime's QLinearAveragePool (`ir/ops/qlinear_contrib.py`), output
-    rows t0..t1 (plane, oh) of NCHW x: per window, in float32 and in the
-    kernel's row-major tap order, `s += f32(x_scale * (code - x_zp))` over
-    taps inside the input (padding adds +0.0, which changes nothing),
-    `a = f32(s / count)`, then `cvtps2dq(f32(f32(a / y_scale) + y_zp))`
-    saturated. A row's sums are taken tap by tap over its output columns
-    (vectorized over columns; each output still sums its taps in order).
-    With `geo[10]` set the window is the whole unpadded image and ORT's
-    global kernel runs instead (`_global_code`; OH = OW = 1, a task per
-    plane). geo = (KH, KW, SH, SW, PH, PW, OH, OW, count_include_pad, kernel
-    size, global); codes = (flip, off, x_zp, y_zp, qmin, qmax); fl =
-    (x_scale, y_scale, global scale)."""
-    N, C, H, W = x.shape
-    xf = x.reshape(x.size)
-    KH, KW, SH, SW, PH, PW, OH, OW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
-    include_pad, ksize, is_global = geo[8], geo[9], geo[10]
-    flip, off, xzp, yzp, qmin, qmax = codes[0], codes[1], codes[2], codes[3], codes[4], codes[5]
-    xs, ys, gscale = fl[0], fl[1], fl[2]
-    yzf, lo, hi, big = np.float32(yzp), np.float32(qmin), np.float32(qmax), np.float32(2.0**31)
-    zero, top = np.float32(xzp), np.float32(128.0 if flip else 256.0)
-    if is_global != 0:
-        for t in range(t0, t1):
-            total = np.int64(0)
-            for i in range(t * H * W, (t + 1) * H * W):
-                total += ((np.int64(xf[U(i)]) ^ flip) - off) - xzp
-            out[U(t)] = _global_code(total, gscale, yzp, qmin, qmax)
-        return
-    acc = np.empty(OW, np.float32)
-    for t in range(t0, t1):
-        plane = t // OH
-        oh = t - plane * OH
-        h0 = oh * SH - PH
-        acc[:] = 0
-        for kh in range(max(0, -h0), min(KH, H - h0)):
-            row = (plane * H + h0 + kh) * W - PW
-            for kw in range(KW):
-                c0, c1 = _tap_columns(kw, SW, PW, W, OW)
-                _accumulate(xf, row + c0 * SW + kw, SW, acc, c0, c1 - c0, 1, xs, zero, top)
-        rows = _inside(h0, KH, H)
-        for ow in range(OW):
-            count = ksize if include_pad != 0 else rows * _inside(ow * SW - PW, KW, W)
-            y = _average_code(acc[U(ow)], np.float32(count), ys, yzf, lo, hi, big)
-            out[U(t * OW + ow)] = y
-
-
-@jit()
 def qaverage_pool_2d_nhwc(t0, t1, x, geo, codes, fl, out):
-    """`qaverage_pool_2d` on channels-last x [N, H, W, C] into out
-    [N, OH, OW, C] (flat), output rows t0..t1 (image, oh), reading the NHWC
-    bytes in place: per output row the window taps, in row-major order, each
-    add one term to the float32 sums of every output pixel that has it
-    inside the input, channels innermost (so the loops vectorize over
-    channels and each channel's sum keeps the reference's order). Global
-    windows: a task per image, exact integer sums over its pixels."""
+    """ONNX Runtime's QLinearAveragePool (`ir/ops/qlinear_contrib.py`) on
+    channels-last x [N, H, W, C] into out [N, OH, OW, C] (flat), output rows
+    t0..t1 (image, oh), reading the NHWC bytes in place. Per window, in
+    float32 and in the kernel's row-major tap order, `s += f32(x_scale *
+    (code - x_zp))` over taps inside the input (padding adds +0.0, which
+    changes nothing), `a = f32(s / count)`, then `cvtps2dq(f32(f32(a /
+    y_scale) + y_zp))` saturated: per output row the taps each add one term
+    to the sums of every output pixel that has it inside the input, channels
+    innermost (so the loops vectorize over channels and columns, and each
+    sum keeps the reference's order). An NCHW tensor is the same with C = 1
+    and N * C images. With `geo[10]` set the window is the whole unpadded
+    image and ORT's global kernel runs instead (`_global_code`, a task per
+    image, exact integer sums). geo = (KH, KW, SH, SW, PH, PW, OH, OW,
+    count_include_pad, kernel size, global); codes = (flip, off, x_zp, y_zp,
+    qmin, qmax); fl = (x_scale, y_scale, global scale)."""
     N, H, W, C = x.shape
     xf = x.reshape(x.size)
     KH, KW, SH, SW, PH, PW, OH, OW = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
@@ -375,9 +337,9 @@ def qaverage_pool_2d_nhwc(t0, t1, x, geo, codes, fl, out):
 def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
     """Channels-last inputs (a conv's result view, or the node's own NHWC
     layout) run `qaverage_pool_2d_nhwc` on their memory in place and give a
-    channels-last result; other inputs run the NCHW kernel on C-contiguous
-    memory. Either way the step's only work is its recorded kernel call
-    (no operand copy), so a replayed run repeats it."""
+    channels-last result; other inputs, C-contiguous NCHW, run it as n * c
+    images of one channel. Either way the step's only work is its recorded
+    kernel call (no operand copy), so a replayed run repeats it."""
     x = node.inputs[0]
     dt = x.type.dtype
     kernel = list(node.attrs["kernel_shape"])
@@ -438,9 +400,9 @@ def lower_qaverage_pool(node: Node, ctx: LowerContext) -> Kernel:
             out, flat = channels_last_output((n, c, oh, ow), dt.numpy)
             pool_nhwc(nhwc_bytes(x_array), flat, n, c, h, w)  # a view, no copy
             return [out]
-        out = empty((n, c, oh, ow), dt.numpy)
-        run_tasks(qaverage_pool_2d, n * c * oh, work, ctx.num_threads, unsigned_view(x_array),
-                  geo, codes, fl, unsigned_view(out).reshape(-1))  # fmt: skip
+        out = empty((n, c, oh, ow), dt.numpy)  # NCHW: n * c images of one channel
+        planes = unsigned_view(x_array).reshape(n * c, h, w, 1)
+        pool_nhwc(planes, unsigned_view(out).reshape(-1), n * c, 1, h, w)
         return [out]
 
     name = f"qaverage_pool_2d[{dt} {kernel[0]}x{kernel[1]}]"
