@@ -44,34 +44,26 @@ _POW2 = np.ldexp(np.float32(1), np.arange(-128, 1)).astype(np.float32)
 
 
 @jit(inline=True)
+def _horner(coefficients, v):
+    """c0, then fma(., v, c) for each next c: MLAS's polynomial steps."""
+    p = coefficients[0]
+    for c in coefficients[1:]:
+        p = fma_f32(p, v, c)
+    return p
+
+
+@jit(inline=True)
 def mlas_erf1(x):
     """`mlas_erf` of one float32 (see its docstring for the algorithm)."""
     a = np.minimum(np.abs(x), _UPPER)  # NaN stays NaN
     square = a * a
-    small = _S[0]
-    small = fma_f32(small, square, _S[1])
-    small = fma_f32(small, square, _S[2])
-    small = fma_f32(small, square, _S[3])
-    small = fma_f32(small, square, _S[4])
-    small = fma_f32(small, square, _S[5])
+    small = _horner(_S, square)
     small = fma_f32(small, a, a)
-    big = _B[0]
-    big = fma_f32(big, a, _B[1])
-    big = fma_f32(big, a, _B[2])
-    big = fma_f32(big, a, _B[3])
-    big = fma_f32(big, a, _B[4])
-    big = fma_f32(big, a, _B[5])
-    big = fma_f32(big, a, _B[6])
+    big = _horner(_B, a)
     e = np.maximum(-fma_f32(big, a, a), _EXP_LOWER)
     r = fma_f32(_LOG2_RECIPROCAL, e, _ROUND) - _ROUND
     f = fma_f32(r, _LOG2_LO, fma_f32(r, _LOG2_HI, e))
-    p = _E[0]
-    p = fma_f32(p, f, _E[1])
-    p = fma_f32(p, f, _E[2])
-    p = fma_f32(p, f, _E[3])
-    p = fma_f32(p, f, _E[4])
-    p = fma_f32(p, f, _E[5])
-    p = fma_f32(p, f, _E[6])
+    p = _horner(_E, f)
     # 2^r for the integer r in [-128, 0] (NaN: 2^0): a table, so that the
     # loop has no call in it and vectorizes
     power = _POW2[U(np.int64(0.0 if r != r else r) + 128)]
