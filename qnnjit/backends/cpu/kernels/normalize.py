@@ -40,6 +40,7 @@ from ._lowering import Decline, Kernel, LowerContext
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
 from .quantize import code_params, quantized_code
+from .requant import unsigned_view
 
 # Work per element in `run_tasks` units (2^18 of them ~ 15 us): one thread
 # takes 0.8 ns per element ("ort_mlas") to 1.1 ns ("two_pass"), its sums in
@@ -222,6 +223,27 @@ def layer_norm_mlas_codes(t0, t1, c2, dq, dscale, scale, bias, has_bias, eps, qs
         _mlas_row(xr, scale, bias, has_bias, eps, yr)
         for i in range(n):
             dst[U(i)] = quantized_code(yr[U(i)], qscale, qzp, params)
+
+
+def layer_norm_on_codes(stage, dequant, quant, codes: np.ndarray) -> np.ndarray | None:
+    """dequantize (`quantize.DequantizeStage`) -> this layer norm (`stage`) ->
+    quantize (`quantize.QuantizeStage`) of the 8-bit `codes`, by
+    `layer_norm_mlas_codes`; None when the rows are shorter than 8 (the
+    reference normalizes those in two passes)."""
+    shape, axis = codes.shape, stage.axis
+    size = math.prod(shape[axis:])
+    if size < 8:
+        return None
+    rows = math.prod(shape[:axis])
+    scale, bias = stage.rows(shape[axis:])
+    out = empty(shape, quant.dtype.numpy)
+    run_tasks(
+        layer_norm_mlas_codes, rows, _WORK_PER_ELEMENT * rows * size, stage.threads,
+        unsigned_view(codes).reshape(rows, size), dequant.codes, dequant.scale, scale,
+        scale if bias is None else bias, stage.has_bias, stage.eps, quant.scale,
+        quant.zero_point, quant.lims, unsigned_view(out).reshape(rows, size),
+    )  # fmt: skip
+    return out
 
 
 @dataclass

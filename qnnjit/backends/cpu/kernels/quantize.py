@@ -144,11 +144,10 @@ class QuantizeStage:
 class DequantizeStage:
     """A per-tensor dequantize of 8-bit codes to float32, for `step_fusion`
     to compute inside the kernel after it: f32(f32(code - zp) * scale), the
-    code `(byte ^ flip) - off`."""
+    code `(byte ^ flip) - off`. `codes` = (flip, off, zp), made once: a kernel
+    passing the same array every call can be replayed."""
 
-    flip: int
-    off: int
-    zero_point: int
+    codes: np.ndarray
     scale: np.float32
 
 
@@ -243,5 +242,5 @@ def lower_dequantize(node: Node, ctx: LowerContext) -> Kernel:
 
     stage = None
     if axis is None and q_dt.bits == 8:
-        stage = DequantizeStage(flip, off, int(zp_c[0]), scale_c[0])
+        stage = DequantizeStage(np.array([flip, off, zp_c[0]], np.int64), scale_c[0])
     return Kernel(f"dequantize_flat[{q_dt}->f32]", run, [q], node.outputs, [node], stage=stage)

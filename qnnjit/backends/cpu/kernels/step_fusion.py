@@ -25,16 +25,11 @@ import math
 from collections import Counter
 from collections.abc import Callable
 
-import numpy as np
-
-from ._buffers import empty
 from ._lowering import Kernel
-from ._threads import run_tasks
 from .conv import ConvStage
 from .conv_nhwc import DepthwisePointwise
-from .normalize import _WORK_PER_ELEMENT, LayerNormStage, layer_norm_mlas_codes
+from .normalize import LayerNormStage, layer_norm_on_codes
 from .quantize import DequantizeStage, QuantizeStage
-from .requant import unsigned_view
 
 
 def fuse_steps(steps: list[Kernel], canonical: Callable, outputs) -> list[Kernel]:
@@ -136,28 +131,11 @@ def fuse_quantized_layer_norms(steps: list[Kernel], canonical: Callable, outputs
 
 
 def _merge_layer_norm(dq: Kernel, ln: Kernel, q: Kernel) -> Kernel:
-    d, norm_stage, qs = dq.stage, ln.stage, q.stage
-    dq_codes = np.array([d.flip, d.off, d.zero_point], np.int64)
-    out_dtype = qs.dtype.numpy
-
     def run(codes):
-        shape, axis = codes.shape, norm_stage.axis
-        size = math.prod(shape[axis:])
-        if size < 8:  # (a symbolic row length) the reference's two-pass algorithm
-            (x,) = dq.run(codes)
-            return q.run(ln.run(x)[0])
-        rows = math.prod(shape[:axis])
-        scale, bias = norm_stage.rows(shape[axis:])
-        out = empty(shape, out_dtype)
-        c2 = unsigned_view(codes).reshape(rows, size)
-        out2 = unsigned_view(out).reshape(rows, size)
-        run_tasks(
-            layer_norm_mlas_codes, rows, _WORK_PER_ELEMENT * rows * size, ln_threads, c2,
-            dq_codes, d.scale, scale, bias if bias is not None else scale, norm_stage.has_bias,
-            norm_stage.eps, qs.scale, qs.zero_point, qs.lims, out2,
-        )  # fmt: skip
+        out = layer_norm_on_codes(ln.stage, dq.stage, q.stage, codes)
+        if out is None:  # (a symbolic row length under 8) the two-pass steps as they are
+            return q.run(ln.run(dq.run(codes)[0])[0])
         return [out]
 
-    ln_threads = norm_stage.threads
     name = f"dequantize+layer_norm+quantize[{ln.name}]"
     return Kernel(name, run, dq.inputs, q.outputs, dq.nodes + ln.nodes + q.nodes)
