@@ -13,6 +13,8 @@ examples after the first of each kind cost milliseconds.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx
 import pytest
@@ -817,6 +819,61 @@ def test_epilogue_chains(case):
     assert len(cpu.steps) == steps, kernel_names(cpu)
 
 
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+@pytest.mark.parametrize("anchor", ["conv3x3", "conv1x1", "depthwise+pointwise", "matmul"])
+@pytest.mark.parametrize("dt", [dtypes.uint8, dtypes.int8])
+def test_lookup_after_requantize_in_the_microkernels(isa, anchor, dt, monkeypatch):
+    """conv / matmul -> requantize -> 8-bit lookup (Inception's concat
+    rescales, a GELU table) runs in the requantizing microkernels with their
+    table stage (`_gemm.gemm_requant_rows`), on the vpermi2b path (host) and
+    the scalar one (AVX2): the reference's codes, a table output of the
+    other signedness than its index."""
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if isa != "host" and isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    if isa != "host":
+        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    rng = np.random.default_rng(zlib.crc32(f"{isa} {anchor} {dt}".encode()))
+    g = Graph()
+    zx = g.constant(np.asarray(5 if dt == dtypes.uint8 else -3, dt.numpy))
+
+    def requantized(acc, channels, axis):
+        mult = rng.uniform(2e-4, 2e-3, channels).astype(np.float32)
+        zp = codes(rng, dt.numpy, (channels,))
+        attrs = {"dtype": dt, "rounding": "half_even_float", "axis": axis}
+        return g.add_node("requantize", [acc, g.constant(mult), g.constant(zp)], attrs).outputs[0]
+
+    def conv(x, cin, cout, k, group=1):
+        w = g.constant(codes(rng, np.int8, (cout, cin // group, k, k)))
+        pads = (k // 2,) * 4
+        attrs = {"strides": (1, 1), "pads": pads, "dilations": (1, 1), "group": group}
+        acc = g.add_node("qconv", [x, w, zx, g.constant(np.zeros(cout, np.int8))], attrs)
+        return requantized(acc.outputs[0], cout, 1)
+
+    if anchor == "matmul":
+        x_val = codes(rng, dt.numpy, (3, 37, 64))
+        x = _int_input(g, "x", dt, x_val.shape)
+        w = g.constant(codes(rng, np.int8, (64, 70)))
+        acc = g.add_node("qmatmul", [x, w, zx, g.constant(np.int8(0))]).outputs[0]
+        y = requantized(acc, 70, 2)
+    else:
+        x_val = codes(rng, dt.numpy, (2, 32, 9, 11))
+        x = _int_input(g, "x", dt, x_val.shape)
+        if anchor == "conv3x3":
+            y = conv(x, 32, 40, 3)
+        elif anchor == "conv1x1":
+            y = conv(x, 32, 40, 1)
+        else:
+            y = conv(conv(x, 32, 32, 3, group=32), 32, 40, 1)
+    out_dt = np.int8 if dt == dtypes.uint8 else np.uint8
+    y = g.add_node("lookup", [y, g.constant(codes(rng, out_dt, (256,)))]).outputs[0]
+    g.set_outputs([y])
+    names = kernel_names(check_graph(g, [x_val]))
+    assert "\n" not in names and "(microkernels requantize" in names, names  # one step
+    assert names.endswith("+lookup]" if anchor == "depthwise+pointwise" else "+lookup"), names
+
+
 def _clip_attrs(kind: str, dt) -> dict:
     """An integer clip's bounds: a relu at a code above qmin, both bounds
     (one outside the type: the cast wraps it), only the upper one, or an
@@ -953,7 +1010,14 @@ def test_fma_is_one_rounding():
 
 @pytest.mark.parametrize("op_type", ["QLinearSigmoid", "QLinearLeakyRelu"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
-def test_lookup_ops(op_type, dtype):
+@pytest.mark.parametrize("isa", ["host", "avx2"])  # byte tables with vpermi2b, and not
+def test_lookup_ops(op_type, dtype, isa, monkeypatch):
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if isa != "host" and isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    if isa != "host":
+        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
     x = np.arange(np.iinfo(dtype).min, np.iinfo(dtype).max + 1).astype(dtype).reshape(4, 64)
     consts = {
         "xs": np.float32(0.05), "xz": scalar(dtype, 3), "ys": np.float32(0.004),
@@ -964,7 +1028,7 @@ def test_lookup_ops(op_type, dtype):
         attrs["alpha"] = 0.1
     model = one_node_model(op_type, {"x": x}, consts, attrs, domain=MS, out=dtype)
     cpu = check_model(model, {"x": x})
-    assert "lookup_flat" in kernel_names(cpu._executor)
+    assert "lookup_flat_bytes" in kernel_names(cpu._executor)
 
 
 # ---- quantize / dequantize -----------------------------------------------------------

@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import zlib
 
+import numba
 import numpy as np
 import pytest
 
 from qnnjit.backends.cpu import drivers, features, gemm
 from qnnjit.backends.cpu.kernels import requant as rq
+from qnnjit.backends.cpu.kernels._bytetable import byte_table, lookup_bytes, vbmi_lookups
 from qnnjit.backends.cpu.kernels._gemm import (
     G_DESC,
     G_KCG,
@@ -29,6 +31,7 @@ from qnnjit.backends.cpu.kernels._gemm import (
     G_NC,
     G_NR,
     G_PANEL_BYTES,
+    G_VBMI,
     gemm_requant_rows,
     packs_exactly,
     plan_gemm,
@@ -132,9 +135,12 @@ def test_packed_kernels_are_exact_up_to_the_multiplier_bound(signed_out, monkeyp
     assert not packs_exactly("avx2", ep[1])
 
 
-def _check_requant_rows(rng, kind, n, epilogue, overflow):
+def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None):
     """One row block through `gemm_requant_rows` with `kind` kernels against
-    the engine's int32 sums plus `ep_tile`; returns the expected bytes."""
+    the engine's int32 sums plus `ep_tile`; returns the expected bytes.
+    `table` (an IR lookup table over the requantized codes): the lookup
+    after the requantize, by the table stage (`vbmi`: on its vpermi2b path
+    or not) where `ep_tile` looks it up per element."""
     b = rng.integers(-128, 128, (K, n)).astype(np.int8)
     plan = plan_gemm(b, ROWS)
     plan.ensure_rows(ROWS, kind)
@@ -144,6 +150,12 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     a[:, :K] = rng.integers(0, 256, (ROWS, K))
     other = rng.integers(0, 256, ROWS * n).astype(np.uint8)
     chan_i, chan_f, sc_i, sc_f = epilogue
+    tables = np.zeros(0, np.int64), np.zeros(0, np.uint8)  # ep_tile's, the table stage's
+    if table is not None:
+        sc_i = sc_i.copy()
+        sc_i[rq.I_POST] = rq.P_LOOKUP
+        tables = table.astype(np.int64), byte_table(table, 0x80 if sc_i[rq.I_YQMIN] < 0 else 0)
+        gp[G_VBMI] = vbmi
 
     c = np.zeros((ROWS, n), np.int32)
     drivers.run_serial(
@@ -154,7 +166,7 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     want = np.zeros(ROWS * n, np.uint8)
     z = np.int64(0)
     rq.ep_tile(c, z, ROWS, n, want, z, n, 1, z, z, 1, z, n, chan_i, chan_f, sc_i, sc_f,
-               np.zeros(0, np.int64), other)  # fmt: skip
+               tables[0], other)  # fmt: skip
 
     init = plan.init_with(chan_i[0])  # the requantizing kernels' sums start at the bias
     got = np.zeros(ROWS * n, np.uint8)
@@ -162,7 +174,7 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
     ep = requant_args(chan_f, sc_i, sc_f)
     gemm_requant_rows(
         a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
-        init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n,
+        init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n, tables[1],
     )  # fmt: skip
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
     # the same in two column ranges, as a conv split over threads by channels
@@ -175,9 +187,62 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow):
             gemm_requant_rows(
                 a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
                 init, gp, np.zeros((ROWS, n1 - n0), np.int32), n0, n1, ep, split.ctypes.data,
-                other.ctypes.data, n,
+                other.ctypes.data, n, tables[1],
             )  # fmt: skip
         assert np.array_equal(split, want), np.flatnonzero(split != want)[:10]
     if overflow:  # the case must reach the out-of-range branch
         assert np.count_nonzero(want == np.uint8(sc_i[rq.I_PLO] & 0xFF)) > n
     return want
+
+
+TABLE_CASES = [
+    pytest.param(isa, kind, vbmi, marks=pytest.mark.skipif(
+        isa not in features.runnable_isas() or (vbmi and not vbmi_lookups(isa)),
+        reason=f"host cannot run {isa}" + (" with AVX512_VBMI" if vbmi else ""),
+    ))
+    for isa, kind, vbmi in [
+        ("avx512_vnni", "packed", True), ("avx512_vnni", "packed", False),
+        ("avx512_vnni", "plain", True), ("avx2", "plain", False),
+    ]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("isa, kind, vbmi", TABLE_CASES)
+@pytest.mark.parametrize("signed_y", [False, True])
+def test_table_stage_looks_up_the_requantized_codes(isa, kind, vbmi, signed_y, monkeypatch):
+    """A lookup after the requantize (Inception's concat rescale, a GELU)
+    runs as a byte table over the stored block: the bytes `ep_tile`'s
+    per-element `table[y - qmin]` stores, for signed and unsigned codes,
+    on the vpermi2b path and the scalar one, over whole rows (one pass) and
+    column ranges (a pass per row, `_check_requant_rows`' split)."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    rng = np.random.default_rng(zlib.crc32(f"table {isa} {kind} {vbmi} {signed_y}".encode()))
+    n = 2 * 32 + 5 if kind == "packed" else N
+    ep = _epilogue(rng, "plain", signed_y, n, "both", big=1e-4 if kind == "packed" else 0.0)
+    table = rng.integers(-128, 128, 256)  # codes of the lookup's (here signed) type
+    _check_requant_rows(rng, kind, n, ep, False, table, vbmi)
+
+
+@pytest.mark.parametrize("vbmi", [
+    False, pytest.param(True, marks=pytest.mark.skipif(
+        not vbmi_lookups("avx512_vnni"), reason="no AVX512_VBMI")),
+])  # fmt: skip
+def test_lookup_bytes_every_length_in_place_and_not(vbmi):
+    """`lookup_bytes` maps exactly the n bytes asked for (whole 64-byte steps,
+    the masked last one, none), into another buffer or in place, and leaves
+    the bytes after them alone."""
+    rng = np.random.default_rng(7)
+    table = rng.integers(0, 256, 256).astype(np.uint8)
+    for n in (0, 1, 31, 63, 64, 65, 128, 200):
+        src = rng.integers(0, 256, n + 70).astype(np.uint8)
+        dst = np.full_like(src, 7)
+        _lookup(src, dst, n, table, vbmi)
+        assert np.array_equal(dst[:n], table[src[:n]]) and np.all(dst[n:] == 7), n
+        same = src.copy()
+        _lookup(same, same, n, table, vbmi)
+        assert np.array_equal(same[:n], table[src[:n]]) and np.array_equal(same[n:], src[n:]), n
+
+
+@numba.njit
+def _lookup(src, dst, n, table, vbmi):
+    lookup_bytes(src.ctypes.data, dst.ctypes.data, n, table, vbmi)

@@ -30,6 +30,7 @@ import numpy as np
 from .. import drivers, gemm
 from ..calls import call_ukernel, call_ukernel_requant
 from ..ukernels import REQUANT_FIELDS, UkernelSpec
+from ._bytetable import lookup_bytes, vbmi_lookups
 from ._numba import jit
 from .requant import (
     F_RY,
@@ -45,6 +46,7 @@ from .requant import (
     I_ROUND,
     I_YFIRST,
     I_YQMIN,
+    P_LOOKUP,
     P_NONE,
     P_QADD,
     R_FLOAT,
@@ -53,8 +55,9 @@ from .requant import (
 # the requantizing microkernels' epilogue argument slots (ukernels.REQUANT_FIELDS)
 (EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS,
  EP_YLO, EP_YHI, EP_YFLIP) = range(len(REQUANT_FIELDS))  # fmt: skip
-# gparams slots
-G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_NC = range(8)
+# gparams slots; G_VBMI: byte tables may use vpermi2b (`_bytetable.vbmi_lookups`)
+G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_NC, G_VBMI = range(9)
+G_SLOTS = 9
 
 
 @dataclass
@@ -109,7 +112,7 @@ def plan_gemm(b: np.ndarray, rows_hint: int) -> GemmPlan:
     # A is u8 over its whole range; on AVX2 the engine proves (or refutes) from
     # the weights that the fast i16-pair kernel cannot saturate.
     fptrs, desc = gemm.microkernels(config, packed)
-    gparams = np.zeros(8, np.int64)
+    gparams = np.zeros(G_SLOTS, np.int64)
     gparams[G_DESC] = desc
     gparams[G_K4] = packed.k_groups * 4
     gparams[G_KG] = packed.k_groups
@@ -118,6 +121,7 @@ def plan_gemm(b: np.ndarray, rows_hint: int) -> GemmPlan:
     gparams[G_KCG] = config.kc // 4
     gparams[G_PANEL_BYTES] = packed.k_groups * config.nr * 4
     gparams[G_NC] = packed.panels * config.nr
+    gparams[G_VBMI] = vbmi_lookups(config.isa)
     init = np.zeros(packed.panels * config.nr, np.int32)
     return GemmPlan(config, np.ascontiguousarray(packed.data), init, fptrs, gparams, packed, k, n)
 
@@ -148,7 +152,7 @@ def gemm_columns(a, rows, c, n0, n1, fptrs, data, init, gp):
 
 @jit()
 def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep, out, other,
-                      ldo):  # fmt: skip
+                      ldo, table):  # fmt: skip
     """out[r * ldo + j] (bytes, at address `out`) = the requantized (A @ B)[r, j],
     for rows 0..rows of A (at address `a`, row stride `lda`) and columns
     n0..n1 of B (n0 a multiple of NR): the engine's loops (`drivers._task`,
@@ -159,7 +163,9 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
     `init` (`init_with`) their start: the bias; `ep` (int64,
     ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f at
     column 0 and the qadd scalars set by the caller; `other` the residual
-    operand's address (qadd), like `out`."""
+    operand's address (qadd), like `out`; `table` (uint8[256] or empty): a
+    byte table (`_bytetable`) the block's stored bytes then go through, in
+    place while they are in cache: a lookup after the requantize."""
     mr, nr, kcg, k_groups = gp[G_MR], gp[G_NR], gp[G_KCG], gp[G_KG]
     cb, bb, ib, ldc = c.ctypes.data, data.ctypes.data, init.ctypes.data, c.shape[1]
     f0 = ep[EP_F]
@@ -187,6 +193,19 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
         if last:
             break
     ep[EP_F] = f0
+    if table.size:  # the block's bytes are still in L1 / L2
+        lookup_rows(out + n0, rows, n1 - n0, ldo, table, gp[G_VBMI] != 0)
+
+
+@jit(inline=True)
+def lookup_rows(out, rows, width, ldo, table, vbmi):
+    """The byte table over `rows` rows of `width` bytes, `ldo` apart, from
+    address `out`, in place (one pass where the rows are contiguous)."""
+    if width == ldo:
+        lookup_bytes(out, out, rows * width, table, vbmi)
+        return
+    for r in range(rows):
+        lookup_bytes(out + r * ldo, out + r * ldo, width, table, vbmi)
 
 
 def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
@@ -194,17 +213,19 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
     result of `plan`'s GEMM followed by epilogue `ep` straight from their
     registers (`gemm_requant_rows`): "plain", "packed" or "qadd"; "" when
     none can. They need the float requantize to 8 bits, alone or followed by
-    a qadd, and nothing between the GEMM and it (`need_rowsum`: a per-row
-    term of a weight zero point). A plain requantize takes the "packed"
-    kernels where `packs_exactly` allows and panels are 32 columns or wider
-    (one vector a row: the plain store is as fast as the packs)."""
+    a qadd or an 8-bit lookup (the table stage), and nothing between the
+    GEMM and it (`need_rowsum`: a per-row term of a weight zero point). A
+    plain requantize takes the "packed" kernels where `packs_exactly`
+    allows and panels are 32 columns or wider (one vector a row: the plain
+    store is as fast as the packs)."""
     sc = ep.sc_i
-    kinds = {P_NONE: "plain", P_QADD: "qadd"}
+    kinds = {P_NONE: "plain", P_QADD: "qadd", P_LOOKUP: "plain"}  # lookup: + `byte_table`
     if (
         plan.config.isa == "portable"
         or need_rowsum
         or not (sc[I_FAST] and sc[I_ROUND] == R_FLOAT and int(sc[I_POST]) in kinds)
         or ep.out_dtype.bits != 8
+        or (sc[I_POST] == P_LOOKUP and ep.byte_table.size == 0)
     ):
         return ""
     kind = kinds[int(sc[I_POST])]

@@ -251,7 +251,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
 
 @jit()
 def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data,
-                           init, gp, out, chan_f, sc_i, sc_f, other):  # fmt: skip
+                           init, gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
     none of their code to compile). Task t is pixel tile t // GNS, output
@@ -276,7 +276,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
         a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
         o = (n * P + p0) * M
         gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
-                          out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
+                          out.ctypes.data + o, other.ctypes.data + o, M, table)  # fmt: skip
 
 
 @jit()
@@ -444,7 +444,7 @@ def depthwise_nhwc_requant(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs,
 @jit()
 def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pairs, dw_i, dw_f,
                              band, M, fptrs, rq_fptrs, data, init, gp, out, chan_f, sc_i, sc_f,
-                             other):  # fmt: skip
+                             other, table):  # fmt: skip
     """A depthwise convolution (`depthwise_nhwc_requant`) and the pointwise one
     that reads its output (`conv_gemm_nhwc_requant`, A in place), as one: task
     t is a band of `band` output rows of one image (`geo` the depthwise
@@ -474,7 +474,7 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
                                    held, edge, slot, rows, dw_ep, dst)  # fmt: skip
         o = ((n * OH + oh0) * OW) * M
         gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, 0, M,
-                          ep, out.ctypes.data + o, other.ctypes.data + o, M)  # fmt: skip
+                          ep, out.ctypes.data + o, other.ctypes.data + o, M, table)  # fmt: skip
 
 
 @jit()
@@ -547,7 +547,8 @@ class ChannelsLastConv:
     def fuse_epilogue(self, ep) -> None:
         """Let the microkernels store the output bytes when `ep` is the float
         requantize to 8 bits, alone or followed by a residual qadd
-        (ukernels REQUANT_DOC), and nothing comes between the GEMM and it (no
+        (ukernels REQUANT_DOC) or an 8-bit lookup (`gemm_requant_rows`'
+        table stage), and nothing comes between the GEMM and it (no
         per-pixel weight zero point term). A plain requantize uses the
         "packed" kernels where `packs_exactly` allows and panels are 32
         columns or wider; every kind's sums start at the bias (`rq_init`)."""
@@ -641,6 +642,7 @@ class ChannelsLastConv:
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
                 self.pad_byte, self.in_place, prepared[0], m, plan.fptrs, self.rq_fptrs,
                 plan.data, self.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob,
+                ep.byte_table,
             )  # fmt: skip
             return out
         run_tasks(
@@ -801,7 +803,7 @@ class DepthwisePointwise:
             nhwc_bytes(x4), dw_geo, self.dw.flip, self.dw.za, self.dw.pad_shift,
             self.dw.kernel_weights, dw_prepared[0], dw_prepared[2], dw_ep.chan_i, self.mid_f,
             band, m, plan.fptrs, pw.rq_fptrs,
-            plan.data, pw.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob,
+            plan.data, pw.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
         )  # fmt: skip
         return out
 

@@ -1,5 +1,6 @@
 """Elementwise quantized ops: qadd / qmul (ONNX Runtime's float32 arithmetic,
-`ir/ops/qlinear_contrib.py`) and lookup (a table over the index type).
+`ir/ops/qlinear_contrib.py`) and lookup (a table over the index type; 8-bit
+codes to 8-bit codes through a byte table, `_bytetable`).
 
 Operands are broadcast to the result's shape first (a NumPy view, copied to
 a contiguous array only when it really broadcasts), then one flat loop runs.
@@ -16,7 +17,9 @@ from .... import numerics
 from ....ir import dtypes
 from ....ir.graph import Node
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
+from ..features import select_isa
 from ._buffers import empty
+from ._bytetable import byte_table, lookup_bytes, vbmi_lookups
 from ._lowering import Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
@@ -83,6 +86,13 @@ def lookup_flat(i0, i1, x, flip, table, out):
     for k in range(i0, i1):
         i = U(k)
         out[i] = table[U(np.int64(x[i]) ^ flip)]
+
+
+@jit()
+def lookup_flat_bytes(i0, i1, x, table, vbmi, out):
+    """out[i] = table[x[i]]: 8-bit codes to 8-bit codes through a byte table
+    (`_bytetable`)."""
+    lookup_bytes(x.ctypes.data + i0, out.ctypes.data + i0, i1 - i0, table, vbmi)
 
 
 # ---- lowering ------------------------------------------------------------------------
@@ -215,25 +225,26 @@ def lower_lookup(node: Node, ctx: LowerContext) -> Kernel:
     else:
         raise Decline(f"table of {table.dtype}")
 
+    bytes_only = x_dt.bits == 8 and out_dt.kind in "iu" and out_dt.itemsize == 1
+    bytes_only = bytes_only and table.shape == (256,)
+    if bytes_only:
+        table_k = byte_table(table, flip)
+        vbmi = vbmi_lookups(select_isa())
+
     def run(x_array):
         out = empty(x_array.shape, out_dt)
         view = unsigned_view(out) if out_dt.kind in "iu" else out
-        flat = view.reshape(-1)
-        run_tasks(
-            lookup_flat,
-            flat.size,
-            2 * flat.size,
-            ctx.num_threads,
-            unsigned_view(x_array).reshape(-1),
-            flip,
-            table_k,
-            flat,
-        )
+        flat, xs = view.reshape(-1), unsigned_view(x_array).reshape(-1)
+        if bytes_only:
+            run_tasks(lookup_flat_bytes, flat.size, flat.size // 4, ctx.num_threads, xs, table_k,
+                      vbmi, flat)  # fmt: skip
+        else:
+            run_tasks(lookup_flat, flat.size, 2 * flat.size, ctx.num_threads, xs, flip, table_k,
+                      flat)  # fmt: skip
         return [out]
 
-    return Kernel(
-        f"lookup_flat[{x_dt}->{dtypes.from_numpy(out_dt)}]", run, [x], node.outputs, [node]
-    )
+    kind = "lookup_flat_bytes" if bytes_only else "lookup_flat"
+    return Kernel(f"{kind}[{x_dt}->{dtypes.from_numpy(out_dt)}]", run, [x], node.outputs, [node])
 
 
 @jit()

@@ -186,7 +186,7 @@ def _pack_panels(b, bx, kn, nr, kg, bpack, colsum):
 
 @jit()
 def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptrs, data, init, gp,
-                        out, chan_f, sc_i, sc_f, other):  # fmt: skip
+                        out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
     """`matmul_gemm` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`, as `conv_nhwc.conv_gemm_nhwc_requant`): no
     int32 tile written and read back, no epilogue loop. For a per-tensor a
@@ -214,8 +214,9 @@ def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptr
                 for k in range(K):
                     a[U(r), U(k)] = a2[U(r0 + r), U(k)] ^ flip
             a_ptr, lda = a.ctypes.data, K4
+        o = r0 * N
         gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
-                          out.ctypes.data + r0 * N, other.ctypes.data + r0 * N, N)  # fmt: skip
+                          out.ctypes.data + o, other.ctypes.data + o, N, table)  # fmt: skip
 
 
 @jit()
@@ -417,7 +418,7 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
                     matmul_gemm_requant, -(-rows // tile) * splits, rows * k * n_dim,
                     ctx.num_threads, a2, a_flip, in_place, tile, splits, plan.fptrs, rq_fptrs,
                     plan.data, rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f,
-                    ep.other_bytes(other, out_shape),
+                    ep.other_bytes(other, out_shape), ep.byte_table,
                 )  # fmt: skip
                 return [out]
             run_tasks(

@@ -48,6 +48,7 @@ from ....ir import dtypes
 from ....ir.graph import Node, Value
 from ....ir.ops.qlinear_contrib import ort_broadcast_mode
 from ._buffers import empty
+from ._bytetable import byte_table
 from ._lowering import Chain, Decline, Kernel, LowerContext, clip_bounds, const_input
 from ._numba import U, fma_f32, jit
 from ._threads import run_tasks
@@ -338,6 +339,9 @@ class Epilogue:
     other: Value | None = None  # the post op's other operand (run-time input)
     other_const: np.ndarray | None = None  # ... or a constant, broadcast to the result
     y_index: int = 0  # which qadd/qmul operand (0 or 3) the requantized value is
+    # the lookup as a table by stored byte (`_bytetable`), where its index and
+    # result are 8-bit: the requantizing microkernels' table stage
+    byte_table: np.ndarray = field(default_factory=lambda: _EMPTY_U8)
     notes: list[str] = field(default_factory=list)
     _broadcast: dict = field(default_factory=dict, repr=False)  # shape -> other_const's bytes
 
@@ -571,6 +575,8 @@ def _add_post(ep: Epilogue, post: Node, y: Value, constant_other: bool) -> None:
         if table.shape != (1 << ep.out_dtype.bits,):
             raise Decline(f"{post.name}: table of shape {table.shape}")
         ep.table = np.ascontiguousarray(table.astype(np.int64))
+        if out.bits == 8 and ep.out_dtype.bits == 8:
+            ep.byte_table = byte_table(table, byte_codes(ep.out_dtype)[0])
         ep.sc_i[I_POST] = ep.sc_i_swapped[I_POST] = P_LOOKUP
         ep.out_dtype = out
         return
