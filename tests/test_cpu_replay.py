@@ -63,7 +63,7 @@ def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypa
     # Only the input's quantize re-runs (it reads the caller's array), in
     # every zoo model: concats, pools and attention's steps included.
     reruns = [step.name for step in binding.rerun_steps]
-    assert binding.replayed_steps + len(reruns) == steps
+    assert binding.replayed_steps + len(reruns) + len(binding.constant_steps) == steps
     assert len(reruns) == 1 and reruns[0].startswith("quantize"), reruns
 
 
@@ -254,6 +254,7 @@ def test_a_step_that_reads_a_graph_input_reruns(model_zoo):
     binding = _binding(cpu, 1)
     assert binding.rerun_steps[0] is steps[0] and binding.calls[0][1] is steps[0]
     assert binding.replayed_steps + len(binding.rerun_steps) == len(steps)
+    assert not binding.constant_steps
     assert f"replayed: {binding.replayed_steps} of {len(steps)} steps" in cpu.report()
 
 
@@ -274,3 +275,78 @@ def test_a_binary_op_with_a_broadcast_constant_is_replayed(op):
     lower = elementwise.lower_qadd if op == "qadd" else elementwise.lower_qmul
     kernel = lower(node, LowerContext(g))
     assert _replayable(kernel.run, [np.zeros((4, 8), np.uint8)])
+
+
+# ---- binding constants -----------------------------------------------------------------
+
+
+def _class_token_model():
+    """A ViT's class token: a constant row expanded to the batch size, which
+    the graph reads off the input (Shape -> Gather -> Unsqueeze -> Concat ->
+    Expand), quantized and dequantized (kernels whose results come from the
+    recording's buffer pool), concatenated before the input's rows, and the
+    rows quantized and dequantized: the rows' codes have the size of the
+    dequantized tokens, whose buffer, once its last reader is done, they
+    would take if the pool could give it out again."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = {
+        "zero": np.array(0, np.int64), "axes": np.array([0], np.int64),
+        "rest": np.array([1, 4], np.int64), "cls": np.arange(4, dtype=np.float32).reshape(1, 1, 4),
+        "scale": np.array(0.05, np.float32), "zp": np.array(128, np.uint8),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "axes"], ["b1"]),
+        helper.make_node("Concat", ["b1", "rest"], ["target"], axis=0),
+        helper.make_node("Expand", ["cls", "target"], ["tokens"]),
+        helper.make_node("QuantizeLinear", ["tokens", "scale", "zp"], ["tokens_q"]),
+        helper.make_node("DequantizeLinear", ["tokens_q", "scale", "zp"], ["tokens_dq"]),
+        helper.make_node("Concat", ["tokens_dq", "x"], ["rows"], axis=1),
+        helper.make_node("QuantizeLinear", ["rows", "scale", "zp"], ["rows_q"]),
+        helper.make_node("DequantizeLinear", ["rows_q", "scale", "zp"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "class_token",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 4])],
+        [numpy_helper.from_array(v, k) for k, v in const.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_values_of_the_input_shapes_are_computed_once_per_binding():
+    """The class token's shape steps run when a binding is recorded, not on
+    its replays; each batch size gets its own (2 and 3 images: different
+    tokens tensors), and every run matches the reference."""
+    model = _class_token_model()
+    cpu = qnnjit.compile(model, target="cpu", num_threads=1)
+    ref = qnnjit.compile(model, target="reference")
+    rng = np.random.default_rng(3)
+    for batch in (2, 3, 2, 3, 2, 3):
+        x = rng.standard_normal((batch, 3, 4)).astype(np.float32)
+        np.testing.assert_array_equal(cpu(x), ref(x))
+    for batch in (2, 3):
+        binding = _binding(cpu, batch)
+        constant = [step.nodes[-1].op for step in binding.constant_steps]
+        assert {"shape", "gather", "expand"} <= set(constant), constant
+        steps = len(cpu._executor.steps)
+        assert binding.replayed_steps + len(binding.rerun_steps) + len(constant) == steps
+        assert not {"shape", "expand"} & {s.nodes[-1].op for s in binding.rerun_steps}
+    assert "computed once: values of the shapes alone" in cpu.report()
+
+
+def test_a_rerun_step_whose_result_changes_shape_fails_clearly():
+    """A rerun step's result goes into its recorded buffer: one of another
+    shape (a shape that depends on values) is an error, not broadcast."""
+
+    class Executor:
+        def _call_step(self, step, args):
+            return [np.zeros(1, np.float32)]  # the recording had 3 elements
+
+    buffer = np.ones(3, np.float32)
+    call = replay._rerun(Executor(), object(), [], [], [buffer])
+    with pytest.raises(QnnjitError, match=r"shape \(1,\).*\(3,\)"):
+        call()
+    assert np.all(buffer == 1)

@@ -23,6 +23,15 @@ allocates scratch per call) and every step that reads a graph input (the
 caller's array is a new one each run) runs again each time, its results
 copied into its recorded buffers, which the replayed steps read.
 
+Binding constants. Every value of a binding lives in the same buffer every
+run (a rerun step's result is copied into its recorded buffer, which must
+have its shape), so a `shape` (or `size`) step gives the same result every
+run, and so does every step that reads such results alone: a transformer's
+class token expanded to the batch size (ViT: shape -> gather -> concat ->
+equal -> where -> expand -> concat, NumPy fallbacks, about 0.1 ms a run).
+Those steps run at recording only; their results keep their buffers for the
+binding's life (the pool never hands them out again).
+
 This is also the run's buffer plan: a replayed run allocates no arrays but
 the copies of the graph outputs it returns (the kernels' per-task scratch
 aside). A binding keeps its buffers as long as it lives, so the recorded
@@ -59,6 +68,7 @@ class Binding:
     outputs: list[tuple[int | None, object]]
     replayed_steps: int
     rerun_steps: list  # the steps that run again each time (`record`)
+    constant_steps: list  # the steps run at recording only (binding constants)
 
     def run(self, arrays) -> list[np.ndarray]:
         """The graph outputs for `arrays`."""
@@ -89,15 +99,19 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
         env[s] = np.array(array, copy=True)
     graph_inputs = set(executor._input_slots)
     calls: list[tuple[Callable[[], None], object]] = []
-    replayed, reruns = 0, []
+    replayed, reruns, constants = 0, [], []
     pool, live = Pool(), set(graph_inputs)  # live: the slots a later step or the caller reads
+    fixed: set[int] = set()  # the binding constants' slots (held for good)
     for step, reads, writes, frees in executor._plan_steps:
         inputs = [env[s] for s in reads]
         first = _recorded(executor, step, inputs)
-        pool.hold_only(env[s] for s in live)
+        pool.hold_only(env[s] for s in live | fixed)
         with pooled(pool):  # the kept call's results: in buffers no live tensor uses
             results, made = second = _recorded(executor, step, inputs)
-        if graph_inputs.isdisjoint(reads) and _replayable(inputs, first, second):
+        if _binding_constant(step, reads, fixed):
+            fixed.update(writes)
+            constants.append(step)
+        elif graph_inputs.isdisjoint(reads) and _replayable(inputs, first, second):
             calls.extend((call.bound(), step) for call in made)
             replayed += 1
         else:
@@ -108,11 +122,22 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
         live.update(writes)
         live.difference_update(frees)  # their buffers may take later results
     outputs = executor._outputs
-    binding = Binding(list(executor._input_slots), env, calls, outputs, replayed, reruns)
+    binding = Binding(list(executor._input_slots), env, calls, outputs, replayed, reruns, constants)
     copies = _output_copies(env, outputs)
     for s in executor._input_slots:
         env[s] = None
     return copies, binding
+
+
+# ops whose result depends on their operand's shape alone
+SHAPE_ONLY_OPS = frozenset({"shape", "size"})
+
+
+def _binding_constant(step, reads, fixed: set[int]) -> bool:
+    """Whether `step` computes the same results on every run of a binding:
+    it reads binding constants only, or only its operands' shapes (which
+    a binding's buffers fix)."""
+    return all(s in fixed for s in reads) or all(n.op in SHAPE_ONLY_OPS for n in step.nodes)
 
 
 def _recorded(executor, step, inputs) -> tuple[list[np.ndarray], list[TaskCall]]:
@@ -128,6 +153,11 @@ def _rerun(executor, step, reads, env, buffers) -> Callable[[], None]:
     def call():
         results = executor._call_step(step, [env[s] for s in reads])
         for buffer, result in zip(buffers, results):
+            if result.shape != buffer.shape:  # copyto would broadcast it
+                raise QnnjitError(
+                    f"result of shape {result.shape} where the recorded run had "
+                    f"{buffer.shape}: a shape that depends on values is not replayed"
+                )
             np.copyto(buffer, result)
 
     return call
