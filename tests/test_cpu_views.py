@@ -73,7 +73,8 @@ def test_transpose_matches_the_reference_for_every_permutation(shape, threads, m
         _, calls = check(g, [x, x[::-1].copy()], threads)
         kernels = [c.kernel for c in calls]
         merged = views.transpose_plan(shape, perm)
-        assert kernels.count(views.transpose_rows) == (merged is not None), (perm, kernels)
+        copied = merged is not None and not np.transpose(x, perm).flags.c_contiguous
+        assert kernels.count(views.transpose_rows) == copied, (perm, kernels)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +121,37 @@ def test_attention_transpose_and_gathers_are_replayed():
     (binding,) = next(iter(cpu._bindings.values()))
     assert [s.name for s in binding.rerun_steps] == ["clip_flat[uint8]"], binding.rerun_steps
     assert binding.replayed_steps == 4
+
+
+def test_a_channels_last_result_flattened_and_transposed_is_not_copied():
+    """A ViT's patch embedding: conv (NHWC memory) -> reshape [N, C, H*W] ->
+    transpose [N, H*W, C], which is the conv's memory as it is: both steps
+    are views of it, replayed, with no copy kernel and no executor copy.
+    (The conv itself re-runs: it transposes its NCHW operand per call.)"""
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    rng = np.random.default_rng(9)
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.uint8, (1, 16, 5, 6)))
+    x = g.add_node("clip", [x], {"min": None, "max": None}).outputs[0]
+    w = g.constant(rng.integers(-128, 128, (32, 16, 3, 3)).astype(np.int8))
+    zero_x, zero_w = g.constant(np.uint8(3)), g.constant(np.zeros(32, np.int8))
+    conv = g.add_node("qconv", [x, w, zero_x, zero_w], {"strides": (1, 1), "pads": (1, 1, 1, 1),
+                      "dilations": (1, 1), "group": 1}).outputs[0]  # fmt: skip
+    mult, zp = g.constant(np.float32(1e-3)), g.constant(np.uint8(100))
+    y = g.add_node("requantize", [conv, mult, zp], {"dtype": dtypes.uint8,
+                   "rounding": "half_even_float", "axis": None}).outputs[0]  # fmt: skip
+    y = g.add_node("reshape", [y], {"shape": [1, 32, 30], "allowzero": 0}).outputs[0]
+    y = g.add_node("transpose", [y], {"perm": [0, 2, 1]}).outputs[0]
+    g.set_outputs(g.add_node("clip", [y], {"min": 5, "max": 250}).outputs)
+    arrays = [_values(rng, dtypes.uint8, (1, 16, 5, 6)) for _ in range(4)]
+    cpu, calls = check(g, arrays)
+    kernels = [c.kernel for c in calls]
+    assert views.transpose_rows not in kernels and conv_nhwc.conv_gemm_nhwc_requant in kernels
+    (binding,) = next(iter(cpu._bindings.values()))
+    views_ = [s for s in cpu.steps if s.name in ("view:reshape", "transpose[[0, 2, 1]]")]
+    assert len(views_) == 2, cpu.describe()
+    assert not [s for s in binding.rerun_steps if s in views_], binding.rerun_steps
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,21 @@
 """Data movement without arithmetic:
 
 - shape-only ops (flatten, reshape, squeeze, unsqueeze, identity) as
-  reshapes: nothing to compile and no copy for the contiguous arrays the
-  kernels produce. The result shape is the reference semantics' own (its
-  `evaluate` runs once per input shape), then cached, so a step costs one
-  `reshape` call;
+  reshapes: nothing to compile, and no copy where NumPy can make the
+  result a view, channels-last inputs included (a ViT's patch embedding,
+  [N, C, H, W] in NHWC memory, flattened to [N, C, H*W]: a strided view).
+  The result shape is the reference semantics' own (its `evaluate` runs
+  once per input shape), then cached, so a step costs one `reshape` call;
 - gather of one constant index (attention's q, k, v = qkv[0], qkv[1],
   qkv[2]): a view of the input's slice when the slice is contiguous (no
   dims of size > 1 before the axis), else NumPy's copy;
-- transpose: `transpose_rows`, a copy through `run_tasks` (so a replayed
-  run repeats it: a NumPy copy made outside the recorded calls would make
-  its step run again through Python each time), over the permutation with
-  runs of source-contiguous dims merged, at most `_TRANSPOSE_RANK` left;
+- transpose: a view where the transposed input is C-contiguous (it undoes
+  a channels-last layout: the ViT's patches, [N, C, H*W] in NHWC memory,
+  to [N, H*W, C]); else `transpose_rows`, a copy through `run_tasks` (so a
+  replayed run repeats it: a NumPy copy made outside the recorded calls
+  would make its step run again through Python each time), over the
+  permutation with runs of source-contiguous dims merged, at most
+  `_TRANSPOSE_RANK` left;
 - concat along the channels of 4-D tensors: `concat_channels`, one copy
   kernel call per operand through `run_tasks` into its channel segment of a
   channels-last result (`layout.py`), reading each operand's NHWC memory
@@ -57,7 +61,9 @@ def lower_view(node: Node, ctx: LowerContext) -> Kernel:
             shape = shapes[x.shape] = opdef.evaluate(args, attrs)[0].shape
         return [x.reshape(shape)]
 
-    return Kernel(f"view:{node.op}", run, [node.inputs[0]], node.outputs, [node])
+    return Kernel(
+        f"view:{node.op}", run, [node.inputs[0]], node.outputs, [node], strided_inputs=True
+    )
 
 
 # ---- concat --------------------------------------------------------------------------
@@ -230,6 +236,10 @@ def lower_transpose(node: Node, ctx: LowerContext) -> Kernel:
     plans: dict[tuple, tuple | None] = {}
 
     def run(x):
+        view = np.transpose(x, perm)
+        if view.flags.c_contiguous:
+            return [view]
+        x = np.ascontiguousarray(x)  # a strided input: the copy the executor would make
         shape = x.shape
         if shape not in plans:
             plans[shape] = transpose_plan(shape, perm)
@@ -246,4 +256,6 @@ def lower_transpose(node: Node, ctx: LowerContext) -> Kernel:
             run_tasks(transpose_rows, rows, x.size, ctx.num_threads, src, dims, strides, flat)
         return [out]
 
-    return Kernel(f"transpose[{perm}]", run, [node.inputs[0]], node.outputs, [node])
+    return Kernel(
+        f"transpose[{perm}]", run, [node.inputs[0]], node.outputs, [node], strided_inputs=True
+    )
