@@ -3,7 +3,7 @@
 operands mixing convs' channels-last results, NCHW tensors, graph inputs
 and constants, read in place into a channels-last result that the convs
 and max pools after it read as it is; one and two threads; the concat and
-its readers replay. Other concats keep NumPy's."""
+its readers replay. Other concats copy rows (`concat_rows`) and replay too."""
 
 from __future__ import annotations
 
@@ -107,14 +107,30 @@ def test_channel_concat_without_a_channels_last_operand_is_numpy():
 
 
 @pytest.mark.parametrize("axis", [0, 2, 3])
-def test_other_axes_are_numpy(axis):
-    rng = np.random.default_rng(axis)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_other_axes_copy_rows_and_replay(axis, threads, monkeypatch):
+    """Any other axis: `concat_rows`, one call per operand, channels-last
+    operands read through C-ordered copies; the concat replays when its
+    operands are C-ordered (here a clip's results and a constant)."""
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(axis + 10)
     g = Graph()
     x = g.add_input("x", TensorType(dtypes.uint8, (2, 8, *SIZE)))
     parts = [conv(g, rng, x, dtypes.uint8, 8, 6), conv(g, rng, x, dtypes.uint8, 8, 6)]
     g.set_outputs(g.add_node("concat", parts, {"axis": axis}).outputs)
-    cpu, kernels, _ = check_runs(g, _inputs(rng, g), 1)
-    assert cpu.steps[-1].name == "numpy-copy:concat"
+    cpu, kernels, _ = check_runs(g, _inputs(rng, g), threads)
+    assert cpu.steps[-1].name == "concat_rows[uint8]"
+    assert kernels.count(views.concat_rows) == 2
+
+    shape = (3, 4, 5)
+    g = Graph()
+    y = g.add_input("y", TensorType(dtypes.int8, shape))
+    y = g.add_node("clip", [y], {"min": None, "max": None}).outputs[0]
+    const = g.constant(codes(rng, dtypes.int8, shape))
+    g.set_outputs(g.add_node("concat", [y, const, y], {"axis": axis % 3}).outputs)
+    cpu, kernels, binding = check_runs(g, _inputs(rng, g), threads)
+    assert kernels.count(views.concat_rows) == 3
+    assert binding.rerun_steps == [cpu.steps[0]], [s.name for s in binding.rerun_steps]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

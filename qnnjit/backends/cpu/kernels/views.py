@@ -21,12 +21,16 @@
   channels-last result (`layout.py`), reading each operand's NHWC memory
   in place (a conv's result) or its NCHW memory (a transposing read), so
   the step replays and the convolutions and pools reading the result get
-  their NHWC bytes without a transpose. Other concats, and channel concats
-  with no channels-last operand, are `np.concatenate`.
+  their NHWC bytes without a transpose. Every other concat (any rank and
+  axis, a ViT's class token and patches for one): `concat_rows`, each
+  operand seen as [dims before the axis, the rest] copied into its segment
+  of the result's rows, one call per operand, so the step replays too.
 The copies are listed as copies in the plan, not as fallbacks: no number
 changes on the way, so there is no numerics to compile."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -102,24 +106,46 @@ def _concat_operand(array: np.ndarray) -> tuple[np.ndarray, int]:
     hwc = array.transpose(0, 2, 3, 1)
     if hwc.flags.c_contiguous and hwc.flags.writeable:
         return hwc.view(unsigned).reshape(-1), 0
+    return _flat_bytes(array), 1
+
+
+def _flat_bytes(array: np.ndarray) -> np.ndarray:
+    """`array`'s elements in C order as a flat, writable unsigned view: in
+    place when its memory is C-contiguous and writable, else of a copy."""
     if not (array.flags.c_contiguous and array.flags.writeable):
         array = np.array(array, order="C")
-    return array.view(unsigned).reshape(-1), 1
+    return array.view(UNSIGNED[array.dtype.itemsize]).reshape(-1)
+
+
+@jit()
+def concat_rows(t0, t1, src, geo, out):
+    """Rows t0..t1 of one operand of a concat seen as [outer, inner] (the
+    dims up to the axis, the rest) into its segment of the result's rows
+    [outer, total]: out[t * total + offset + i] = src[t * inner + i].
+    geo = (inner, total, offset)."""
+    inner, total, offset = geo[0], geo[1], geo[2]
+    for t in range(t0, t1):
+        s, d = t * inner, t * total + offset
+        for i in range(inner):
+            out[U(d + i)] = src[U(s + i)]
 
 
 def lower_concat(node: Node, ctx: LowerContext) -> Kernel:
-    """Concat along axis 1 of 4-D tensors: with a channels-last operand, the
-    result is channels-last, one `concat_channels` call per operand; else,
-    and for every other concat, `np.concatenate`."""
+    """Concat along axis 1 of 4-D tensors with a channels-last operand: a
+    channels-last result, one `concat_channels` call per operand; every
+    other concat: a C-ordered result, one `concat_rows` call per operand
+    (both replay: a transformer's class token and patches, for one)."""
     shape = node.outputs[0].type.shape
     dtype = node.outputs[0].type.dtype.numpy
-    if shape is None or len(shape) != 4 or node.attrs["axis"] != 1:
-        return numpy_kernel(node, "numpy-copy")
     if np.dtype(dtype).itemsize not in UNSIGNED:
         return numpy_kernel(node, "numpy-copy")
+    axis = node.attrs["axis"]
     # constant operands, and their kernel views, made once (the same arrays every call)
     template = [np.array(v.const, order="C") if v.is_constant else None for v in node.inputs]
-    constants = {i: _concat_operand(a) for i, a in enumerate(template) if a is not None}
+    constants = {
+        i: _concat_operand(a) for i, a in enumerate(template) if a is not None and a.ndim == 4
+    }
+    constant_rows = {i: _flat_bytes(a) for i, a in enumerate(template) if a is not None}
     runtime = [i for i, v in enumerate(node.inputs) if not v.is_constant]
     plans: dict[tuple, list] = {}
 
@@ -127,12 +153,19 @@ def lower_concat(node: Node, ctx: LowerContext) -> Kernel:
         operands = list(template)
         for index, array in zip(runtime, arrays):
             operands[index] = array
-        n, _, h, w = operands[0].shape
-        same = all(a.ndim == 4 and (a.shape[0], *a.shape[2:]) == (n, h, w) for a in operands)
-        if not (same and any(is_channels_last(a) for a in arrays)):
-            return [np.concatenate(operands, axis=1)]  # (or NumPy's error)
+        rank = operands[0].ndim
+        if not all(a.ndim == rank for a in operands) or not -rank <= axis < rank:
+            return [np.concatenate(operands, axis=axis)]  # NumPy's error
+        if rank == 4 and axis % 4 == 1:
+            n, _, h, w = operands[0].shape
+            same = all((a.shape[0], *a.shape[2:]) == (n, h, w) for a in operands)
+            if same and any(is_channels_last(a) for a in arrays):
+                return [channels(operands, n, h, w)]
+        return [rows(operands, axis % rank)]
+
+    def channels(operands, n, h, w):
         sources = [constants.get(i) or _concat_operand(a) for i, a in enumerate(operands)]
-        key = tuple((a.shape, nchw) for a, (_, nchw) in zip(operands, sources))
+        key = ("channels",) + tuple((a.shape, nchw) for a, (_, nchw) in zip(operands, sources))
         geos = plans.get(key)
         if geos is None:  # per operand, the same array every call (replay needs that)
             total = sum(a.shape[1] for a in operands)
@@ -145,10 +178,37 @@ def lower_concat(node: Node, ctx: LowerContext) -> Kernel:
         for a, (src, _), geo in zip(operands, sources, geos):
             if a.size:
                 run_tasks(concat_channels, n * h, a.size, ctx.num_threads, src, geo, flat)
-        return [out]
+        return out
+
+    def rows(operands, ax):
+        first = operands[0].shape
+        if any(a.shape[:ax] + a.shape[ax + 1 :] != first[:ax] + first[ax + 1 :] for a in operands):
+            return np.concatenate(operands, axis=ax)  # NumPy's error
+        key = ("rows", ax) + tuple(a.shape for a in operands)
+        geos = plans.get(key)
+        outer = math.prod(first[:ax])
+        if geos is None:
+            inners = [math.prod(a.shape[ax:]) for a in operands]
+            offsets = np.cumsum([0] + inners)
+            geos = plans[key] = [
+                np.array([inner, offsets[-1], offset], np.int64)
+                for inner, offset in zip(inners, offsets)
+            ]
+        out = empty((*first[:ax], sum(a.shape[ax] for a in operands), *first[ax + 1 :]), dtype)
+        flat = out.view(UNSIGNED[out.dtype.itemsize]).reshape(-1)
+        for i, (a, geo) in enumerate(zip(operands, geos)):
+            if a.size:
+                src = constant_rows[i] if i in constant_rows else _flat_bytes(a)
+                run_tasks(concat_rows, outer, a.size, ctx.num_threads, src, geo, flat)
+        return out
 
     inputs = [node.inputs[i] for i in runtime]
-    name = f"concat_channels[{node.outputs[0].type.dtype}]"
+    kind = (
+        "concat_channels"
+        if shape is not None and len(shape) == 4 and axis % 4 == 1
+        else "concat_rows"
+    )
+    name = f"{kind}[{node.outputs[0].type.dtype}]"
     return Kernel(name, run, inputs, node.outputs, [node], strided_inputs=True)
 
 
