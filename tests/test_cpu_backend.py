@@ -1188,7 +1188,8 @@ def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, thre
     pads=st.tuples(*[st.integers(0, 1)] * 4),
     dilations=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     ceil_mode=st.booleans(),
-    channels=st.sampled_from([3, 64]),  # 64: whole vectors, the row kernels' case
+    # whole vectors, the row kernels' case: 64 (AVX-512's 64 bytes), 96 (32), 48 (16)
+    channels=st.sampled_from([3, 64, 96, 48]),
     seed=SEEDS,
 )
 def test_max_pool_integers(dtype, size, kernel, strides, pads, dilations, ceil_mode, channels,
@@ -1204,6 +1205,28 @@ def test_max_pool_integers(dtype, size, kernel, strides, pads, dilations, ceil_m
     }  # fmt: skip
     cpu = check_model(one_node_model("MaxPool", {"x": x}, {}, attrs, out=dtype), {"x": x})
     assert "max_pool_2d" in kernel_names(cpu._executor)
+
+
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+@pytest.mark.parametrize("channels", [16, 32, 144, 8])
+def test_max_pool_row_kernels_take_the_widest_vectors_the_channels_fill(isa, channels,
+                                                                         monkeypatch):  # fmt: skip
+    """The byte-maximum row kernels run 64-, 32- or 16-byte vectors, the
+    widest that the channels fill whole (Inception's 144 channels: 16); 8
+    channels fill none and take the per-pixel loop. Border pixels (padding)
+    and a stride of 2 on both paths."""
+    from qnnjit.backends.cpu.features import runnable_isas
+    from qnnjit.backends.cpu.kernels import pool
+
+    if isa != "host" and isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    if isa != "host":
+        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    assert (pool._max_row_kernel([3, 3], [2, 2], [1, 1], False, channels) != 0) == (channels > 8)
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1]}
+    for dtype in (np.uint8, np.int8):
+        x = codes(np.random.default_rng(channels), dtype, (2, channels, 9, 11))
+        check_model(one_node_model("MaxPool", {"x": x}, {}, attrs, out=dtype), {"x": x})
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])

@@ -105,6 +105,9 @@ class DepthwiseSpec:
     op: str = "fma"  # "fma": the convolution; "umax" / "smax": max pooling of bytes
     bias_in_sum: bool = False  # requant only: sums start from the bias (module doc)
     pairs: bool = False  # requant, avx512_vnni, dw 1: int16 tap pairs (module doc)
+    # max pooling only: bytes per vector, narrower than the ISA's (0: its
+    # full width), for channel counts that fill no whole full-width vector
+    max_bytes: int = 0
 
     def __post_init__(self):
         if self.isa not in LANES:
@@ -119,10 +122,19 @@ class DepthwiseSpec:
             self.requant and self.isa == "avx512_vnni" and self.dw == 1 and not self.bias_in_sum
         ):
             raise ValueError(f"bad depthwise kernel spec {self}")
+        if self.max_bytes and (
+            self.op == "fma"
+            or self.max_bytes not in (16, 32)
+            or self.max_bytes >= 4 * LANES[self.isa]
+        ):
+            raise ValueError(f"bad depthwise kernel spec {self}")
 
     @property
     def lanes(self) -> int:
-        """Elements per vector: float32 sums, or bytes (four times as many)."""
+        """Elements per vector: float32 sums, or bytes (four times as many, or
+        `max_bytes`)."""
+        if self.max_bytes:
+            return self.max_bytes
         return LANES[self.isa] * (1 if self.op == "fma" else 4)
 
     @property
@@ -133,6 +145,7 @@ class DepthwiseSpec:
     def name(self) -> str:
         stage = "_rq" if self.requant else "" if self.op == "fma" else f"_{self.op}"
         stage += "b" if self.bias_in_sum else "p" if self.pairs else ""
+        stage += f"_v{self.max_bytes}" if self.max_bytes else ""
         return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}{stage}"
 
 
