@@ -41,6 +41,7 @@ from ._lowering import Decline, Kernel, LowerContext, const_input, numpy_kernel
 from ._numba import U, jit
 from ._threads import run_tasks
 from .layout import UNSIGNED, channels_last_output, is_channels_last
+from .requant import unsigned_view
 
 SHAPE_OPS = ("flatten", "reshape", "squeeze", "unsqueeze", "identity")
 _TRANSPOSE_RANK = 4  # dims `transpose_rows` walks (after merging)
@@ -110,11 +111,9 @@ def _concat_operand(array: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _flat_bytes(array: np.ndarray) -> np.ndarray:
-    """`array`'s elements in C order as a flat, writable unsigned view: in
-    place when its memory is C-contiguous and writable, else of a copy."""
-    if not (array.flags.c_contiguous and array.flags.writeable):
-        array = np.array(array, order="C")
-    return array.view(UNSIGNED[array.dtype.itemsize]).reshape(-1)
+    """`array`'s elements in C order as flat unsigned integers (in place when
+    it is C-contiguous and writable)."""
+    return unsigned_view(array).reshape(-1)
 
 
 @jit()
