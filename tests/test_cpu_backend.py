@@ -874,6 +874,68 @@ def test_lookup_after_requantize_in_the_microkernels(isa, anchor, dt, monkeypatc
     assert names.endswith("+lookup]" if anchor == "depthwise+pointwise" else "+lookup"), names
 
 
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+@pytest.mark.parametrize(
+    "case",
+    ["matmul bias", "conv residual", "qmul", "weight zero point", "conv weight zero point",
+     "signed"],
+)  # fmt: skip
+def test_lookup_after_the_add_in_the_microkernels_table_stage(isa, case, monkeypatch):
+    """matmul / conv -> requantize -> qadd -> lookup (a transformer's bias add
+    and GELU table; a residual add and a table) is one kernel: the
+    requantizing microkernels' qadd, then their table stage. Where those
+    kernels do not run (a qmul; a weight zero point's per-row term) the
+    lookup is a step of its own. Every case: the reference's codes."""
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if isa != "host" and isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    if isa != "host":
+        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    rng = np.random.default_rng(zlib.crc32(f"{isa} {case}".encode()))
+    dt = dtypes.int8 if case == "signed" else dtypes.uint8
+    g = Graph()
+    zx = g.constant(np.asarray(7 if dt == dtypes.uint8 else -5, dt.numpy))
+    s = [g.constant(np.float32(v)) for v in (0.02, 0.03, 0.025)]
+    z = [g.constant(np.asarray(v, dt.numpy)) for v in codes(rng, dt.numpy, (3,))]
+    inputs = []
+    if case in ("conv residual", "conv weight zero point", "signed"):
+        x_val = codes(rng, dt.numpy, (2, 32, 7, 9))
+        x = _int_input(g, "x", dt, x_val.shape)
+        w = g.constant(codes(rng, np.int8, (40, 32, 3, 3)))
+        attrs = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1), "group": 1}
+        zw = np.full(40, 2 if case == "conv weight zero point" else 0, np.int8)
+        acc = g.add_node("qconv", [x, w, zx, g.constant(zw)], attrs)
+        axis, channels = 1, 40
+        other_val = codes(rng, dt.numpy, (2, 40, 7, 9))
+        other = _int_input(g, "other", dt, other_val.shape)
+        inputs = [x_val, other_val]
+    else:
+        x_val = codes(rng, dt.numpy, (3, 37, 64))
+        x = _int_input(g, "x", dt, x_val.shape)
+        zw = np.int8(3 if case == "weight zero point" else 0)
+        acc = g.add_node("qmatmul", [x, g.constant(codes(rng, np.int8, (64, 70))), zx,
+                                     g.constant(zw)])  # fmt: skip
+        axis, channels = 2, 70
+        other = g.constant(codes(rng, dt.numpy, (70,)))  # the bias row, broadcast
+        inputs = [x_val]
+    mult = rng.uniform(2e-4, 2e-3, channels).astype(np.float32)
+    attrs = {"dtype": dt, "rounding": "half_even_float", "axis": axis}
+    zp = g.constant(codes(rng, dt.numpy, (channels,)))
+    y = g.add_node("requantize", [acc.outputs[0], g.constant(mult), zp], attrs).outputs[0]
+    op, rounding = ("qmul", "mlas") if case == "qmul" else ("qadd", "mlas_fma")
+    y = g.add_node(op, [y, s[0], z[0], other, s[1], z[1], s[2], z[2]], {"rounding": rounding})
+    table = codes(rng, np.uint8 if dt == dtypes.int8 else np.int8, (256,))
+    y = g.add_node("lookup", [y.outputs[0], g.constant(table)]).outputs[0]
+    g.set_outputs([y])
+    names = kernel_names(check_graph(g, inputs))
+    if case in ("qmul", "weight zero point", "conv weight zero point"):
+        assert len(names.splitlines()) == 2 and "lookup_flat_bytes" in names, names
+    else:
+        assert "\n" not in names and "(microkernels requantize: qadd)" in names, names
+        assert names.endswith("+qadd+lookup"), names
+
+
 def _clip_attrs(kind: str, dt) -> dict:
     """An integer clip's bounds: a relu at a code above qmin, both bounds
     (one outside the type: the cast wraps it), only the upper one, or an

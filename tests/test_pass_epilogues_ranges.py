@@ -267,6 +267,29 @@ def test_an_integer_clip_after_the_add_joins_the_group(clip_reader):
         assert top_ops(graph) == ["fused"]
 
 
+@pytest.mark.parametrize("table_reader", [False, True])
+def test_a_lookup_after_the_add_joins_the_group(table_reader):
+    """A table of the add's codes (a transformer's GELU after its bias add)
+    closes the group, unless the add's codes have another reader."""
+    g = Graph()
+    x = g.add_input("x", TensorType(dtypes.uint8, (1, 1, 3, 3)))
+    w = g.constant(np.ones((1, 1, 1, 1), np.int8), "w")
+    r1 = _requantize(g, g.add_node("qconv", [x, w], CONV, name="conv").outputs[0], 0.5, "r1")
+    added = _qadd(g, r1, x)
+    table = g.constant((np.arange(256) * 7 % 256).astype(np.uint8), "table")
+    looked = g.add_node("lookup", [added, table], name="gelu").outputs[0]
+    g.set_outputs([looked, added] if table_reader else [looked])
+    x_value = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3) * 30
+    graph = fuse_and_compare(g, [x_value])
+    (group,) = groups(graph)
+    if table_reader:
+        assert group.attrs["kind"] == "conv+requantize+add"
+        assert "lookup" in top_ops(graph)
+    else:
+        assert group.attrs["kind"] == "conv+requantize+add+lookup"
+        assert top_ops(graph) == ["fused"]
+
+
 # ---- fusion: negative (one test per precondition) -----------------------------------
 
 

@@ -8,7 +8,9 @@ A group is a rooted chain, anchored at an accumulating op:
                                            a folded zero-point correction)
       -> requantize                        with its clamp, if activation fusion set one
       [-> qadd | qmul | lookup]            at most one elementwise op on the result
-        [-> clip]                          after qadd / qmul: an integer clip of its codes
+        [-> clip | lookup]                 after qadd / qmul: an integer clip of its codes,
+                                           or a table of them (a transformer's bias add
+                                           then its GELU table)
 
 giving kinds such as "conv+requantize+add" (the residual block: conv, bias,
 requantize, relu as clamp, residual add with its own rescale),
@@ -120,6 +122,22 @@ def _clip_after(m: Matcher, op: Node) -> Node | None:
     return user
 
 
+def _lookup_after(m: Matcher, op: Node) -> Node | None:
+    """The lookup that alone reads the qadd / qmul `op`'s result as its index,
+    if any."""
+    if op.op not in ("qadd", "qmul"):
+        return None
+    try:
+        user = m.sole_user(op.outputs[0])
+    except Mismatch:
+        return None
+    if user.op != "lookup" or user.inputs[0] is not op.outputs[0] or len(user.outputs) != 1:
+        return None
+    if any(v is op.outputs[0] for v in user.inputs[1:]):
+        return None
+    return user
+
+
 def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
     """Group every anchor with its epilogue; see the module doc."""
     log = log if log is not None else graph.metadata.setdefault("fusion_log", RuleLog())
@@ -144,10 +162,10 @@ def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
         winner = max(claimants, key=lambda c: order[c.nodes[0]])
         winner.nodes.append(op)
         winner.kind.append(op.op.removeprefix("q"))
-        clip = _clip_after(m, op)
-        if clip is not None:
-            winner.nodes.append(clip)
-            winner.kind.append("clip")
+        last = _clip_after(m, op) or _lookup_after(m, op)
+        if last is not None:
+            winner.nodes.append(last)
+            winner.kind.append(last.op)
         for chain in claimants:
             if chain is not winner:
                 chain.epilogue_reason = f"{op.name} joins the group of {winner.nodes[0].name}"

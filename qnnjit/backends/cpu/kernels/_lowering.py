@@ -13,6 +13,7 @@ Epilogue chains (kernel-level fusion). An accumulating node (`qconv`,
 `qmatmul`, `qreduce_sum`) may be followed by
 
     [add(acc, int32 constant)]  ->  requantize  ->  [qadd | qmul | lookup]
+                                                      [-> clip | lookup after qadd / qmul]
 
 where every intermediate value has exactly one reader, the next node of the
 chain, and is not a graph output. Then one kernel computes the whole chain
@@ -68,11 +69,13 @@ class Chain:
     requantize: Node | None = None
     post: Node | None = None
     clip: Node | None = None  # an integer clip of the post op's codes
+    table: Node | None = None  # ... or a lookup of them (`build_epilogue`'s final_table)
     reasons: list[str] = field(default_factory=list)  # why the chain stops where it does
 
     @property
     def nodes(self) -> list[Node]:
-        return [n for n in (self.bias, self.requantize, self.post, self.clip) if n is not None]
+        parts = (self.bias, self.requantize, self.post, self.clip, self.table)
+        return [n for n in parts if n is not None]
 
 
 @dataclass
@@ -129,9 +132,15 @@ class LowerContext:
             chain.reasons.append(f"{user.name} reads {value.name} as a parameter")
             return chain
         chain.post = user
-        user, _ = self.sole_reader(user.outputs[0])
-        if user is not None and user.op == "clip" and user.inputs[0] is chain.post.outputs[0]:
+        y = user.outputs[0]
+        user, _ = self.sole_reader(y)
+        if user is not None and user.op == "clip" and user.inputs[0] is y:
             chain.clip = user
+        elif (
+            user is not None and user.op == "lookup" and chain.post.op in ("qadd", "qmul")
+            and user.inputs[0] is y and all(v is not y for v in user.inputs[1:])
+        ):  # fmt: skip
+            chain.table = user
         return chain
 
 

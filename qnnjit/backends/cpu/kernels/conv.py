@@ -411,8 +411,12 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
     else:
         ws = kernel_array(w4.astype(np.int64) - m_zp[:, None, None, None])
-    ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias)
+    # a lookup after a residual add: only the requantizing microkernels take it
+    ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias, final_table=kind == "conv_nhwc")
     if kind in CHANNELS_LAST:
+        channels_last.fuse_epilogue(ep)
+    if ep.final_table and not channels_last.fused:  # the lookup: a step of its own
+        ep = build_epilogue(chain, node.outputs[0], m, 1, base_bias)
         channels_last.fuse_epilogue(ep)
     launches = {}
 

@@ -389,8 +389,9 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
             base_bias = -int(za_s[0]) * colsum + k * int(za_s[0]) * zb_cols
             za_s = np.zeros(1, np.int64)
         ep = build_epilogue(
-            chain, out_value, channels, channel_axis, base_bias, constant_other=True
-        )
+            chain, out_value, channels, channel_axis, base_bias, constant_other=True,
+            final_table=True,
+        )  # fmt: skip
         rows_hint = int(math.prod([d for d in a_shape[:-1] if isinstance(d, int)] or [1]))
         plan = plan_gemm(bb, max(rows_hint, 1))
         need_rowsum = bool(np.any(zb_cols != 0))
@@ -398,6 +399,10 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
         # the requantizing microkernels, where nothing per row comes between
         # the GEMM and the epilogue (a per-tensor za is in the bias already)
         requant = requant_kind(plan, ep, need_rowsum) if za_period == 1 else ""
+        if ep.final_table and not requant:  # only their table stage takes a lookup after a qadd
+            ep = build_epilogue(
+                chain, out_value, channels, channel_axis, base_bias, constant_other=True
+            )
         if requant:
             rq_init = plan.init_with(ep.chan_i[0])  # their sums start at the bias
             rq_fptrs = plan.requant_fptrs(requant)

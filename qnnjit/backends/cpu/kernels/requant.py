@@ -342,6 +342,9 @@ class Epilogue:
     # the lookup as a table by stored byte (`_bytetable`), where its index and
     # result are 8-bit: the requantizing microkernels' table stage
     byte_table: np.ndarray = field(default_factory=lambda: _EMPTY_U8)
+    # the table looks up the qadd / qmul's result (a lookup after the post op,
+    # `build_epilogue`'s final_table): only the table stage computes it
+    final_table: bool = False
     notes: list[str] = field(default_factory=list)
     _broadcast: dict = field(default_factory=dict, repr=False)  # shape -> other_const's bytes
 
@@ -438,6 +441,7 @@ def build_epilogue(
     base_bias: np.ndarray | None = None,
     *,
     constant_other: bool = False,
+    final_table: bool = False,
 ) -> Epilogue:
     """Pack `chain` (after the accumulator value `acc`, whose channel axis is
     `axis` with `channels` entries; None: no channel axis) into an Epilogue.
@@ -447,7 +451,10 @@ def build_epilogue(
     anchor's own constant term, added (mod 2^32) to the bias node's.
     `constant_other`: the caller takes a qadd / qmul whose other operand is a
     constant broadcast to the result (`Epilogue.other_bytes`), as a
-    transformer's quantized bias add after a matmul is."""
+    transformer's quantized bias add after a matmul is. `final_table`: the
+    caller can take a lookup after the qadd / qmul (a transformer's GELU
+    after its bias add) as the requantizing microkernels' table stage
+    (`Epilogue.final_table`; `ep_tile` cannot)."""
     bias = np.zeros(channels, np.int64) if base_bias is None else base_bias.astype(np.int64)
     nodes: list[Node] = []
     notes = list(chain.reasons)
@@ -479,6 +486,12 @@ def build_epilogue(
         try:
             _add_clip(ep, chain.clip)
             ep.nodes.append(chain.clip)
+        except Decline as why:
+            ep.notes.append(str(why))
+    if chain.table is not None and final_table and ep.nodes[-1] is chain.post:
+        try:
+            _add_final_table(ep, chain.table)
+            ep.nodes.append(chain.table)
         except Decline as why:
             ep.notes.append(str(why))
     return ep
@@ -632,6 +645,20 @@ def _add_post(ep: Epilogue, post: Node, y: Value, constant_other: bool) -> None:
         ep.other = other
     ep.y_index = y_index
     ep.out_dtype = dtype
+
+
+def _add_final_table(ep: Epilogue, lookup: Node) -> None:
+    """Extend `ep` (ending in a qadd / qmul) with the 8-bit `lookup` of its
+    result, as a byte table."""
+    table = const_input(lookup, 1, "table")
+    out = lookup.outputs[0].type.dtype
+    if not (out.is_int and out.bits == 8 and ep.out_dtype.bits == 8):
+        raise Decline(f"{lookup.name}: a table of {ep.out_dtype} codes to {out}")
+    if table.shape != (256,):
+        raise Decline(f"{lookup.name}: table of shape {table.shape}")
+    ep.byte_table = byte_table(table, byte_codes(ep.out_dtype)[0])
+    ep.final_table = True
+    ep.out_dtype = out
 
 
 def _broadcasts_to(shape: tuple, y: Value) -> bool:
