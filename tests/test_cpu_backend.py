@@ -100,6 +100,17 @@ def kernel_names(executor) -> str:
     return "\n".join(step.name for step in executor.steps)
 
 
+def _use_isa(isa: str, monkeypatch) -> None:
+    """Run the test on `isa` ("host": the host's best), or skip it where the
+    host cannot."""
+    from qnnjit.backends.cpu.features import runnable_isas
+
+    if isa != "host" and isa not in runnable_isas():
+        pytest.skip(reason=f"host cannot run {isa}")
+    if isa != "host":
+        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+
+
 def codes(rng, dtype, shape):
     info = np.iinfo(dtype)
     return rng.integers(info.min, info.max + 1, size=shape, dtype=np.int64).astype(dtype)
@@ -828,12 +839,7 @@ def test_lookup_after_requantize_in_the_microkernels(isa, anchor, dt, monkeypatc
     table stage (`_gemm.gemm_requant_rows`), on the vpermi2b path (host) and
     the scalar one (AVX2): the reference's codes, a table output of the
     other signedness than its index."""
-    from qnnjit.backends.cpu.features import runnable_isas
-
-    if isa != "host" and isa not in runnable_isas():
-        pytest.skip(reason=f"host cannot run {isa}")
-    if isa != "host":
-        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    _use_isa(isa, monkeypatch)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {anchor} {dt}".encode()))
     g = Graph()
     zx = g.constant(np.asarray(5 if dt == dtypes.uint8 else -3, dt.numpy))
@@ -886,12 +892,7 @@ def test_lookup_after_the_add_in_the_microkernels_table_stage(isa, case, monkeyp
     requantizing microkernels' qadd, then their table stage. Where those
     kernels do not run (a qmul; a weight zero point's per-row term) the
     lookup is a step of its own. Every case: the reference's codes."""
-    from qnnjit.backends.cpu.features import runnable_isas
-
-    if isa != "host" and isa not in runnable_isas():
-        pytest.skip(reason=f"host cannot run {isa}")
-    if isa != "host":
-        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    _use_isa(isa, monkeypatch)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {case}".encode()))
     dt = dtypes.int8 if case == "signed" else dtypes.uint8
     g = Graph()
@@ -1074,12 +1075,7 @@ def test_fma_is_one_rounding():
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("isa", ["host", "avx2"])  # byte tables with vpermi2b, and not
 def test_lookup_ops(op_type, dtype, isa, monkeypatch):
-    from qnnjit.backends.cpu.features import runnable_isas
-
-    if isa != "host" and isa not in runnable_isas():
-        pytest.skip(reason=f"host cannot run {isa}")
-    if isa != "host":
-        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    _use_isa(isa, monkeypatch)
     x = np.arange(np.iinfo(dtype).min, np.iinfo(dtype).max + 1).astype(dtype).reshape(4, 64)
     consts = {
         "xs": np.float32(0.05), "xz": scalar(dtype, 3), "ys": np.float32(0.004),
@@ -1277,13 +1273,9 @@ def test_max_pool_row_kernels_take_the_widest_vectors_the_channels_fill(isa, cha
     widest that the channels fill whole (Inception's 144 channels: 16); 8
     channels fill none and take the per-pixel loop. Border pixels (padding)
     and a stride of 2 on both paths."""
-    from qnnjit.backends.cpu.features import runnable_isas
     from qnnjit.backends.cpu.kernels import pool
 
-    if isa != "host" and isa not in runnable_isas():
-        pytest.skip(reason=f"host cannot run {isa}")
-    if isa != "host":
-        monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    _use_isa(isa, monkeypatch)
     assert (pool._max_row_kernel([3, 3], [2, 2], [1, 1], False, channels) != 0) == (channels > 8)
     attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1]}
     for dtype in (np.uint8, np.int8):

@@ -244,49 +244,32 @@ def test_a_contested_add_joins_the_later_conv():
     assert "qadd joins the group of conv2" in " ".join(graph.metadata["fusion_log"].applied)
 
 
-@pytest.mark.parametrize("clip_reader", [False, True])
-def test_an_integer_clip_after_the_add_joins_the_group(clip_reader):
+@pytest.mark.parametrize("closer", ["clip", "lookup"])
+@pytest.mark.parametrize("add_reader", [False, True])
+def test_a_clip_or_lookup_after_the_add_joins_the_group(closer, add_reader):
     """The relu after a residual add that stayed an integer clip (symmetric
-    s8 activations) closes the group, unless the add's codes have another
-    reader (then the clip stays outside)."""
+    s8 activations), or a table of the add's codes (a transformer's GELU
+    after its bias add), closes the group, unless the add's codes have
+    another reader (then it stays outside)."""
     g = Graph()
     x = g.add_input("x", TensorType(dtypes.uint8, (1, 1, 3, 3)))
     w = g.constant(np.ones((1, 1, 1, 1), np.int8), "w")
     r1 = _requantize(g, g.add_node("qconv", [x, w], CONV, name="conv").outputs[0], 0.5, "r1")
     added = _qadd(g, r1, x)
-    clipped = g.add_node("clip", [added], {"min": 40, "max": 200}, name="relu").outputs[0]
-    g.set_outputs([clipped, added] if clip_reader else [clipped])
+    if closer == "clip":
+        last = g.add_node("clip", [added], {"min": 40, "max": 200}, name="relu").outputs[0]
+    else:
+        table = g.constant((np.arange(256) * 7 % 256).astype(np.uint8), "table")
+        last = g.add_node("lookup", [added, table], name="gelu").outputs[0]
+    g.set_outputs([last, added] if add_reader else [last])
     x_value = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3) * 30
     graph = fuse_and_compare(g, [x_value])
     (group,) = groups(graph)
-    if clip_reader:
+    if add_reader:
         assert group.attrs["kind"] == "conv+requantize+add"
-        assert "clip" in top_ops(graph)
+        assert closer in top_ops(graph)
     else:
-        assert group.attrs["kind"] == "conv+requantize+add+clip"
-        assert top_ops(graph) == ["fused"]
-
-
-@pytest.mark.parametrize("table_reader", [False, True])
-def test_a_lookup_after_the_add_joins_the_group(table_reader):
-    """A table of the add's codes (a transformer's GELU after its bias add)
-    closes the group, unless the add's codes have another reader."""
-    g = Graph()
-    x = g.add_input("x", TensorType(dtypes.uint8, (1, 1, 3, 3)))
-    w = g.constant(np.ones((1, 1, 1, 1), np.int8), "w")
-    r1 = _requantize(g, g.add_node("qconv", [x, w], CONV, name="conv").outputs[0], 0.5, "r1")
-    added = _qadd(g, r1, x)
-    table = g.constant((np.arange(256) * 7 % 256).astype(np.uint8), "table")
-    looked = g.add_node("lookup", [added, table], name="gelu").outputs[0]
-    g.set_outputs([looked, added] if table_reader else [looked])
-    x_value = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3) * 30
-    graph = fuse_and_compare(g, [x_value])
-    (group,) = groups(graph)
-    if table_reader:
-        assert group.attrs["kind"] == "conv+requantize+add"
-        assert "lookup" in top_ops(graph)
-    else:
-        assert group.attrs["kind"] == "conv+requantize+add+lookup"
+        assert group.attrs["kind"] == f"conv+requantize+add+{closer}"
         assert top_ops(graph) == ["fused"]
 
 

@@ -107,35 +107,22 @@ def _epilogue(m: Matcher, chain: Chain) -> Node:
     return user
 
 
-def _clip_after(m: Matcher, op: Node) -> Node | None:
-    """The integer clip that alone reads the qadd / qmul `op`'s result, if any."""
+def _closer_after(m: Matcher, op: Node) -> Node | None:
+    """The node that alone reads the qadd / qmul `op`'s result and closes the
+    group: an integer clip of it, or a lookup with it as the index; None if
+    there is none."""
     if op.op not in ("qadd", "qmul"):
         return None
     try:
         user = m.sole_user(op.outputs[0])
     except Mismatch:
         return None
-    if user.op != "clip" or user.inputs[0] is not op.outputs[0]:
+    y = op.outputs[0]
+    if user.inputs[0] is not y or any(v is y for v in user.inputs[1:]) or len(user.outputs) != 1:
         return None
-    if len(user.inputs) != 1 or not user.outputs[0].type.dtype.is_int:
-        return None
-    return user
-
-
-def _lookup_after(m: Matcher, op: Node) -> Node | None:
-    """The lookup that alone reads the qadd / qmul `op`'s result as its index,
-    if any."""
-    if op.op not in ("qadd", "qmul"):
-        return None
-    try:
-        user = m.sole_user(op.outputs[0])
-    except Mismatch:
-        return None
-    if user.op != "lookup" or user.inputs[0] is not op.outputs[0] or len(user.outputs) != 1:
-        return None
-    if any(v is op.outputs[0] for v in user.inputs[1:]):
-        return None
-    return user
+    if user.op == "clip" and len(user.inputs) == 1 and user.outputs[0].type.dtype.is_int:
+        return user
+    return user if user.op == "lookup" else None
 
 
 def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
@@ -162,7 +149,7 @@ def fuse_epilogues(graph: Graph, log: RuleLog | None = None) -> bool:
         winner = max(claimants, key=lambda c: order[c.nodes[0]])
         winner.nodes.append(op)
         winner.kind.append(op.op.removeprefix("q"))
-        last = _clip_after(m, op) or _lookup_after(m, op)
+        last = _closer_after(m, op)
         if last is not None:
             winner.nodes.append(last)
             winner.kind.append(last.op)
