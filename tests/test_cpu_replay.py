@@ -350,3 +350,29 @@ def test_a_rerun_step_whose_result_changes_shape_fails_clearly():
     with pytest.raises(QnnjitError, match=r"shape \(1,\).*\(3,\)"):
         call()
     assert np.all(buffer == 1)
+
+
+@numba.njit(nogil=True)
+def _add_rows(t0, t1, a, b):
+    for t in range(t0, t1):
+        a[t] += b[t]
+
+
+def test_a_serial_replayed_call_skips_the_dispatchers_type_resolution():
+    """A recorded call that runs on one thread calls the kernel's compiled
+    overload for its arguments' types directly; a kernel with no overload
+    for them (not compiled yet, or a Python function) goes through itself."""
+    a, b = np.zeros(4), np.arange(4.0)
+    call = _threads.TaskCall(_add_rows, 4, 1, 1, (a, b)).bound()
+    assert call.func is _add_rows  # nothing compiled for these types yet: the dispatcher
+    _add_rows(0, 4, a, b)
+    call = _threads.TaskCall(_add_rows, 4, 1, 1, (a, b)).bound()
+    assert call.func is not _add_rows and call.func is _add_rows.overloads[
+        _add_rows.signatures[0]].entry_point  # fmt: skip
+    call()
+    np.testing.assert_array_equal(a, 2 * b)
+    python_kernel = _add_rows.py_func
+    call = _threads.TaskCall(python_kernel, 4, 1, 1, (a, b)).bound()
+    assert call.func is python_kernel
+    call()
+    np.testing.assert_array_equal(a, 3 * b)

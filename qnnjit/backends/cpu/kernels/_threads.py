@@ -55,8 +55,24 @@ class TaskCall(NamedTuple):
         once: what `backends/cpu/replay.py` repeats."""
         kernel, tasks, work, threads, args = self
         if _serial(tasks, work, threads):
-            return functools.partial(kernel, 0, tasks, *args)
+            return functools.partial(_entry_point(kernel, (0, tasks, *args)), 0, tasks, *args)
         return bind_ranges(kernel, tasks, threads, args)
+
+
+def _entry_point(kernel, args: tuple) -> Callable:
+    """The compiled overload of the Numba `kernel` for exactly `args`' types,
+    called without the dispatcher's type resolution (0.43 instead of 0.75 us a
+    call of 18 arguments: 5 us of an attention block's 165 us at one thread);
+    `kernel` itself when it has none (a Python function, types not compiled)."""
+    overloads = getattr(kernel, "overloads", None)
+    if overloads is None:
+        return kernel
+    try:
+        types = tuple(kernel.typeof_pyval(a) for a in args)
+    except (TypeError, ValueError):  # an argument Numba cannot type
+        return kernel
+    compiled = overloads.get(types)
+    return kernel if compiled is None else compiled.entry_point
 
 
 class recording:
