@@ -70,6 +70,7 @@ from ._gemm import (
     G_NC,
     G_NR,
     G_PANEL_BYTES,
+    G_SLOTS,
     column_span,
     gemm_columns,
     gemm_requant_rows,
@@ -569,7 +570,7 @@ def _batched_launch(a_shape, b_shape, other_shape, a_rank, b_rank, engine, ep, z
             if rows > 0:
                 table.ensure_for(rows)
         fptrs, desc, kn = table.fptrs, 0, 0
-    gp = np.zeros(8, np.int64)
+    gp = np.zeros(G_SLOTS, np.int64)  # the engine's slots (G_VBMI unused: no table stage)
     gp[G_DESC], gp[G_K4], gp[G_KG], gp[G_NR], gp[G_MR] = desc, 4 * kg, kg, nr, mr
     gp[G_KCG], gp[G_PANEL_BYTES], gp[G_NC] = config.kc // 4, kg * nr * 4, _round_up(n, nr)
     return _Launch(*shapes, size * tiles, work, ia, ib, order, tile, kn, fptrs, gp)
