@@ -76,8 +76,18 @@ def reduce_columns(t0, t1, x3, flip, off, zp, inner, channels, out, chan_i, chan
                 sums[U(c)] += np.int32(row[U(c)] ^ fl)
         for c in range(width):
             sums[U(c)] -= shift
-        ep_tile(acc, _0, _1, width, out, n * C + c0, _0, _1, _0, _0, _0, inner, channels,
-                chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+        # ep_tile's fast loops where the channels are known without its
+        # per-element division: per-tensor parameters (channel 0), or one
+        # parameter per channel of x (channel c0 + j)
+        if channels == 1:
+            ep_tile(acc, _0, _1, width, out, n * C + c0, _0, _1, _0, _0, _0, _0, _1,
+                    chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+        elif inner == 1 and channels == C:
+            ep_tile(acc, _0, _1, width, out, n * C + c0, _0, _1, c0, _0, _1, _0, _1,
+                    chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
+        else:
+            ep_tile(acc, _0, _1, width, out, n * C + c0, _0, _1, _0, _0, _0, inner, channels,
+                    chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
 
 
 def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
