@@ -266,6 +266,9 @@ def test_column_split_cost_model(pixels, images, tile, threads):
     assert cost(49, 1, mr, 54, 2, 7, 2) == pytest.approx(9.5 * 4 / 7)  # ranges of 4 and 3 panels
     # in 30 + 19 pixels, unsplit: 5.5 and 4.5 row tiles
     assert cost(49, 1, mr, 30, 1, 8, 2) == 5.5
+    # split too: tasks run split-major, each thread its half of the columns
+    # over both tiles, (5.5 + 4.5) / 2; pixel-major it would be 5.5 and 4.5
+    assert cost(49, 1, mr, 30, 2, 8, 2) == 5.0
 
 
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
@@ -301,6 +304,46 @@ def test_small_layers_split_their_output_channels_over_threads(x_dtype, kernel, 
     )  # fmt: skip
     check_model(*_conv_model(case), num_threads=2)
     assert chosen and all(splits == 2 for _, splits in chosen), chosen
+
+
+def test_split_conv_tasks_run_split_major(monkeypatch):
+    """With its output channels split in two, a conv's tasks run split-major:
+    the first half of them (the first thread's range) computes the first
+    split's channels for every pixel of both images and nothing else, so
+    each thread reads only its half of the weights and gets an even share."""
+    import functools
+    import inspect
+
+    from qnnjit.backends.cpu import gemm
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=16))
+    monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "column_split", lambda *_: (12, 2))
+    calls = []
+
+    def run_on_one_thread(kernel, tasks, work, threads, *args):
+        if kernel is conv_nhwc.conv_gemm_nhwc_requant:
+            calls.append((tasks, args))
+        kernel(0, tasks, *args)
+
+    monkeypatch.setattr(conv_nhwc, "run_tasks", run_on_one_thread)
+    case = dict(
+        batch=2, groups=1, cin_g=8, m_g=96, size=[7, 7], kernel=[1, 1], strides=[1, 1],
+        dilations=[1, 1], pads=[0, 0, 0, 0], x_dtype=np.uint8, w_dtype=np.int8, w_zp="zero",
+        per_channel=True, bias=True, pow2=True, seed=9,
+    )  # fmt: skip
+    check_model(*_conv_model(case), num_threads=2)
+    tasks, args = calls[-1]
+    assert tasks == 2 * 5 * 2  # images x 12-pixel tiles of 49 x splits
+    kernel = conv_nhwc.conv_gemm_nhwc_requant
+    out = args[list(inspect.signature(kernel.py_func).parameters).index("out") - 2]
+    kernel(0, tasks, *args)
+    want = out.reshape(2 * 49, 96).copy()
+    out[:] = ~out  # every byte differs from its result
+    kernel(0, tasks // 2, *args)
+    got = out.reshape(2 * 49, 96)
+    np.testing.assert_array_equal(got[:, :48], want[:, :48])  # 3 of 6 panels of 16
+    np.testing.assert_array_equal(got[:, 48:], ~want[:, 48:])
 
 
 def test_conv_uses_depthwise_nhwc_and_grouped_gemm_kernels():

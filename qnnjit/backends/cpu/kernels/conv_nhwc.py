@@ -254,19 +254,23 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
                            init, gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
-    none of their code to compile). Task t is pixel tile t // GNS, output
-    channels split s = t % GNS of GNS (whole NR panels)."""
+    none of their code to compile). Task t is output channel split
+    s = t // T of GNS (whole NR panels), pixel tile t % T of the T = N *
+    ceil(P / GPT) tiles: split-major, so that with GNS = threads each
+    thread's contiguous range is its own split over every pixel (an even
+    share, and only its half of the weights in its cache)."""
     N, C = x.shape[0], x.shape[3]
     P = geo[GOH] * geo[GOW]
     Pt, splits, nr = geo[GPT], geo[GNS], gp[G_NR]
     tiles = (P + Pt - 1) // Pt
     span = column_span(M, nr, splits)
+    all_tiles = N * tiles
     a = _im2col_tile(0 if direct else Pt, geo[GKH] * geo[GKW] * C, gp[G_K4])
     c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
     ep = requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
     for t in range(t0, t1):
-        tile, s = t // splits, t % splits
+        s, tile = t // all_tiles, t % all_tiles
         n0, n1 = s * span, min(M, (s + 1) * span)
         if n0 >= n1:
             continue
@@ -848,7 +852,7 @@ def _busiest_thread(pixels, images, mr, tile, splits, panels, threads) -> float:
     for lo, hi in zip(bounds, bounds[1:]):
         work = 0.0
         for t in range(lo, hi):
-            p, s = divmod(t, splits)
+            s, p = divmod(t, images * per_image)  # as conv_gemm_nhwc_requant
             rows = min(tile, pixels - (p % per_image) * tile)
             share = max(0, min(panels, (s + 1) * span) - s * span) / panels
             work += (_ceil_div(rows, mr) + 0.5) * share
