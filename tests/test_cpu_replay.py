@@ -60,11 +60,12 @@ def test_replayed_runs_give_the_reference_bits_on_new_inputs(model_zoo, monkeypa
         np.testing.assert_array_equal(cpu(x), ref(x), err_msg=f"run {seed}")
     binding = _binding(cpu, 2)
     steps = len(cpu._executor.steps)
-    # Only the input's quantize re-runs (it reads the caller's array), in
-    # every zoo model: concats, pools and attention's steps included.
+    # Every step replays, in every zoo model: concats, pools and attention's
+    # steps included, and the input's quantize on each run's array.
     reruns = [step.name for step in binding.rerun_steps]
-    assert binding.replayed_steps + len(reruns) + len(binding.constant_steps) == steps
-    assert len(reruns) == 1 and reruns[0].startswith("quantize"), reruns
+    assert binding.replayed_steps + len(binding.constant_steps) == steps and not reruns, reruns
+    (step,) = binding.input_steps
+    assert step.name.startswith("quantize"), step.name
 
 
 def test_runs_leave_the_callers_arrays_alone_and_return_their_own(model_zoo):
@@ -245,17 +246,55 @@ def test_a_step_that_is_not_safe_to_repeat_is_not_replayed(why):
     assert not _replayable(run, [np.zeros((3, 4), np.uint8)])
 
 
-def test_a_step_that_reads_a_graph_input_reruns(model_zoo):
-    """The first step reads the caller's array: it runs each time, its result
-    copied into the buffer the replayed steps read."""
-    path, _ = _zoo_model(model_zoo, "resnet_style")
-    cpu = qnnjit.compile(path, target="cpu", num_threads=1)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_step_that_reads_a_graph_input_replays_on_each_runs_array(model_zoo, monkeypatch,
+                                                                    threads):  # fmt: skip
+    """The first step reads the caller's array: its recorded calls replay on
+    views of each run's array. One that cannot be viewed alike (strided,
+    read-only, Fortran-ordered) runs the step again instead; the same bits
+    either way, and the caller's arrays are left alone."""
+    from modelzoo import example_input
+
+    if threads == 2 and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip(reason="one core")
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    path, ref = _zoo_model(model_zoo, "resnet_style")
+    cpu = qnnjit.compile(path, target="cpu", num_threads=threads)
     steps = cpu._executor.steps
     binding = _binding(cpu, 1)
-    assert binding.rerun_steps[0] is steps[0] and binding.calls[0][1] is steps[0]
-    assert binding.replayed_steps + len(binding.rerun_steps) == len(steps)
+    assert binding.input_steps == [steps[0]] and binding.calls[0][1] is steps[0]
+    assert binding.replayed_steps == len(steps) and not binding.rerun_steps
     assert not binding.constant_steps
     assert f"replayed: {binding.replayed_steps} of {len(steps)} steps" in cpu.report()
+    reruns = []
+    monkeypatch.setattr(replay, "_rerun", _counting(replay._rerun, reruns))
+    cpu = qnnjit.compile(path, target="cpu", num_threads=threads)  # recorded again
+    x = example_input("resnet_style", batch=1, seed=3)
+    wide = np.repeat(example_input("resnet_style", batch=1, seed=4), 2, axis=3)
+    locked = example_input("resnet_style", batch=1, seed=5)
+    locked.flags.writeable = False
+    for array, laid_out_alike in [
+        (x, True), (wide[..., ::2], False), (locked, False), (np.asfortranarray(x), False),
+    ]:  # fmt: skip
+        kept, before = array.copy(), len(reruns)
+        np.testing.assert_array_equal(cpu(array), ref(kept))
+        np.testing.assert_array_equal(array, kept)
+        assert len(reruns) == before + (not laid_out_alike), (len(reruns), before)
+
+
+def _counting(make_rerun, calls: list):
+    """`replay._rerun` whose calls append to `calls`."""
+
+    def counted(*args):
+        rerun = make_rerun(*args)
+
+        def call():
+            calls.append(1)
+            rerun()
+
+        return call
+
+    return counted
 
 
 @pytest.mark.parametrize("op", ["qadd", "qmul"])

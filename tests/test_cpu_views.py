@@ -119,8 +119,8 @@ def test_attention_transpose_and_gathers_are_replayed():
         for got, want in zip(cpu.run([x]), ref.run([x]), strict=True):
             np.testing.assert_array_equal(got, want)
     (binding,) = next(iter(cpu._bindings.values()))
-    assert [s.name for s in binding.rerun_steps] == ["clip_flat[uint8]"], binding.rerun_steps
-    assert binding.replayed_steps == 4
+    assert [s.name for s in binding.input_steps] == ["clip_flat[uint8]"], binding.input_steps
+    assert binding.replayed_steps == 5 and not binding.rerun_steps
 
 
 def test_a_channels_last_result_flattened_and_transposed_is_not_copied():

@@ -335,7 +335,8 @@ class CpuExecutor:
             shapes = ", ".join("x".join(map(str, shape)) for shape, _ in key)
             lines.append(
                 f"runs on {shapes} replayed: {binding.replayed_steps} of {len(self.steps)} steps"
-                f" ({len(binding.rerun_steps)} re-run each time, "
+                f" ({len(binding.input_steps)} of them on views of each run's inputs; "
+                f"{len(binding.rerun_steps)} re-run each time, "
                 f"{len(binding.constant_steps)} computed once: values of the shapes alone)"
             )
             lines.extend(f"  re-run: {step.name}" for step in binding.rerun_steps)

@@ -615,6 +615,77 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
     return call
 
 
+def bind_moving_ranges(
+    kernel, tasks: int, threads: int, args: tuple, moving: tuple[int, ...]
+) -> Callable[[tuple], None] | None:
+    """`bind_ranges` for a call whose array arguments at positions `moving`
+    are other arrays each time, of the same types, shapes and strides (views
+    of a graph input: a new array every run). The function takes the call's
+    arguments; it writes their data addresses into its packed copy of `args`
+    (`_data_words`) and hands that over. None where the call has no
+    trampoline or the addresses cannot be found: the caller runs it anew."""
+    bounds = task_ranges(tasks, min(threads, MAX_THREADS))
+    helpers = _team(len(bounds) - 2)
+    address, trampoline = _entries(kernel, args)
+    if not (address and trampoline):
+        return None
+    packed = _packed_args(kernel, address, args)
+    words = _data_words(kernel, address, args, packed, moving)
+    if words is None:
+        return None
+    cells = packed[: packed.size // 8 * 8].view(np.int64)
+    t1, count = bounds[1], len(helpers)
+
+    def call(call_args: tuple) -> None:
+        with _LOCK_CALL:
+            for position, word in words:
+                cells[word] = call_args[position].__array_interface__["data"][0]
+            for i, h in enumerate(helpers):
+                h.assign((address, kernel, bounds[i + 1], bounds[i + 2], call_args), trampoline)
+            skip = _skip_sleeping(helpers)
+            status = _team_call_packed(_STATES, count, skip, trampoline, address, t1, packed, _ARGS)
+            _finish(kernel, helpers, t1, call_args, status)
+
+    return call
+
+
+def _data_words(kernel, address: int, args: tuple, packed: np.ndarray, moving) -> list | None:
+    """(position, index of the int64 word in `packed`) of the data address of
+    each array `args[position]`, position in `moving`: the one word that
+    holds that array's address in `packed` and its copy's where `args` is
+    packed again with copies of those arrays (so no other field can be
+    taken for it). None if some array has no such word."""
+    copies = list(args)
+    for position in moving:
+        copies[position] = _twin(args[position])
+        if typeof(copies[position], Purpose.argument) != typeof(args[position], Purpose.argument):
+            return None  # packing the copy would compile `_team_call` once more
+    again = np.zeros_like(packed)
+    _team_call(_STATES, 0, 0, address, 0, tuple(copies), again)
+    size = packed.size // 8 * 8
+    first, second = packed[:size].view(np.int64), again[:size].view(np.int64)
+    words = []
+    for position in moving:
+        found = np.flatnonzero(
+            (first == args[position].__array_interface__["data"][0])
+            & (second == copies[position].__array_interface__["data"][0])
+        )
+        if found.size != 1:
+            return None
+        words.append((position, int(found[0])))
+    return words
+
+
+def _twin(array: np.ndarray) -> np.ndarray:
+    """An array in memory of its own with `array`'s dtype, shape and strides."""
+    span = [(n - 1) * stride for n, stride in zip(array.shape, array.strides)]
+    low = sum(d for d in span if d < 0)
+    size = sum(d for d in span if d > 0) - low + array.itemsize
+    memory = np.empty(size + array.itemsize, np.uint8)
+    offset = -low + (-memory.ctypes.data % array.itemsize)  # aligned as an element
+    return np.ndarray(array.shape, array.dtype, memory, offset, array.strides)
+
+
 def _packed_args(kernel, address: int, args: tuple) -> np.ndarray:
     """`args` as Numba holds the tuple in memory (what `_team_call` stores in
     `_ARGS`), in an array of its own: stored by a `_team_call` that runs the

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..spinteam import bind_ranges, run_ranges_spinning
+from ..spinteam import bind_moving_ranges, bind_ranges, run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
 # roughly 15 us on one thread) a call runs on the calling thread only. A
@@ -57,6 +57,18 @@ class TaskCall(NamedTuple):
         if _serial(tasks, work, threads):
             return functools.partial(_entry_point(kernel, (0, tasks, *args)), 0, tasks, *args)
         return bind_ranges(kernel, tasks, threads, args)
+
+    def rebinding(self, moving: tuple[int, ...]) -> Callable[[tuple], None] | None:
+        """The call as a function of its arguments, of which the arrays at
+        positions `moving` are others each time, of the same types, shapes
+        and strides (views of a graph input), the thread split decided once:
+        what `replay.py` repeats for a step that reads a graph input. None
+        where such a call cannot be bound (`bind_moving_ranges`)."""
+        kernel, tasks, work, threads, args = self
+        if _serial(tasks, work, threads):
+            entry = _entry_point(kernel, (0, tasks, *args))
+            return lambda call_args: entry(0, tasks, *call_args)
+        return bind_moving_ranges(kernel, tasks, threads, args, moving)
 
 
 def _entry_point(kernel, args: tuple) -> Callable:
