@@ -169,9 +169,15 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
                     rowptrs[kh] = pad_row.ctypes.data
             dst = a.ctypes.data + (r + a0 - ow) * lda
             call_im2col_row(fptr, rowptrs.ctypes.data, a1 - a0, dst, lda)
-        for q in range(ow, end):
-            if q < a0 or q >= a1:  # one call site: the helper is inlined
-                _im2col_pixel(x, xf, n, oh, q, geo, flip, pad, a, r + q - ow)
+        else:
+            a0 = a1 = end
+        # the border pixels, ow..a0 and a1..end, in one loop: one call site
+        # for the inlined helper, and no pass over the kernel's pixels (a
+        # scalar loop of 112 steps a row: 15 us of MobileNetV2's stem)
+        left = a0 - ow
+        for i in range(left + end - a1):
+            q = ow + i if i < left else a1 + i - left
+            _im2col_pixel(x, xf, n, oh, q, geo, flip, pad, a, r + q - ow)
         r += end - ow
 
 
