@@ -162,6 +162,45 @@ def test_sleeping_helper_is_woken_by_a_compiled_call():
     assert hits.tolist() == [2] * 6
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_sleeping_helpers_are_woken_by_a_bound_call(threads):
+    """A bound call finds its helpers asleep: they get their work and a
+    bump from Python, then the compiled hand-off skips them."""
+    hits = np.zeros(6, np.int64)
+    call = spinteam.bind_ranges(_mark_compiled, 6, threads, (hits, 1.0, np.zeros((2, 3))))
+    for k in range(1, 4):
+        time.sleep(spinteam.SPIN_SECONDS * 20)  # long past the spin: the helpers sleep
+        assert all(h.asleep for h in spinteam._TEAM[: threads - 1])
+        call()
+        assert hits.tolist() == [k] * 6
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_call_bound_with_moving_arrays_reads_the_arrays_it_is_given(threads):
+    """`bind_moving_ranges`: the arrays at the moving positions are others on
+    each call (same types, shapes, strides); each call reads and writes the
+    ones it is given, the fixed arguments stay bound."""
+    rows, cols = 7, 4
+    grid = np.zeros((rows, 2 * cols))[:, ::2]  # strided: its own array type
+    call = spinteam.bind_moving_ranges(
+        _scale_rows, rows, threads, (grid, np.arange(rows, dtype=np.int64), 2.0), (0,)
+    )
+    assert call is not None
+    for k in range(3):
+        other = np.full((rows, 2 * cols), float(k))[:, ::2]
+        call((other, np.arange(rows, dtype=np.int64), 2.0))
+        want = 2.0 * k + np.arange(rows)[:, None]
+        np.testing.assert_array_equal(other, np.broadcast_to(want, (rows, cols)))
+    assert not grid.any()  # the recorded array is never touched
+
+
+@njit(nogil=True)
+def _scale_rows(t0, t1, grid, offsets, factor):
+    for t in range(t0, t1):
+        for j in range(grid.shape[1]):
+            grid[t, j] = grid[t, j] * factor + offsets[t]
+
+
 def test_helper_asleep_without_notice_is_woken():
     """A helper that fell asleep just as a GIL-free bump came (it cannot see
     one): the caller's wait notifies it until the work is done."""
@@ -199,10 +238,16 @@ def test_every_task_runs_once_while_helpers_fall_behind():
     took, and never run a later generation's work twice."""
     rng = np.random.default_rng(0)
     grid = np.zeros((2, 3))
+    bound_hits = np.zeros(9, np.int64)
+    bound = [spinteam.bind_ranges(_mark_compiled, 9, t, (bound_hits, 1.0, grid)) for t in (2, 3)]
     for i in range(300):
         hits = np.zeros(9, np.int64)
-        if i % 3 == 0:
+        if i % 4 == 0:
             spinteam.run_ranges_spinning(_mark, 9, 2 + i % 2, hits)
+        elif i % 4 == 1:  # a bound call: packed arguments, work set in compiled code
+            bound_hits[:] = 0
+            bound[i % 2]()
+            hits = bound_hits
         else:
             spinteam.run_ranges_spinning(_mark_compiled, 9, 2 + i % 2, hits, 1.0, grid)
         assert hits.tolist() == [1] * 9, i
