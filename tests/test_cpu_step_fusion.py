@@ -102,6 +102,46 @@ def test_depthwise_pointwise_fused(channels, out_channels, stride, size, batch, 
     check(model, x, threads, fused=True)
 
 
+@pytest.mark.parametrize("batch,size", [(1, (7, 7)), (3, (5, 6))])
+def test_depthwise_pointwise_bands_cut_inside_rows_for_even_threads(batch, size, monkeypatch):
+    """Two threads, and whole-row bands they cannot share evenly (7 rows: 4 +
+    3; three images of one band): the bands are cut into pixels, so that
+    some start inside a row and compute its depthwise outputs once more.
+    The same bits; with a residual add too."""
+    import numba
+
+    from qnnjit.backends.cpu.kernels import _threads, conv_nhwc
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip(reason="one core: compiled models run on one thread")
+    monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
+    launches = []
+    prepare = conv_nhwc.DepthwisePointwise.prepare
+    monkeypatch.setattr(
+        conv_nhwc.DepthwisePointwise, "prepare",
+        lambda self, *a: launches.append(prepare(self, *a)) or launches[-1],
+    )  # fmt: skip
+    rng = np.random.default_rng(23)
+    model = dw_pw_model(rng, channels=32, out_channels=32, stride=1, residual=True)
+    x = rng.integers(0, 256, (batch, 32, *size)).astype(np.uint8)
+    check(model, x, 2, fused=True)
+    pixels = size[0] * size[1]
+    band, tasks, _ = launches[-1]
+    assert band % size[1] and tasks % 2 == 0, (band, tasks)
+    assert tasks == batch * -(-pixels // band)
+
+
+def test_even_bands():
+    from qnnjit.backends.cpu.kernels.conv_nhwc import even_bands
+
+    assert even_bands(49, 1, 28, 2) == 25  # 4 + 3 rows of 7 -> 25 + 24 pixels
+    assert even_bands(196, 1, 98, 2) == 98  # two whole bands: as they are
+    assert even_bands(3136, 1, 392, 2) == 392
+    assert even_bands(30, 3, 30, 2) == 15  # three images of one band: two bands each
+    assert even_bands(49, 1, 49, 3) == 17  # one band, three threads: 17 + 17 + 15
+    assert even_bands(1, 1, 1, 2) == 1
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stride,residual", [(1, False), (2, False), (1, True)])
 def test_depthwise_pointwise_fused_signed(stride, residual, threads):

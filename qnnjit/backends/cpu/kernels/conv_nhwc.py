@@ -457,13 +457,17 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
                              other, table):  # fmt: skip
     """A depthwise convolution (`depthwise_nhwc_requant`) and the pointwise one
     that reads its output (`conv_gemm_nhwc_requant`, A in place), as one: task
-    t is a band of `band` output rows of one image (`geo` the depthwise
-    window's). The band's depthwise rows are stored in a buffer that is at
-    once the pointwise GEMM's A rows, so the intermediate tensor is never
-    written out, and read back, whole. `dw_i`, `dw_f`: the depthwise
-    requantize's per-channel constants; the rest as `conv_gemm_nhwc_requant`'s."""
+    t is a band of `band` output pixels of one image (`geo` the depthwise
+    window's), usually whole rows. The depthwise rows the band touches are
+    stored in a buffer that is at once the pointwise GEMM's A rows, so the
+    intermediate tensor is never written out, and read back, whole. A band
+    that starts or ends inside a row computes that row's depthwise outputs
+    for its neighbour too (`DepthwisePointwise.prepare`). `dw_i`, `dw_f`: the
+    depthwise requantize's per-channel constants; the rest as
+    `conv_gemm_nhwc_requant`'s."""
     C, KH, OH, OW = x.shape[3], geo[GKH], geo[GOH], geo[GOW]
-    bands = (OH + band - 1) // band
+    P = OH * OW
+    bands = (P + band - 1) // band
     span = (KH - 1) * geo[GDH] + 1
     xr = np.zeros((span, geo[GWP] * C), np.float32)
     held = np.full(span, -1, np.int64)  # the (image, row) each ring slot holds
@@ -471,20 +475,23 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, pair
     slot = np.empty(KH, np.int64)
     rows = np.empty(KH, np.int64)  # the row kernel's row addresses
     dw_ep = _depthwise_requant_args(dw_i, dw_f)
-    mid = np.empty((band * OW, C), np.uint8)  # the band's depthwise output: the GEMM's A
-    c = np.empty((band * OW, M), np.int32)  # the GEMM's sums between K blocks
+    # the band's depthwise rows (one more when it starts inside a row): the GEMM's A
+    mid = np.empty((((band + OW - 1) // OW + 1) * OW, C), np.uint8)
+    c = np.empty((band, M), np.int32)  # the GEMM's sums between K blocks
     ep = requant_args(chan_f, sc_i, sc_f)
     for t in range(t0, t1):
         n = t // bands
-        oh0 = (t - n * bands) * band
-        count = min(band, OH - oh0)
-        for j in range(count):
+        p0 = (t - n * bands) * band
+        count = min(band, P - p0)
+        oh0, oh1 = p0 // OW, (p0 + count - 1) // OW
+        for j in range(oh1 - oh0 + 1):
             dst = mid.ctypes.data + j * OW * C
             _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, pairs, xr,
                                    held, edge, slot, rows, dw_ep, dst)  # fmt: skip
-        o = ((n * OH + oh0) * OW) * M
-        gemm_requant_rows(mid.ctypes.data, C, count * OW, fptrs, rq_fptrs, data, init, gp, c, 0, M,
-                          ep, out.ctypes.data + o, other.ctypes.data + o, M, table)  # fmt: skip
+        o = (n * P + p0) * M
+        a = mid.ctypes.data + (p0 - oh0 * OW) * C
+        gemm_requant_rows(a, C, count, fptrs, rq_fptrs, data, init, gp, c, 0, M, ep,
+                          out.ctypes.data + o, other.ctypes.data + o, M, table)  # fmt: skip
 
 
 @jit()
@@ -790,15 +797,24 @@ class DepthwisePointwise:
             self.mid_f[FM_ZP] += np.float32(128)
 
     def prepare(self, dw_geo, pw_geo, out_shape) -> tuple[int, int, int]:
-        """Per input shape: output rows per band, about the pointwise layer's
-        own tile of pixels (and its microkernels for the bands' row counts);
-        the call's tasks (bands) and its `run_tasks` work."""
+        """Per input shape: output pixels per band, whole rows about the
+        pointwise layer's own tile of pixels (and its microkernels for the
+        bands' row counts); the call's tasks (bands) and its `run_tasks` work.
+
+        With several threads, bands that the threads cannot share evenly
+        are cut into pixels instead (`even_bands`): MobileNetV2's 7x7 layers
+        were bands of 4 and 3 rows, 28 and 21 pixels, on two threads; as 25
+        and 24 pixels, each thread computes 4 depthwise rows (one of them
+        twice) and the even half of the far larger pointwise GEMM."""
         n, m, oh, ow = out_shape
-        band = max(1, min(oh, int(pw_geo[GPT]) // ow))
-        self.pw.plan.ensure_rows(band * ow, self.pw.requant)
-        self.pw.plan.ensure_rows((oh % band or band) * ow, self.pw.requant)
+        pixels = oh * ow
+        band = max(1, min(oh, int(pw_geo[GPT]) // ow)) * ow
+        if self.pw.num_threads > 1:
+            band = even_bands(pixels, n, band, self.pw.num_threads)
+        self.pw.plan.ensure_rows(band, self.pw.requant)
+        self.pw.plan.ensure_rows(pixels % band or band, self.pw.requant)
         work = self.dw.work((n, self.dw.channels, oh, ow)) + self.pw.work(pw_geo, out_shape)
-        return band, n * _ceil_div(oh, band), work
+        return band, n * _ceil_div(pixels, band), work
 
     def run(self, x4, dw_geo, dw_prepared, dw_ep, launch, pw_geo, ep, sc_i, sc_f, other,
             out_shape):  # fmt: skip
@@ -816,6 +832,19 @@ class DepthwisePointwise:
             plan.data, pw.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
         )  # fmt: skip
         return out
+
+
+def even_bands(pixels: int, images: int, band: int, threads: int) -> int:
+    """The band (pixels) that cuts each of `images` images of `pixels` into
+    as few bands as `band` does, or a few more, such that `threads`
+    contiguous ranges of the tasks get an even share: `band` itself when its
+    bands are already even (whole rows, no overlap)."""
+    per_image = _ceil_div(pixels, band)
+    if pixels % band == 0 and images * per_image % threads == 0:
+        return band
+    while images * per_image % threads:
+        per_image += 1
+    return _ceil_div(pixels, per_image)
 
 
 def balanced_tile(pixels: int, images: int, mr: int, cap: int, threads: int) -> int:
