@@ -239,6 +239,20 @@ def test_pair_bounds_goldens():
     assert seven_bit.pair_bounds(0, 255) == (-32640, 32130) and seven_bit.i16_pairs_safe()
 
 
+@pytest.mark.parametrize("layout", ["k4n", "kn"])
+@pytest.mark.parametrize("k,n,nr", [(147, 64, 64), (27, 24, 16), (6, 100, 32), (1, 1, 8)])
+def test_pair_sums_from_the_packed_data(layout, k, n, nr):
+    """The packed weights' distinct pair sums (recovered from the packed
+    layout, on demand) are those of B itself, its K padded with zeros to
+    whole groups of four, padding columns left out."""
+    from qnnjit.backends.cpu.packing import _distinct_pair_sums
+
+    b = np.random.default_rng(k + n).integers(-128, 128, (k, n)).astype(np.int8)
+    padded = np.zeros((-(-k // 4) * 4, n), np.int8)
+    padded[:k] = b
+    np.testing.assert_array_equal(pack_b(b, nr, layout)._pair_sums, _distinct_pair_sums(padded))
+
+
 def _call_kernel(spec, rows, a, packed, nvalid):
     name = ukernels.kernel_name(spec, rows)
     mod = llvmjit.compile_module(ukernels.ukernel_ir(spec, rows), spec.isa, (name,))
