@@ -67,6 +67,9 @@ class Graph:
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
         self._dag = nx.DiGraph()
+        # `nodes`' order, until the DAG or a node's `order` changes: passes ask
+        # for it often (ResNet-18's compile: 132 sorts, 20 ms of 0.24 s)
+        self._topological: list[Node] | None = None
         self._uses: dict[Value, list[Node]] = {}
         self._values: dict[str, Value] = {}
         self._counter = itertools.count()
@@ -136,6 +139,7 @@ class Graph:
             value = Value(self._fresh_name(hint), type, producer=node)
             node.outputs.append(self._register(value))
         self._dag.add_node(node)
+        self._topological = None
         for value in inputs:
             if value is not None:
                 self._use(value, node)
@@ -147,6 +151,7 @@ class Graph:
         self._uses[value].append(node)
         if value.producer is not None:
             self._dag.add_edge(value.producer, node)
+            self._topological = None
 
     def rename(self, value: Value, name: str):
         if name in self._values and self._values[name] is not value:
@@ -178,8 +183,17 @@ class Graph:
 
     @property
     def nodes(self) -> list[Node]:
-        """Nodes in a deterministic topological order."""
-        return list(nx.lexicographical_topological_sort(self._dag, key=lambda n: n.order))
+        """Nodes in a deterministic topological order (by creation order, or
+        the order `place` gave, among the ready ones)."""
+        if self._topological is None:
+            order = nx.lexicographical_topological_sort(self._dag, key=lambda n: n.order)
+            self._topological = list(order)
+        return list(self._topological)
+
+    def place(self, node: Node, order: int) -> None:
+        """Sort `node` as if created at `order` (among the nodes ready at once)."""
+        node.order = order
+        self._topological = None
 
     def contains(self, node: Node) -> bool:
         return self._dag.has_node(node)
@@ -210,6 +224,7 @@ class Graph:
                 v.producer for v in node.inputs if v is not None
             }:
                 self._dag.remove_edge(old.producer, node)
+                self._topological = None
         if value is not None:
             self._use(value, node)
 
@@ -232,6 +247,7 @@ class Graph:
             del self._uses[value]
             del self._values[value.name]
         self._dag.remove_node(node)
+        self._topological = None
         self._node_names.discard(node.name)
 
     def dead_code_elimination(self) -> bool:

@@ -131,5 +131,5 @@ def fuse_nodes(graph: Graph, nodes: Sequence[Node], kind: str, name: str | None 
     for old, new in zip(staging.outputs, fused.outputs):
         graph.replace_all_uses(old, new)
     graph.remove_node(staging)
-    fused.order = order  # keep the group where its first node was in the printed order
+    graph.place(fused, order)  # keep the group where its first node was in the printed order
     return fused
