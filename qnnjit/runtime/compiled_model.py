@@ -3,7 +3,7 @@ backend's executor and returns outputs by name or position."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -12,11 +12,13 @@ from ..ir.graph import Graph
 
 
 class CompiledModel:
-    def __init__(self, graph: Graph, executor, *, target: str, report: str = ""):
+    def __init__(
+        self, graph: Graph, executor, *, target: str, report: str | Callable[[], str] = ""
+    ):
         self.graph = graph
         self.target = target
         self._executor = executor
-        self._report = report
+        self._report = report  # the text, or a function writing it (once, when asked)
 
     @property
     def input_names(self) -> list[str]:
@@ -55,6 +57,8 @@ class CompiledModel:
 
     def report(self) -> str:
         """What the compiler did (node counts, fused groups, kept QDQ pairs)."""
+        if callable(self._report):
+            self._report = self._report()
         return self._report
 
     def _check_inputs(self, arrays) -> list[np.ndarray]:
