@@ -397,21 +397,52 @@ def _add_rows(t0, t1, a, b):
         a[t] += b[t]
 
 
-def test_a_serial_replayed_call_skips_the_dispatchers_type_resolution():
-    """A recorded call that runs on one thread calls the kernel's compiled
-    overload for its arguments' types directly; a kernel with no overload
-    for them (not compiled yet, or a Python function) goes through itself."""
+def test_a_serial_replayed_call_passes_its_arguments_packed():
+    """A recorded call that runs on one thread passes its arguments packed
+    once (`spinteam.bind_serial`) to the kernel's trampoline, reading the
+    arrays' contents as they are at each call; arguments that cannot be
+    packed (a tuple) go to the kernel's compiled overload, a Python function
+    to itself."""
+    from qnnjit.backends.cpu import spinteam
+
     a, b = np.zeros(4), np.arange(4.0)
     call = _threads.TaskCall(_add_rows, 4, 1, 1, (a, b)).bound()
-    assert call.func is _add_rows  # nothing compiled for these types yet: the dispatcher
-    _add_rows(0, 4, a, b)
-    call = _threads.TaskCall(_add_rows, 4, 1, 1, (a, b)).bound()
-    assert call.func is not _add_rows and call.func is _add_rows.overloads[
-        _add_rows.signatures[0]].entry_point  # fmt: skip
+    assert call.func is spinteam._run_serial
     call()
-    np.testing.assert_array_equal(a, 2 * b)
+    np.testing.assert_array_equal(a, b)
+    b += 1
+    call()
+    np.testing.assert_array_equal(a, 2 * b - 1)
+    _add_rows_by(0, 4, a, (1.0, 2.0))
+    call = _threads.TaskCall(_add_rows_by, 4, 1, 1, (a, (1.0, 2.0))).bound()
+    assert call.func is _add_rows_by.overloads[_add_rows_by.signatures[0]].entry_point
     python_kernel = _add_rows.py_func
     call = _threads.TaskCall(python_kernel, 4, 1, 1, (a, b)).bound()
     assert call.func is python_kernel
+    before = a.copy()
     call()
-    np.testing.assert_array_equal(a, 3 * b)
+    np.testing.assert_array_equal(a, before + b)
+
+
+@numba.njit(nogil=True)
+def _add_rows_by(t0, t1, a, pair):
+    for t in range(t0, t1):
+        a[t] += pair[0] * pair[1]
+
+
+@numba.njit(nogil=True)
+def _fail_rows(t0, t1, a):
+    for t in range(t0, t1):
+        a[t] += 1
+    if a[0] > 1:
+        raise ValueError("rows failed")
+
+
+def test_a_serial_packed_call_raises_its_kernels_error():
+    """The packed call reports the kernel's error status; the call then runs
+    the kernel through its dispatcher, which raises the error itself."""
+    a = np.zeros(3)
+    call = _threads.TaskCall(_fail_rows, 3, 1, 1, (a,)).bound()
+    call()
+    with pytest.raises(ValueError, match="rows failed"):
+        call()

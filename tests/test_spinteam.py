@@ -315,3 +315,62 @@ def test_helpers_run_kernels_without_the_callers_meminfos():
         seen = np.full(2, -1, np.int64)
         spinteam.run_ranges_spinning(_late_helper, 2, 2, seen, x, 1_000_000)
         assert seen[0] != 0 and seen[1] == 0, seen
+
+
+def test_packed_arguments_are_numbas_own_layout():
+    """`packargs.pack_arguments` writes the argument tuple as `_team_call`
+    stores it (Numba's own layout) but for the arrays' meminfos and parents,
+    which it leaves null: strided, 0-d and 3-d arrays, integers of every
+    width, floats of both, a bool."""
+    from numba.core.typing.typeof import Purpose, typeof
+
+    from qnnjit.backends.cpu.packargs import _layout, pack_arguments
+
+    args = (
+        np.zeros((3, 4), np.int8)[:, ::2], 5, 2.5, np.float32(1.5), True, np.arange(6),
+        np.int32(-3), np.zeros((2, 3, 4), np.float32).transpose(2, 0, 1), np.uint8(200),
+        np.array(7.0), np.int16(-2), np.uint64(1 << 63), False,
+    )  # fmt: skip
+    entry, trampoline = spinteam._entries(_takes_everything, args)
+    assert entry and trampoline
+    want = spinteam._packed_args(_takes_everything, entry, args)
+    got = pack_arguments(_takes_everything.targetctx, args)
+    size, fields = _layout(_takes_everything.targetctx, typeof(args, Purpose.argument))
+    assert got.size == want.size == size
+    compared = np.ones(size, bool)
+    for offset, member in fields:
+        if isinstance(member, types.Array):
+            compared[offset : offset + 16] = False  # meminfo, parent
+            assert not got[offset : offset + 16].any()
+    np.testing.assert_array_equal(got[compared], want[compared])
+
+
+@njit(nogil=True)
+def _takes_everything(t0, t1, a, b, c, d, e, f, g, h, i, j, k, m, n):
+    pass
+
+
+def test_trampolines_persist_in_the_kernel_cache(tmp_path, monkeypatch):
+    """A trampoline compiled once is stored in the cache directory and loaded
+    from it next time (no compile), and the loaded one runs the kernel; a
+    damaged entry is compiled again."""
+    from numba.core.typing.typeof import Purpose, typeof
+
+    from qnnjit.backends.cpu.packargs import pack_arguments
+
+    monkeypatch.setenv("QNNJIT_CACHE_DIR", str(tmp_path))
+    hits, grid = np.zeros(7, np.int64), np.zeros((2, 3))
+    args = (hits, 1.0, grid)
+    context, packed_type = _mark_compiled.targetctx, typeof(args, Purpose.argument)
+    spinteam._trampoline(context, packed_type)
+    (stored,) = (tmp_path / "cpu_trampolines").iterdir()
+    compile_trampoline = spinteam._compile_trampoline
+    monkeypatch.setattr(spinteam, "_compile_trampoline", lambda *a: pytest.fail("compiled"))
+    loaded = spinteam._trampoline(context, packed_type)
+    entry, _ = spinteam._entries(_mark_compiled, args)
+    packed = pack_arguments(context, args)
+    assert spinteam._call_packed_entry()(loaded, entry, packed.ctypes.data, 0, 7) == 0
+    assert hits.tolist() == [1] * 7 and grid.sum() == 6.0
+    stored.write_bytes(b"damaged")
+    monkeypatch.setattr(spinteam, "_compile_trampoline", compile_trampoline)
+    assert spinteam._trampoline(context, packed_type) != 0

@@ -138,10 +138,11 @@ def _load(obj: bytes, isa: str, names: tuple[str, ...]) -> dict[str, int]:
 _MAGIC = b"QNNJITO1"
 
 
-def _read_checked(path: Path) -> bytes | None:
-    """The object file stored at ``path`` if it is intact (magic and SHA-256 of
-    the payload match); None if absent or damaged. LLVM does not survive
-    loading a corrupt object file, so nothing unchecked reaches it."""
+def read_checked(path: Path) -> bytes | None:
+    """The payload (an object file) stored at ``path`` by `write_checked` if it
+    is intact (magic and SHA-256 of the payload match); None if absent or
+    damaged. LLVM does not survive loading a corrupt object file, so nothing
+    unchecked reaches it."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -151,6 +152,11 @@ def _read_checked(path: Path) -> bytes | None:
         return None
     digest, obj = data[len(_MAGIC) : head], data[head:]
     return obj if hashlib.sha256(obj).digest() == digest else None
+
+
+def write_checked(path: Path, payload: bytes) -> None:
+    """Store ``payload`` at ``path`` for `read_checked`, atomically."""
+    _write_atomic(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -182,14 +188,14 @@ def compile_module(ir_text: str, isa: str, names: tuple[str, ...]) -> JitModule:
             return JitModule(key, hit.addresses, "memory", time.perf_counter() - t0)
         directory = cache_dir()
         path = directory / "cpu_ukernels" / f"{key}.o" if directory is not None else None
-        obj = _read_checked(path) if path is not None else None
+        obj = read_checked(path) if path is not None else None
         source = "disk"
         if obj is None:
             source = "compiled"
             obj = _optimize_and_emit(ir_text, isa)
             if path is not None:
                 try:
-                    _write_atomic(path, _MAGIC + hashlib.sha256(obj).digest() + obj)
+                    write_checked(path, obj)
                 except OSError:
                     pass  # a read-only cache only costs time
         addresses = _load(obj, isa, names)

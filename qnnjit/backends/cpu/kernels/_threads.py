@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..spinteam import bind_moving_ranges, bind_ranges, run_ranges_spinning
+from ..spinteam import bind_moving_ranges, bind_ranges, bind_serial, run_ranges_spinning
 
 # Below this much work (operations weighted by the caller so that this is
 # roughly 15 us on one thread) a call runs on the calling thread only. A
@@ -55,7 +55,10 @@ class TaskCall(NamedTuple):
         once: what `backends/cpu/replay.py` repeats."""
         kernel, tasks, work, threads, args = self
         if _serial(tasks, work, threads):
-            return functools.partial(_entry_point(kernel, (0, tasks, *args)), 0, tasks, *args)
+            call = bind_serial(kernel, tasks, args)
+            if call is None:
+                call = functools.partial(_entry_point(kernel, (0, tasks, *args)), 0, tasks, *args)
+            return call
         return bind_ranges(kernel, tasks, threads, args)
 
     def rebinding(self, moving: tuple[int, ...]) -> Callable[[tuple], None] | None:
