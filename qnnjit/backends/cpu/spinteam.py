@@ -32,7 +32,8 @@ trivial kernel of 24 arguments; it was 25 us from Python, and 9-12 us while
 the helper went back to Python to re-dispatch each range), and the helper
 starts its range about 0.2 us after the bump instead of 3-5 us. The price:
 `_team_call` is compiled once per kernel signature (0.3-0.4 s cold, cached
-on disk like the kernels), a trampoline once per process (10-30 ms).
+on disk like the kernels), and so is a trampoline (10-30 ms; loaded from
+the cache in about 1 ms).
 
 Repeated calls. A replayed run (`replay.py`) calls the same kernels with
 the same arguments every time: `bind_ranges` stores the argument tuple once
@@ -427,9 +428,10 @@ def _trampoline(context, packed) -> int:
     code, runs any kernel's range without calling back into Python: 0.2 us
     after the caller's bump instead of the 3-5 us a return to Python and a
     dispatch cost. LLVM IR built with Numba's own calling convention and
-    data model, compiled by Numba's code generator (10-30 ms, not cached on
-    disk): compiled by `llvmjit` instead, its engines made some processes
-    crash at exit (LLVM's "Value still in symbol table"), 1 in 4-8 runs.
+    data model, compiled by Numba's code generator (10-30 ms) and kept in the
+    kernel cache as Numba keeps its own code (`_store_trampoline`): compiled
+    by `llvmjit` instead, its engines made some processes crash at exit
+    (LLVM's "Value still in symbol table"), 1 in 4-8 runs.
 
     The arrays reach the kernel without their meminfos (null: Numba's
     reference counting skips them). The tuple in `_ARGS` is the caller's
