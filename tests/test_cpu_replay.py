@@ -407,7 +407,7 @@ def test_a_serial_replayed_call_passes_its_arguments_packed():
 
     a, b = np.zeros(4), np.arange(4.0)
     call = _threads.TaskCall(_add_rows, 4, 1, 1, (a, b)).bound()
-    assert call.func is spinteam._run_serial
+    assert isinstance(call, spinteam.SerialCall)
     call()
     np.testing.assert_array_equal(a, b)
     b += 1
@@ -436,6 +436,49 @@ def _fail_rows(t0, t1, a):
         a[t] += 1
     if a[0] > 1:
         raise ValueError("rows failed")
+
+
+def test_consecutive_serial_calls_run_as_one_sequence():
+    """A recorded run's consecutive serial packed calls become one call
+    (`SerialSequence`); a kernel that raises in the middle raises its own
+    step's error: the calls before it ran, those after it did not."""
+    from qnnjit.backends.cpu import spinteam
+
+    a = np.zeros(3)
+    steps = [_FakeStep(f"s{i}") for i in range(4)]
+    bound = [
+        _threads.TaskCall(_add_one, 3, 1, 1, (a, limit)).bound()
+        for limit in (100.0, 100.0, 5.0, 100.0)
+    ]
+    assert all(isinstance(call, spinteam.SerialCall) for call in bound)
+    calls = replay._sequenced([(lambda: None, "python"), *zip(bound, steps)])
+    assert len(calls) == 2 and calls[1][1] is steps[0]
+    calls[1][0]()  # a = 1, 2, 3, 4
+    np.testing.assert_array_equal(a, 4.0)
+    with pytest.raises(QnnjitError, match="s2") as raised:
+        calls[1][0]()  # 5, 6, then 7 > 5 and the re-run's 8 raise; the last call never runs
+    assert "past the limit" in str(raised.value)
+    np.testing.assert_array_equal(a, 8.0)
+
+
+@numba.njit(nogil=True)
+def _add_one(t0, t1, a, limit):
+    for t in range(t0, t1):
+        a[t] += 1
+    if a[0] > limit:
+        raise ValueError("past the limit")
+
+
+class _FakeStep:
+    """A step as `replay.step_error` names it."""
+
+    def __init__(self, name):
+        self.name, self.nodes = name, [_FakeNode(name)]
+
+
+class _FakeNode:
+    def __init__(self, name):
+        self.name, self.op = name, "test"
 
 
 def test_a_serial_packed_call_raises_its_kernels_error():

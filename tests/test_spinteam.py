@@ -369,7 +369,8 @@ def test_trampolines_persist_in_the_kernel_cache(tmp_path, monkeypatch):
     loaded = spinteam._trampoline(context, packed_type)
     entry, _ = spinteam._entries(_mark_compiled, args)
     packed = pack_arguments(context, args)
-    assert spinteam._call_packed_entry()(loaded, entry, packed.ctypes.data, 0, 7) == 0
+    run = spinteam._compiled_overload(spinteam._call_packed, spinteam._PACKED_CALL)
+    assert run(loaded, entry, packed.ctypes.data, 0, 7) == 0
     assert hits.tolist() == [1] * 7 and grid.sum() == 6.0
     stored.write_bytes(b"damaged")
     monkeypatch.setattr(spinteam, "_compile_trampoline", compile_trampoline)

@@ -56,6 +56,7 @@ import numpy as np
 from ...errors import QnnjitError
 from .kernels._buffers import Pool, pooled
 from .kernels._threads import TaskCall, recording
+from .spinteam import SerialCall, SerialSequence
 
 
 @dataclass
@@ -133,6 +134,7 @@ def record(executor, arrays) -> tuple[list[np.ndarray], Binding]:
         live.update(writes)
         live.difference_update(frees)  # their buffers may take later results
     outputs = executor._outputs
+    calls = _sequenced(calls)
     binding = Binding(
         list(executor._input_slots), env, calls, outputs, replayed, reruns, constants, input_steps
     )
@@ -239,6 +241,48 @@ def _laid_out_as(array, recorded: np.ndarray) -> bool:
 
 def _address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
+
+
+def _sequenced(calls: list) -> list:
+    """`calls` with each run of consecutive serial packed calls
+    (`spinteam.SerialCall`) made one call of a `SerialSequence`: one step
+    into compiled code for the run instead of one per call. At one thread
+    that is every call of a replayed run but the first."""
+    out: list = []
+    run: list = []
+    for call, step in [*calls, (None, None)]:
+        if isinstance(call, SerialCall):
+            run.append((call, step))
+            continue
+        out.extend(run if len(run) < 2 else [(_sequence_call(run), run[0][1])])
+        run = []
+        if call is not None:
+            out.append((call, step))
+    return out
+
+
+def _sequence_call(run: list) -> Callable[[], None]:
+    """The calls of `run` ((SerialCall, step) pairs) in one `SerialSequence`;
+    a kernel that raised is run again through its dispatcher, which raises
+    its error as its own step's (`step_error`), and should it not, the rest
+    of the run goes on call by call."""
+    sequence = SerialSequence([call for call, _ in run])
+    steps = [step for _, step in run]
+
+    def call() -> None:
+        failed = sequence()
+        if failed < 0:
+            return
+        for i in range(failed, len(steps)):
+            try:
+                if i == failed:
+                    sequence.calls[i].raise_error()
+                else:
+                    sequence.calls[i]()
+            except Exception as exc:
+                raise step_error(steps[i], exc) from exc
+
+    return call
 
 
 def _replayable(inputs, first, second) -> bool:

@@ -684,7 +684,7 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
     return call
 
 
-def bind_serial(kernel, tasks: int, args: tuple) -> Callable[[], None] | None:
+def bind_serial(kernel, tasks: int, args: tuple) -> SerialCall | None:
     """`kernel(0, tasks, *args)` on the calling thread as a function of no
     arguments, for a caller that repeats it (`replay.py`): the arguments are
     packed once (`packargs`) and passed through the kernel's trampoline, so
@@ -698,14 +698,42 @@ def bind_serial(kernel, tasks: int, args: tuple) -> Callable[[], None] | None:
     packed = pack_arguments(kernel.targetctx, args)
     if packed is None:
         return None
-    run = functools.partial(_call_packed_entry(), trampoline, address, packed.ctypes.data, 0, tasks)
-    return functools.partial(_run_serial, run, kernel, tasks, args, packed)
+    return SerialCall((trampoline, address, packed.ctypes.data, 0, tasks), kernel, args, packed)
 
 
-def _run_serial(run, kernel, tasks: int, args: tuple, packed: np.ndarray) -> None:
-    """`bind_serial`'s call (`packed` rides along to stay alive)."""
-    if run():
-        kernel(0, tasks, *args)  # it raised: again through the dispatcher, which raises
+class SerialCall:
+    """`bind_serial`'s call: the kernel's trampoline on its packed arguments
+    (`row`: trampoline, entry, packed arguments' address, t0, t1)."""
+
+    def __init__(self, row: tuple, kernel, args: tuple, packed: np.ndarray):
+        self.row, self.kernel, self.args = row, kernel, args
+        self.packed = packed  # the bytes `row` points at: kept alive here
+        self._run = functools.partial(_compiled_overload(_call_packed, _PACKED_CALL), *row)
+
+    def __call__(self) -> None:
+        if self._run():
+            self.raise_error()
+
+    def raise_error(self) -> None:
+        """Run the call again through the kernel's dispatcher, which raises the
+        error its packed run reported (kernels are deterministic)."""
+        self.kernel(self.row[3], self.row[4], *self.args)
+
+
+class SerialSequence:
+    """Consecutive `SerialCall`s run by one compiled call (`_run_rows`): one
+    step from Python into compiled code for all of them instead of one per
+    call (a replayed run at one thread is all such calls but its first)."""
+
+    def __init__(self, calls: list[SerialCall]):
+        self.calls = calls
+        self.table = np.array([call.row for call in calls], np.int64)
+        self._run = functools.partial(_compiled_overload(_run_rows, _ROWS), self.table)
+
+    def __call__(self) -> int:
+        """-1, or the index of the first call whose kernel raised (the calls
+        after it have not run)."""
+        return self._run()
 
 
 @njit(cache=True, nogil=True)
@@ -715,13 +743,26 @@ def _call_packed(trampoline, entry, buf, t0, t1):
     return _call_trampoline(trampoline, entry, buf, t0, t1)
 
 
+@njit(cache=True, nogil=True)
+def _run_rows(table):
+    """`_call_packed` of each row of `table` in turn: -1, or the index of the
+    first row whose kernel raised."""
+    for i in range(table.shape[0]):
+        if _call_trampoline(table[i, 0], table[i, 1], table[i, 2], table[i, 3], table[i, 4]):
+            return i
+    return -1
+
+
 @functools.cache
-def _call_packed_entry() -> Callable:
-    """`_call_packed`'s compiled overload, called without the dispatcher's
-    type resolution."""
-    signature = (types.int64,) * 5
-    _call_packed.compile(signature)
-    return _call_packed.overloads[signature].entry_point
+def _compiled_overload(function, signature: tuple) -> Callable:
+    """The compiled overload of `function` for the argument types `signature`,
+    called without the dispatcher's type resolution."""
+    function.compile(signature)
+    return function.overloads[signature].entry_point
+
+
+_PACKED_CALL = (types.int64,) * 5  # `_call_packed`'s signature
+_ROWS = (types.int64[:, ::1],)  # `_run_rows`'
 
 
 def bind_moving_ranges(
