@@ -321,10 +321,11 @@ def test_packed_arguments_are_numbas_own_layout():
     """`packargs.pack_arguments` writes the argument tuple as `_team_call`
     stores it (Numba's own layout) but for the arrays' meminfos and parents,
     which it leaves null: strided, 0-d and 3-d arrays, integers of every
-    width, floats of both, a bool."""
+    width, floats of both, a bool. `data_words` points at the arrays' data
+    addresses in it."""
     from numba.core.typing.typeof import Purpose, typeof
 
-    from qnnjit.backends.cpu.packargs import _layout, pack_arguments
+    from qnnjit.backends.cpu.packargs import _layout, data_words, pack_arguments
 
     args = (
         np.zeros((3, 4), np.int8)[:, ::2], 5, 2.5, np.float32(1.5), True, np.arange(6),
@@ -333,16 +334,21 @@ def test_packed_arguments_are_numbas_own_layout():
     )  # fmt: skip
     entry, trampoline = spinteam._entries(_takes_everything, args)
     assert entry and trampoline
-    want = spinteam._packed_args(_takes_everything, entry, args)
     got = pack_arguments(_takes_everything.targetctx, args)
     size, fields = _layout(_takes_everything.targetctx, typeof(args, Purpose.argument))
-    assert got.size == want.size == size
+    want = np.zeros(size, np.uint8)  # what `_team_call` stores for its helpers
+    spinteam._team_call(spinteam._STATES, 0, 0, entry, 0, args, want)
+    assert got.size == size
     compared = np.ones(size, bool)
     for offset, member in fields:
         if isinstance(member, types.Array):
             compared[offset : offset + 16] = False  # meminfo, parent
             assert not got[offset : offset + 16].any()
     np.testing.assert_array_equal(got[compared], want[compared])
+    words = got[: size // 8 * 8].view(np.int64)
+    arrays = [i for i, a in enumerate(args) if isinstance(a, np.ndarray)]
+    for i, word in data_words(_takes_everything.targetctx, args, arrays):
+        assert words[word] == args[i].__array_interface__["data"][0]
 
 
 @njit(nogil=True)

@@ -25,11 +25,12 @@ import numpy as np
 from numba import types
 from numba.core.typing.typeof import Purpose, typeof
 
-__all__ = ["pack_arguments"]
+__all__ = ["pack_arguments", "data_words"]
 
 # (numba type) -> (size, [(offset, member type)]) of the packed tuple, or None
 _LAYOUTS: dict = {}
 _ARRAY_HEAD = struct.Struct("<qqqqq")  # meminfo, parent, nitems, itemsize, data
+_DATA_OFFSET = 32  # the data address's byte in an array's struct (8-byte aligned)
 
 
 def pack_arguments(context, args: tuple) -> np.ndarray | None:
@@ -44,6 +45,18 @@ def pack_arguments(context, args: tuple) -> np.ndarray | None:
     for (offset, member), value in zip(fields, args):
         _write(packed, offset, member, value)
     return packed
+
+
+def data_words(context, args: tuple, positions) -> list[tuple[int, int]] | None:
+    """(position, index of the int64 word) of the data address of each array
+    `args[position]` in `pack_arguments`' bytes: where a caller writes
+    another array's address to pass that array instead (same type, shape
+    and strides). None where `args` is not packed."""
+    layout = _layout(context, typeof(args, Purpose.argument))
+    if layout is None:
+        return None
+    fields = layout[1]
+    return [(p, (fields[p][0] + _DATA_OFFSET) // 8) for p in positions]
 
 
 def _layout(context, tuple_type):

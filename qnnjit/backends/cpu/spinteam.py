@@ -99,7 +99,7 @@ from numba.extending import intrinsic
 
 from . import llvmjit
 from .drivers import _fetch_add
-from .packargs import pack_arguments
+from .packargs import data_words, pack_arguments
 
 try:  # Numba's C type fingerprint (what its dispatcher keys overloads by)
     from numba._dispatcher import compute_fingerprint
@@ -332,7 +332,7 @@ def _team_call(states, helpers, skip, address, t1, args, buf):
 
 @njit(cache=True, nogil=True)
 def _team_call_work(states, helpers, skip, work, packed, buf):
-    """`_team_call` for arguments already stored (`_packed_args`): copy them
+    """`_team_call` for arguments already packed (`pack_arguments`): copy them
     into `buf`, each range run through the kernel's trampoline. It also sets
     each helper's work from `work` (int64 [1 + helpers, 4]: trampoline,
     entry, t0, t1; row 0 the caller's) before publishing it, and returns 4
@@ -642,7 +642,7 @@ def bind_ranges(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], N
     arguments for a caller that repeats it (`replay.py`): the ranges, the
     helpers and the native entry are found now, and the argument tuple is
     stored, as Numba holds it, in a buffer of the call's own
-    (`_packed_args`), so each call copies bytes into `_ARGS` instead of
+    (`packargs.pack_arguments`), so each call copies bytes into `_ARGS` instead of
     unboxing every argument (`_PackedCall`). `args` must stay alive,
     and its arrays where they are, as long as the function is used."""
     return _bound(kernel, tasks, threads, args, pack=True)
@@ -666,8 +666,8 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
                 _run_python(kernel, helpers, t1, args)
 
         return call
-    if trampoline and pack:
-        packed = _packed_args(kernel, address, args)
+    packed = pack_arguments(kernel.targetctx, args) if trampoline and pack else None
+    if packed is not None:
         return functools.partial(
             _PackedCall(kernel, bounds, helpers, address, trampoline, packed), args
         )
@@ -772,22 +772,22 @@ def bind_moving_ranges(
     are other arrays each time, of the same types, shapes and strides (views
     of a graph input: a new array every run). The function takes the call's
     arguments; it writes their data addresses into its packed copy of `args`
-    (`_data_words`) and hands that over. None where the call has no
-    trampoline or the addresses cannot be found: the caller runs it anew."""
+    (`packargs.data_words`) and hands that over. None where the call has no
+    trampoline or its arguments cannot be packed: the caller runs it anew."""
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
     helpers = _team(len(bounds) - 2)
     address, trampoline = _entries(kernel, args)
     if not (address and trampoline):
         return None
-    packed = _packed_args(kernel, address, args)
-    words = _data_words(kernel, address, args, packed, moving)
-    if words is None:
+    packed = pack_arguments(kernel.targetctx, args)
+    if packed is None:
         return None
+    words = data_words(kernel.targetctx, args, moving)
     return _PackedCall(kernel, bounds, helpers, address, trampoline, packed, words)
 
 
 class _PackedCall:
-    """A bound call's hand-off of its packed arguments (`_packed_args`) to
+    """A bound call's hand-off of its packed arguments (`pack_arguments`) to
     the helpers: `_team_call_work` sets their work (a row each of `work`)
     in compiled code, so a call that goes well does nothing else in Python
     but wake the helpers that sleep, which must get their work first (their
@@ -825,56 +825,6 @@ class _PackedCall:
     def _work(self, i: int, args: tuple) -> tuple:
         """Helper i's `_Helper.work`."""
         return self.address, self.kernel, self.bounds[i + 1], self.bounds[i + 2], args
-
-
-def _data_words(kernel, address: int, args: tuple, packed: np.ndarray, moving) -> list | None:
-    """(position, index of the int64 word in `packed`) of the data address of
-    each array `args[position]`, position in `moving`: the one word that
-    holds that array's address in `packed` and its copy's where `args` is
-    packed again with copies of those arrays (so no other field can be
-    taken for it). None if some array has no such word."""
-    copies = list(args)
-    for position in moving:
-        copies[position] = _twin(args[position])
-        if typeof(copies[position], Purpose.argument) != typeof(args[position], Purpose.argument):
-            return None  # packing the copy would compile `_team_call` once more
-    again = np.zeros_like(packed)
-    _team_call(_STATES, 0, 0, address, 0, tuple(copies), again)
-    size = packed.size // 8 * 8
-    first, second = packed[:size].view(np.int64), again[:size].view(np.int64)
-    words = []
-    for position in moving:
-        found = np.flatnonzero(
-            (first == args[position].__array_interface__["data"][0])
-            & (second == copies[position].__array_interface__["data"][0])
-        )
-        if found.size != 1:
-            return None
-        words.append((position, int(found[0])))
-    return words
-
-
-def _twin(array: np.ndarray) -> np.ndarray:
-    """An array in memory of its own with `array`'s dtype, shape and strides."""
-    span = [(n - 1) * stride for n, stride in zip(array.shape, array.strides)]
-    low = sum(d for d in span if d < 0)
-    size = sum(d for d in span if d > 0) - low + array.itemsize
-    memory = np.empty(size + array.itemsize, np.uint8)
-    offset = -low + (-memory.ctypes.data % array.itemsize)  # aligned as an element
-    return np.ndarray(array.shape, array.dtype, memory, offset, array.strides)
-
-
-def _packed_args(kernel, address: int, args: tuple) -> np.ndarray:
-    """`args` as Numba holds the tuple in memory (what `_team_call` stores in
-    `_ARGS`), in an array of its own: stored by a `_team_call` that runs the
-    kernel on the empty range [0, 0) with no helpers. The arrays' meminfos
-    in it are stale once that call returns; the trampolines that read it
-    pass null ones."""
-    context = kernel.targetctx
-    size = context.get_abi_sizeof(context.get_value_type(typeof(args, Purpose.argument)))
-    packed = np.zeros(size, np.uint8)
-    _team_call(_STATES, 0, 0, address, 0, args, packed)
-    return packed
 
 
 def _skip_sleeping(helpers: list[_Helper]) -> int:
