@@ -692,13 +692,22 @@ def bind_serial(kernel, tasks: int, args: tuple) -> SerialCall | None:
     arguments, kernel prologue included). None where the kernel has no
     trampoline or an argument cannot be packed. `args` must stay alive, and
     its arrays where they are, as long as the function is used."""
+    found = _packed_entry(kernel, args)
+    if found is None:
+        return None
+    address, trampoline, packed = found
+    return SerialCall((trampoline, address, packed.ctypes.data, 0, tasks), kernel, args, packed)
+
+
+def _packed_entry(kernel, args: tuple) -> tuple[int, int, np.ndarray] | None:
+    """(native entry, trampoline, packed arguments) for calling `kernel` on
+    `args` through its trampoline, or None where it has none or an argument
+    cannot be packed."""
     address, trampoline = _entries(kernel, args)
     if not (address and trampoline):
         return None
     packed = pack_arguments(kernel.targetctx, args)
-    if packed is None:
-        return None
-    return SerialCall((trampoline, address, packed.ctypes.data, 0, tasks), kernel, args, packed)
+    return None if packed is None else (address, trampoline, packed)
 
 
 class SerialCall:
@@ -774,16 +783,12 @@ def bind_moving_ranges(
     arguments; it writes their data addresses into its packed copy of `args`
     (`packargs.data_words`) and hands that over. None where the call has no
     trampoline or its arguments cannot be packed: the caller runs it anew."""
+    found = _packed_entry(kernel, args)
+    if found is None:
+        return None
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
-    helpers = _team(len(bounds) - 2)
-    address, trampoline = _entries(kernel, args)
-    if not (address and trampoline):
-        return None
-    packed = pack_arguments(kernel.targetctx, args)
-    if packed is None:
-        return None
     words = data_words(kernel.targetctx, args, moving)
-    return _PackedCall(kernel, bounds, helpers, address, trampoline, packed, words)
+    return _PackedCall(kernel, bounds, _team(len(bounds) - 2), *found, words)
 
 
 class _PackedCall:
