@@ -83,7 +83,14 @@ path, so the bytes are identical. The tile never goes through memory as int32.
   ``requant._fast_post`` does: ``o = (byte ^ oflip) - ooff``, MLAS's
   ``fma(A, rA, fma(B, rB, fixed))`` (``yfirst``: the code is A; ``ratios``
   points at float32 {ry, ro, fixed}), rint, out-of-int32-range -> ``plo``,
-  saturation to [plo, phi].
+  saturation to [plo, phi]. The FMA order is a run-time flag: the stores
+  are emitted once per order, so each computes only its own. ``vcvtps2dq``
+  does the rint and the range check at once (out of range it gives
+  INT32_MIN, which the saturation makes ``plo``). With AVX-512 the codes
+  are stored like "packed"'s, up to 64 bytes a store (codes that can be
+  negative go through the unsigned byte range + 128): at ResNet-18's
+  56x56 residual convs, the per-vector masked byte stores took 29% of the
+  stage's samples.
 """
 
 from __future__ import annotations
@@ -414,30 +421,76 @@ class _Emitter:
                   f"%rq.{what}p{j}, i32 4, {i1} {m}, {fv} zeroinitializer)")  # fmt: skip
             e(f"%rq.zpi{j} = fptosi {fv} %rq.zp{j} to {vec}")
             consts[j] = {w: f"%rq.{w}{j}" for w in ("m", "lo", "hi", "zp", "zpi")}
-        if self.spec.requant == "packed":  # (it reads neither lo nor hi: LLVM drops their loads)
-            self.packed_store(final, consts)
-            return
         for r in range(self.rows):
             e(f"%rq.oo{r} = mul i64 %ep.ldo, {r}")
+        if self.spec.requant == "packed":  # (it reads neither lo nor hi: LLVM drops their loads)
+            self.packed_store(final, consts)
+        elif self.spec.requant == "qadd":
+            # The operand order of the two FMAs is a run-time flag: one copy
+            # of the stores per order, so each computes only its own.
+            if self.spec.lanes == 16:
+                self.qadd_pack_constants()
+            e("br i1 %qa.yfirst, label %qa.yfirst.rows, label %qa.ofirst.rows")
+            for yfirst in (True, False):
+                self.label("qa.yfirst.rows" if yfirst else "qa.ofirst.rows")
+                self.byte_rows(f"%rq{'y' if yfirst else 'o'}", final, consts, yfirst)
+                e("br label %qa.done")
+            self.label("qa.done")
+        else:
+            self.byte_rows("%rq", final, consts)
+
+    def byte_rows(self, tag: str, final: dict, consts: dict, yfirst: bool | None = None) -> None:
+        """Each row's vectors requantized (qadd's when `yfirst` is not None)
+        and stored as bytes: with AVX-512, a qadd row's codes are packed to
+        one store per group of up to 4 vectors (`pack_store`), else one
+        masked store per vector."""
+        e, lanes, vec = self.emit, self.spec.lanes, self.vec
+        for r in range(self.rows):
+            codes = {}
             for j in range(self.nj):
-                k, t = consts[j], f"%rq{r}_{j}"
+                k, t = consts[j], f"{tag}{r}_{j}"
                 e(f"{t}.oo = add i64 %rq.oo{r}, {j * lanes}")  # out (and other) offset
-                if self.spec.requant == "qadd":
-                    requantize_code(e, t, lanes, final[r, j], k)
-                    self.qadd(t, j)
-                    e(f"{t}.yb = trunc {vec} {t}.zi to <{lanes} x i8>")
-                else:
+                if yfirst is None:
                     requantize_sums_code(e, t, lanes, final[r, j], k)
-                    e(f"{t}.yb = trunc {vec} {t}.yi to <{lanes} x i8>")
+                    codes[j] = f"{t}.yi"
+                    continue
+                requantize_code(e, t, lanes, final[r, j], k)
+                self.qadd(t, j, yfirst)
+                codes[j] = f"{t}.zi"
+            if yfirst is not None and lanes == 16:
+                for g, js in enumerate(self.groups()):
+                    self.pack_store(f"{tag}{r}_g{g}", r, g, js, codes, lambda h: "%qa.flip16",
+                                    ("%qa.lo8v", "%qa.hi8v"), "%qa.flip8v")  # fmt: skip
+                continue
+            for j, code in codes.items():
+                t = f"{tag}{r}_{j}"
+                e(f"{t}.yb = trunc {vec} {code} to <{lanes} x i8>")
                 e(f"{t}.op = getelementptr i8, ptr %ep.op, i64 {t}.oo")
                 e(f"call void @llvm.masked.store.v{lanes}i8.p0(<{lanes} x i8> {t}.yb, "
-                  f"ptr {t}.op, i32 1, {i1} %mask{j})")  # fmt: skip
+                  f"ptr {t}.op, i32 1, <{lanes} x i1> %mask{j})")  # fmt: skip
+
+    def groups(self) -> list[list[int]]:
+        """The row's vectors by store group: up to 4 (64 columns) each."""
+        return [list(range(j0, min(j0 + 4, self.nj))) for j0 in range(0, self.nj, 4)]
+
+    def group_masks(self) -> None:
+        """%pk.mask{g}: group g's byte mask, its columns 64 * g + i < nvalid."""
+        e = self.emit
+        for g, js in enumerate(self.groups()):
+            e(f"%pk.nv{g} = sub i64 %nvalid, {16 * js[0]}")
+            e(f"%pk.nvh{g} = call i64 @llvm.smin.i64(i64 %pk.nv{g}, i64 64)")
+            e(f"%pk.nvc{g} = call i64 @llvm.smax.i64(i64 %pk.nvh{g}, i64 1)")
+            e(f"%pk.sh{g} = sub i64 64, %pk.nvc{g}")
+            e(f"%pk.ones{g} = lshr i64 -1, %pk.sh{g}")
+            e(f"%pk.any{g} = icmp sgt i64 %pk.nv{g}, 0")
+            e(f"%pk.mb{g} = select i1 %pk.any{g}, i64 %pk.ones{g}, i64 0")
+            e(f"%pk.mask{g} = bitcast i64 %pk.mb{g} to <64 x i1>")
 
     def packed_store(self, final: dict, consts: dict) -> None:
         """The "packed" kind's store (REQUANT_DOC): per row, each group of up to
         four vectors (64 columns) becomes one 64-byte store."""
         e = self.emit
-        groups = [list(range(j0, min(j0 + 4, self.nj))) for j0 in range(0, self.nj, 4)]
+        groups = self.groups()
         e("%pk.flip32 = trunc i64 %ep.yflip to i32")
         self.splat("%pk.flip", "i32", "%pk.flip32")
         zp16 = {}  # per pair of vectors: (zp + flip) as the pack leaves the pair's i16
@@ -448,15 +501,7 @@ class _Emitter:
                 e(f"%pk.zp{g}_{h} = call <32 x i16> @llvm.x86.avx512.packssdw.512("
                   f"<16 x i32> %pk.zpf{a}, <16 x i32> %pk.zpf{b})")  # fmt: skip
                 zp16[g, h] = f"%pk.zp{g}_{h}"
-            # the group's byte mask: columns 16 * js[0] + i < nvalid
-            e(f"%pk.nv{g} = sub i64 %nvalid, {16 * js[0]}")
-            e(f"%pk.nvh{g} = call i64 @llvm.smin.i64(i64 %pk.nv{g}, i64 64)")
-            e(f"%pk.nvc{g} = call i64 @llvm.smax.i64(i64 %pk.nvh{g}, i64 1)")
-            e(f"%pk.sh{g} = sub i64 64, %pk.nvc{g}")
-            e(f"%pk.ones{g} = lshr i64 -1, %pk.sh{g}")
-            e(f"%pk.any{g} = icmp sgt i64 %pk.nv{g}, 0")
-            e(f"%pk.mb{g} = select i1 %pk.any{g}, i64 %pk.ones{g}, i64 0")
-            e(f"%pk.mask{g} = bitcast i64 %pk.mb{g} to <64 x i1>")
+        self.group_masks()
         for bound in ("ylo", "yhi", "yflip"):
             e(f"%pk.{bound}8 = trunc i64 %ep.{bound} to i8")
             self.splat(f"%pk.{bound}v", "i8", f"%pk.{bound}8", lanes=64)
@@ -466,29 +511,33 @@ class _Emitter:
         e("br i1 %pk.clamp, label %pk.clamped, label %pk.saturated")
         for clamp in (False, True):
             self.label("pk.clamped" if clamp else "pk.saturated")
+            bounds = ("%pk.ylov", "%pk.yhiv") if clamp else None
             for r in range(self.rows):
                 for g, js in enumerate(groups):
-                    self.packed_row_group(f"%pk{int(clamp)}_{r}_{g}", r, g, js, final, consts,
-                                          zp16, clamp)  # fmt: skip
+                    t, codes = f"%pk{int(clamp)}_{r}_{g}", {}
+                    for j in js:  # the rounded scaled sums (int32), before the zero point
+                        _scaled_sums(e, f"{t}_{j}", 16, final[r, j], consts[j])
+                        e(f"{t}_{j}.ri = call <16 x i32> {_CVT_RN[16][0]}(<16 x float> "
+                          f"{t}_{j}.v{_CVT_RN[16][1]})")  # fmt: skip
+                        codes[j] = f"{t}_{j}.ri"
+                    self.pack_store(t, r, g, js, codes, lambda h, g=g: zp16[g, h], bounds,
+                                    "%pk.yflipv")  # fmt: skip
             e("br label %pk.done")
         self.label("pk.done")
 
-    def packed_row_group(self, t, r, g, js, final, consts, zp16, clamp) -> None:
-        """Row r's columns of vectors `js`: requantized, packed to bytes with
-        saturation, stored as one masked store of 16, 32 or 64 bytes."""
+    def pack_store(self, t, r, g, js, codes, add16, bounds, flip) -> None:
+        """Row r's int32 vectors `codes[j]` (j in `js`, group g) as one masked
+        store of 16, 32 or 64 bytes: packed to int16 with saturation, plus
+        the int16 vector `add16(h)` (pair h's) with saturation, to bytes with
+        unsigned saturation, back in column order, clamped to the byte
+        vectors `bounds` (lo, hi; None: no clamp), `^ flip`."""
         e = self.emit
-        codes = {}
-        for j in js:  # the rounded scaled sums (int32), before the zero point
-            tj = f"{t}_{j}"
-            _scaled_sums(e, tj, 16, final[r, j], consts[j])
-            e(f"{tj}.ri = call <16 x i32> {_CVT_RN[16][0]}(<16 x float> {tj}.v{_CVT_RN[16][1]})")
-            codes[j] = f"{tj}.ri"
         halves = []
         for h, (a, b) in enumerate(_pack_pairs(js)):
             e(f"{t}.p{h} = call <32 x i16> @llvm.x86.avx512.packssdw.512("
               f"<16 x i32> {codes[a]}, <16 x i32> {codes[b]})")  # fmt: skip
             e(f"{t}.z{h} = call <32 x i16> @llvm.sadd.sat.v32i16(<32 x i16> {t}.p{h}, "
-              f"<32 x i16> {zp16[g, h]})")  # fmt: skip
+              f"<32 x i16> {add16(h)})")  # fmt: skip
             halves.append(f"{t}.z{h}")
         high = halves[1] if len(halves) > 1 else halves[0]
         e(f"{t}.u = call <64 x i8> @llvm.x86.avx512.packuswb.512(<32 x i16> {halves[0]}, "
@@ -499,11 +548,11 @@ class _Emitter:
         e(f"{t}.od = shufflevector <16 x i32> {t}.ud, <16 x i32> poison, {_TRANSPOSE_4X4}")
         e(f"{t}.ob = bitcast <16 x i32> {t}.od to <64 x i8>")
         y = f"{t}.ob"
-        if clamp:
-            e(f"{t}.c1 = call <64 x i8> @llvm.umax.v64i8(<64 x i8> {y}, <64 x i8> %pk.ylov)")
-            e(f"{t}.c2 = call <64 x i8> @llvm.umin.v64i8(<64 x i8> {t}.c1, <64 x i8> %pk.yhiv)")
+        if bounds is not None:
+            e(f"{t}.c1 = call <64 x i8> @llvm.umax.v64i8(<64 x i8> {y}, <64 x i8> {bounds[0]})")
+            e(f"{t}.c2 = call <64 x i8> @llvm.umin.v64i8(<64 x i8> {t}.c1, <64 x i8> {bounds[1]})")
             y = f"{t}.c2"
-        e(f"{t}.yb = xor <64 x i8> {y}, %pk.yflipv")
+        e(f"{t}.yb = xor <64 x i8> {y}, {flip}")
         e(f"{t}.oo = mul i64 %ep.ldo, {r}")
         e(f"{t}.ooj = add i64 {t}.oo, {16 * js[0]}")
         e(f"{t}.op = getelementptr i8, ptr %ep.op, i64 {t}.ooj")
@@ -539,21 +588,34 @@ class _Emitter:
             e(f"%qa.{name}32 = trunc i64 %ep.{name} to i32")
             self.splat(f"%qa.{name}", "i32", f"%qa.{name}32")
         for name in ("plo", "phi"):
-            e(f"%qa.{name}f = sitofp i64 %ep.{name} to float")
-            self.splat(f"%qa.{name}", "float", f"%qa.{name}f")
-        e("%qa.plo32 = trunc i64 %ep.plo to i32")
-        self.splat("%qa.ploi", "i32", "%qa.plo32")
+            e(f"%qa.{name}32 = trunc i64 %ep.{name} to i32")
+            self.splat(f"%qa.{name}i", "i32", f"%qa.{name}32")
         e("%qa.rp = inttoptr i64 %ep.ratios to ptr")
         for k, name in enumerate(("ry", "ro", "fixed")):
             e(f"%qa.{name}p = getelementptr float, ptr %qa.rp, i64 {k}")
             e(f"%qa.{name}s = load float, ptr %qa.{name}p, align 4")
             self.splat(f"%qa.{name}", "float", f"%qa.{name}s")
-        self.splat("%qa.lo31", "float", "-2147483648.0")  # 0xC1E0000000000000
-        self.splat("%qa.hi31", "float", "2147483648.0")
 
-    def qadd(self, t: str, j: int) -> None:
+    def qadd_pack_constants(self) -> None:
+        """The AVX-512 qadd store's constants (`pack_store`): the codes, in
+        [plo, phi], go through the unsigned byte range + flip: 128 where they
+        can be negative (signed codes), else 0; bounds plo, phi + flip."""
+        e = self.emit
+        self.group_masks()
+        e("%qa.neg = icmp slt i64 %ep.plo, 0")
+        e("%qa.flip = select i1 %qa.neg, i64 128, i64 0")
+        e("%qa.flipi16 = trunc i64 %qa.flip to i16")
+        self.splat("%qa.flip16", "i16", "%qa.flipi16", lanes=32)
+        e("%qa.lof = add i64 %ep.plo, %qa.flip")
+        e("%qa.hif = add i64 %ep.phi, %qa.flip")
+        for name, value in (("flip8", "%qa.flip"), ("lo8", "%qa.lof"), ("hi8", "%qa.hif")):
+            e(f"%qa.{name} = trunc i64 {value} to i8")
+            self.splat(f"%qa.{name}v", "i8", f"%qa.{name}", lanes=64)
+
+    def qadd(self, t: str, j: int, yfirst: bool) -> None:
         """{t}.zi = the qadd of the code {t}.y with the other operand's byte at
-        the same place, as `requant._fast_post` computes it."""
+        the same place, as `requant._fast_post` computes it, the FMAs in the
+        order `yfirst` says."""
         e, lanes = self.emit, self.spec.lanes
         fv, iv, i1 = f"<{lanes} x float>", f"<{lanes} x i32>", f"<{lanes} x i1>"
         fma = f"@llvm.fma.v{lanes}f32"
@@ -565,22 +627,18 @@ class _Emitter:
         e(f"{t}.as = sub {iv} {t}.ax, %qa.ooff")
         e(f"{t}.of = sitofp {iv} {t}.as to {fv}")
         # yfirst: fma(y, ry, fma(o, ro, fixed)); else fma(o, ro, fma(y, ry, fixed))
-        e(f"{t}.in1 = call {fv} {fma}({fv} {t}.of, {fv} %qa.ro, {fv} %qa.fixed)")
-        e(f"{t}.t1 = call {fv} {fma}({fv} {t}.y, {fv} %qa.ry, {fv} {t}.in1)")
-        e(f"{t}.in2 = call {fv} {fma}({fv} {t}.y, {fv} %qa.ry, {fv} %qa.fixed)")
-        e(f"{t}.t2 = call {fv} {fma}({fv} {t}.of, {fv} %qa.ro, {fv} {t}.in2)")
-        e(f"{t}.t = select i1 %qa.yfirst, {fv} {t}.t1, {fv} {t}.t2")
-        e(f"{t}.q = call {fv} @llvm.rint.v{lanes}f32({fv} {t}.t)")
-        # cvtps2dq's range (NaN and out of range -> the low bound), then saturation
-        e(f"{t}.okl = fcmp oge {fv} {t}.q, %qa.lo31")
-        e(f"{t}.okh = fcmp olt {fv} {t}.q, %qa.hi31")
-        e(f"{t}.ok = and {i1} {t}.okl, {t}.okh")
-        e(f"{t}.qgt = fcmp ogt {fv} {t}.q, %qa.plo")
-        e(f"{t}.q1 = select {i1} {t}.qgt, {fv} {t}.q, {fv} %qa.plo")
-        e(f"{t}.qlt = fcmp olt {fv} {t}.q1, %qa.phi")
-        e(f"{t}.q2 = select {i1} {t}.qlt, {fv} {t}.q1, {fv} %qa.phi")
-        e(f"{t}.qi = fptosi {fv} {t}.q2 to {iv}")
-        e(f"{t}.zi = select {i1} {t}.ok, {iv} {t}.qi, {iv} %qa.ploi")
+        first, second = ((f"{t}.of", "%qa.ro"), (f"{t}.y", "%qa.ry"))[:: 1 if yfirst else -1]
+        e(f"{t}.in = call {fv} {fma}({fv} {first[0]}, {fv} {first[1]}, {fv} %qa.fixed)")
+        e(f"{t}.t = call {fv} {fma}({fv} {second[0]}, {fv} {second[1]}, {fv} {t}.in)")
+        # rint and the conversion in one: out of int32's range (or NaN) the
+        # conversion gives INT32_MIN, which the saturation turns into plo, as
+        # the reference does; in range it is exact, and so is the clamp.
+        cvt, extra = _CVT_RN[lanes]
+        e(f"{t}.qi = call {iv} {cvt}({fv} {t}.t{extra})")
+        e(f"{t}.qgt = icmp sgt {iv} {t}.qi, %qa.ploi")
+        e(f"{t}.q1 = select {i1} {t}.qgt, {iv} {t}.qi, {iv} %qa.ploi")
+        e(f"{t}.qlt = icmp slt {iv} {t}.q1, %qa.phii")
+        e(f"{t}.zi = select {i1} {t}.qlt, {iv} {t}.q1, {iv} %qa.phii")
 
 
 def _store_bytes(vectors: int) -> int:
@@ -685,5 +743,6 @@ def ukernel_ir(spec: UkernelSpec, rows: int | None = None) -> str:
     counts = range(1, spec.mr + 1) if rows is None else (rows,)
     funcs = [_Emitter(spec, r).function() for r in counts]
     decl = _declarations(spec.isa) + (requant_declarations(spec.lanes) if spec.requant else "")
-    decl += _PACKED_DECL if spec.requant == "packed" else ""
+    packs = spec.requant == "packed" or (spec.requant == "qadd" and spec.lanes == 16)
+    decl += _PACKED_DECL if packs else ""
     return decl + "\n" + "\n".join(funcs)
