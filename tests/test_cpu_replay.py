@@ -440,7 +440,7 @@ def _fail_rows(t0, t1, a):
 
 def test_consecutive_serial_calls_run_as_one_sequence():
     """A recorded run's consecutive serial packed calls become one call
-    (`SerialSequence`); a kernel that raises in the middle raises its own
+    (`CallSequence`); a kernel that raises in the middle raises its own
     step's error: the calls before it ran, those after it did not."""
     from qnnjit.backends.cpu import spinteam
 

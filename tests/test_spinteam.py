@@ -381,3 +381,62 @@ def test_trampolines_persist_in_the_kernel_cache(tmp_path, monkeypatch):
     stored.write_bytes(b"damaged")
     monkeypatch.setattr(spinteam, "_compile_trampoline", compile_trampoline)
     assert spinteam._trampoline(context, packed_type) != 0
+
+
+@njit(nogil=True)
+def _add_then_check(t0, t1, hits, limit):
+    for t in range(t0, t1):
+        hits[t] += 1
+        if hits[t] > limit:
+            raise ValueError("past the limit")
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_sequence_runs_serial_and_team_calls_in_order(threads):
+    """`CallSequence` runs packed serial and team calls in one compiled call,
+    in order (each reads what the one before wrote), also when the helpers
+    sleep when it starts (the first team call is handed over from Python)
+    and across repeats."""
+    a, b = np.zeros(9, np.int64), np.zeros(9, np.int64)
+    calls = [
+        spinteam.bind_ranges(_add_then_check, 9, threads, (a, 100)),
+        spinteam.bind_serial(_copy_scaled, 9, (a, b, 2)),
+        spinteam.bind_ranges(_add_then_check, 9, threads, (b, 100)),
+    ]
+    assert [type(c).__name__ for c in calls] == ["TeamCall", "SerialCall", "TeamCall"]
+    sequence = spinteam.CallSequence(calls)
+    for k in range(1, 4):
+        if k == 2:
+            time.sleep(spinteam.SPIN_SECONDS * 20)  # long past the spin: the helpers sleep
+            assert all(h.asleep for h in spinteam._TEAM[: threads - 1])
+            # the compiled loop leaves a team call with sleeping helpers to
+            # Python (a GIL-free bump would not wake them), and runs nothing
+            assert sequence._run(0) == 8 * 0 + 0 and a.tolist() == [1] * 9
+        assert sequence() == -1
+        assert a.tolist() == [k] * 9 and b.tolist() == [2 * k + 1] * 9
+
+
+@njit(nogil=True)
+def _copy_scaled(t0, t1, src, dst, scale):
+    for t in range(t0, t1):
+        dst[t] = src[t] * scale
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_sequence_stops_at_a_team_call_that_raised(threads):
+    """A team call whose kernel raises on some range (a helper's or the
+    caller's) stops the sequence there: its index comes back, `raise_error`
+    raises the kernel's own error, and the calls after it have not run."""
+    a, b = np.zeros(9, np.int64), np.zeros(9, np.int64)
+    a[8] = 5  # the last range, a helper's, goes past the limit first
+    sequence = spinteam.CallSequence(
+        [
+            spinteam.bind_ranges(_add_then_check, 9, threads, (a, 6)),
+            spinteam.bind_ranges(_add_then_check, 9, threads, (b, 100)),
+        ]
+    )
+    assert sequence() == -1
+    assert sequence() == 0
+    with pytest.raises(ValueError, match="past the limit"):
+        sequence.raise_error(0)
+    assert b.tolist() == [1] * 9  # once, by the first run only

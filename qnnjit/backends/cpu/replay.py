@@ -56,7 +56,7 @@ import numpy as np
 from ...errors import QnnjitError
 from .kernels._buffers import Pool, pooled
 from .kernels._threads import TaskCall, recording
-from .spinteam import SerialCall, SerialSequence
+from .spinteam import CallSequence, SerialCall, TeamCall
 
 
 @dataclass
@@ -244,14 +244,14 @@ def _address(array: np.ndarray) -> int:
 
 
 def _sequenced(calls: list) -> list:
-    """`calls` with each run of consecutive serial packed calls
-    (`spinteam.SerialCall`) made one call of a `SerialSequence`: one step
-    into compiled code for the run instead of one per call. At one thread
-    that is every call of a replayed run but the first."""
+    """`calls` with each run of consecutive packed calls (`spinteam.SerialCall`,
+    `spinteam.TeamCall`) made one call of a `CallSequence`: one step into
+    compiled code for the run instead of one per call. At one thread that is
+    every call of a replayed run but the first."""
     out: list = []
     run: list = []
     for call, step in [*calls, (None, None)]:
-        if isinstance(call, SerialCall):
+        if isinstance(call, (SerialCall, TeamCall)):
             run.append((call, step))
             continue
         out.extend(run if len(run) < 2 else [(_sequence_call(run), run[0][1])])
@@ -262,11 +262,10 @@ def _sequenced(calls: list) -> list:
 
 
 def _sequence_call(run: list) -> Callable[[], None]:
-    """The calls of `run` ((SerialCall, step) pairs) in one `SerialSequence`;
-    a kernel that raised is run again through its dispatcher, which raises
-    its error as its own step's (`step_error`), and should it not, the rest
-    of the run goes on call by call."""
-    sequence = SerialSequence([call for call, _ in run])
+    """The calls of `run` ((call, step) pairs) in one `CallSequence`; a
+    kernel's error is raised as its own step's (`step_error`), and should
+    its re-run not raise it, the rest of the run goes on call by call."""
+    sequence = CallSequence([call for call, _ in run])
     steps = [step for _, step in run]
 
     def call() -> None:
@@ -276,7 +275,7 @@ def _sequence_call(run: list) -> Callable[[], None]:
         for i in range(failed, len(steps)):
             try:
                 if i == failed:
-                    sequence.calls[i].raise_error()
+                    sequence.raise_error(i)
                 else:
                     sequence.calls[i]()
             except Exception as exc:

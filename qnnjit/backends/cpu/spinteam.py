@@ -44,7 +44,12 @@ run, alternating models in one process). That call also writes the
 helpers' work (trampoline, entry, range) and checks their errors in
 compiled code, so a call that goes well does nothing in Python but wake
 helpers that sleep (`_PackedCall`): a trivial kernel's hand-off 2.2 -> 1.1
-us; MobileNetV2 at 2 threads 1.31 -> 1.25 ms.
+us; MobileNetV2 at 2 threads 1.31 -> 1.25 ms. Consecutive such calls, and
+the serial packed calls between them, run in one compiled loop
+(`CallSequence`, `_run_calls`), which comes back to Python only where a
+helper sleeps, is late or raised: the 1-2 us of Python around each
+hand-off are gone (MobileNetV2 at 2 threads, same process, alternating:
+1.33-1.36 -> 1.27-1.29 ms).
 
 Taking over. A helper that has not started its range when the caller has
 finished its own (descheduled by another process on a busy machine, or
@@ -668,9 +673,7 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
         return call
     packed = pack_arguments(kernel.targetctx, args) if trampoline and pack else None
     if packed is not None:
-        return functools.partial(
-            _PackedCall(kernel, bounds, helpers, address, trampoline, packed), args
-        )
+        return TeamCall(_PackedCall(kernel, bounds, helpers, address, trampoline, packed), args)
 
     def hand_off(skip: int) -> int:
         return _team_call(_STATES, count, skip, address, t1, args, _ARGS)
@@ -729,20 +732,119 @@ class SerialCall:
         self.kernel(self.row[3], self.row[4], *self.args)
 
 
-class SerialSequence:
-    """Consecutive `SerialCall`s run by one compiled call (`_run_rows`): one
-    step from Python into compiled code for all of them instead of one per
-    call (a replayed run at one thread is all such calls but its first)."""
+class TeamCall:
+    """`bind_ranges`' call of a kernel split over the team, its arguments
+    packed (`_PackedCall` on `args`): a row of a `CallSequence`."""
 
-    def __init__(self, calls: list[SerialCall]):
+    def __init__(self, packed: _PackedCall, args: tuple):
+        self.packed, self.args = packed, args
+
+    def __call__(self) -> None:
+        self.packed(self.args)
+
+
+class CallSequence:
+    """Consecutive `SerialCall`s and `TeamCall`s run by one compiled call
+    (`_run_calls`): one step from Python into compiled code for all of them
+    instead of one per call. At one thread that is every call of a replayed
+    run but the first; at two, MobileNetV2's 36 parallel calls took 1-2 us
+    each in Python around the hand-off (`_team_call_work` dispatched from
+    Python), 51 us of a 1.22 ms run. A team call comes back to Python only
+    when a helper sleeps (its work is handed over from Python, which wakes
+    it: the first of a run after a pause), is late (waited for from Python),
+    or raised."""
+
+    def __init__(self, calls: list):
         self.calls = calls
-        self.table = np.array([call.row for call in calls], np.int64)
-        self._run = functools.partial(_compiled_overload(_run_rows, _ROWS), self.table)
+        self.error: BaseException | None = None
+        teams = [call.packed for call in calls if isinstance(call, TeamCall)]
+        # team calls' work rows one under the other, packed arguments 64-byte aligned
+        self.works = np.concatenate([t.work for t in teams] or [np.zeros((1, 4), np.int64)])
+        starts = np.cumsum([0] + [-(-t.packed.size // 64) * 64 for t in teams])
+        self.packs = np.zeros(max(int(starts[-1]), 1), np.uint8)
+        rows, w0, teams_seen = [], 0, 0
+        for call in calls:
+            if isinstance(call, SerialCall):
+                rows.append((0, *call.row))
+                continue
+            team, p0 = call.packed, int(starts[teams_seen])
+            self.packs[p0 : p0 + team.packed.size] = team.packed
+            rows.append((len(team.helpers), w0, p0, p0 + team.packed.size, 0, 0))
+            w0, teams_seen = w0 + len(team.work), teams_seen + 1
+        self.table = np.array(rows, np.int64)
+        self.locked = teams_seen > 0
+        self._run = functools.partial(
+            _compiled_overload(_run_calls, _CALLS), self.table, self.works, self.packs, _STATES,
+            _ARGS,
+        )  # fmt: skip
 
     def __call__(self) -> int:
         """-1, or the index of the first call whose kernel raised (the calls
-        after it have not run)."""
-        return self._run()
+        after it have not run; `raise_error` raises its error)."""
+        if not self.locked:  # serial calls only
+            stopped = self._run(0)
+            return stopped if stopped < 0 else stopped // 8
+        with _LOCK_CALL:
+            return self._run_team_rows()
+
+    def _run_team_rows(self) -> int:
+        """`__call__` with team rows (`_LOCK_CALL` held)."""
+        start = 0
+        while True:
+            stopped = self._run(start)
+            if stopped < 0:
+                return -1
+            i, status = divmod(stopped, 8)
+            call = self.calls[i]
+            if isinstance(call, SerialCall):
+                return i
+            if status == 0:  # a helper sleeps: the call from Python
+                status = call.packed.run(call.args)
+            if status & ~2:
+                try:
+                    call.packed.finish(call.args, status)
+                except BaseException as exc:  # noqa: BLE001 - raised by `raise_error`
+                    self.error = exc
+                return i
+            if status:
+                call.packed.finish(call.args, status)
+            start = i + 1
+
+    def raise_error(self, i: int) -> None:
+        """Raise the error of call `i`, which `__call__` reported (for a
+        serial call, by running it again through the kernel's dispatcher;
+        a team call's was raised already and kept)."""
+        call, error = self.calls[i], self.error
+        if isinstance(call, SerialCall):
+            call.raise_error()
+        elif error is not None:
+            self.error = None
+            raise error
+
+
+@njit(cache=True, nogil=True)
+def _run_calls(table, works, packs, states, buf, start):
+    """Run rows `start`.. of a `CallSequence`'s `table`: (0, a `SerialCall`'s
+    row) or (helpers, first row in `works`, packed arguments' bytes
+    [p0, p1) in `packs`, 0, 0). -1 when all ran, else 8 * i + status where
+    row i stopped the run: status 0, a team row not run because a helper
+    sleeps; 1, a serial row whose kernel raised; a team row's
+    `_team_call_work` status (it ran)."""
+    for i in range(start, table.shape[0]):
+        helpers = table[i, 0]
+        if helpers == 0:
+            if _call_trampoline(table[i, 1], table[i, 2], table[i, 3], table[i, 4], table[i, 5]):
+                return 8 * i + 1
+            continue
+        for h in range(helpers):
+            if _load_acquire(states[h], _SLEEPING) != 0:
+                return 8 * i
+        w0, p0, p1 = table[i, 1], table[i, 2], table[i, 3]
+        work, packed = works[w0 : w0 + helpers + 1], packs[p0:p1]
+        status = _team_call_work(states, helpers, 0, work, packed, buf)
+        if status:
+            return 8 * i + status
+    return -1
 
 
 @njit(cache=True, nogil=True)
@@ -750,16 +852,6 @@ def _call_packed(trampoline, entry, buf, t0, t1):
     """Run [t0, t1) of the kernel at `entry` on the arguments packed at `buf`
     through its trampoline: 1 if it raised, else 0."""
     return _call_trampoline(trampoline, entry, buf, t0, t1)
-
-
-@njit(cache=True, nogil=True)
-def _run_rows(table):
-    """`_call_packed` of each row of `table` in turn: -1, or the index of the
-    first row whose kernel raised."""
-    for i in range(table.shape[0]):
-        if _call_trampoline(table[i, 0], table[i, 1], table[i, 2], table[i, 3], table[i, 4]):
-            return i
-    return -1
 
 
 @functools.cache
@@ -771,7 +863,10 @@ def _compiled_overload(function, signature: tuple) -> Callable:
 
 
 _PACKED_CALL = (types.int64,) * 5  # `_call_packed`'s signature
-_ROWS = (types.int64[:, ::1],)  # `_run_rows`'
+_CALLS = (  # `_run_calls`'
+    types.int64[:, ::1], types.int64[:, ::1], types.uint8[::1], types.int64[:, ::1],
+    types.uint8[::1], types.int64,
+)  # fmt: skip
 
 
 def bind_moving_ranges(
@@ -812,20 +907,28 @@ class _PackedCall:
         """Run the call on `args` (those `packed` holds, as Python objects:
         for the Python paths, an error's re-run)."""
         with _LOCK_CALL:
-            for position, word in self.words:
-                self.cells[word] = args[position].__array_interface__["data"][0]
-            skip = 0
-            for i, h in enumerate(self.helpers):
-                if h.asleep:
-                    h.assign(self._work(i, args), self.trampoline)
-                    if h.bump_if_sleeping():
-                        skip |= 1 << i
-            count = len(self.helpers)
-            status = _team_call_work(_STATES, count, skip, self.work, self.packed, _ARGS)
+            status = self.run(args)
             if status:
-                for i, h in enumerate(self.helpers):
-                    h.work = self._work(i, args)
-                _finish(self.kernel, self.helpers, self.bounds[1], args, status)
+                self.finish(args, status)
+
+    def run(self, args: tuple) -> int:
+        """The hand-off (`_LOCK_CALL` held): `_team_call_work`'s status."""
+        for position, word in self.words:
+            self.cells[word] = args[position].__array_interface__["data"][0]
+        skip = 0
+        for i, h in enumerate(self.helpers):
+            if h.asleep:
+                h.assign(self._work(i, args), self.trampoline)
+                if h.bump_if_sleeping():
+                    skip |= 1 << i
+        return _team_call_work(_STATES, len(self.helpers), skip, self.work, self.packed, _ARGS)
+
+    def finish(self, args: tuple, status: int) -> None:
+        """After a hand-off with a nonzero `status` (`_LOCK_CALL` held): wait
+        for late helpers, raise errors (`_finish`)."""
+        for i, h in enumerate(self.helpers):
+            h.work = self._work(i, args)
+        _finish(self.kernel, self.helpers, self.bounds[1], args, status)
 
     def _work(self, i: int, args: tuple) -> tuple:
         """Helper i's `_Helper.work`."""
