@@ -307,11 +307,16 @@ def _helper(root: Path) -> None:
 
     with open(root / "graph.pkl", "rb") as f:
         graph = pickle.load(f)
+    from . import spinteam
     from .executor import CpuExecutor
 
     executor = CpuExecutor(graph, num_threads=job["num_threads"], warmup=False)
     share_caches()
     _SESSION = _Session(root, "helper", parent_running)
+    try:  # needed by the parent only once its warm-up run ends: first here
+        spinteam.compile_sequence_loop(job["num_threads"])
+    finally:
+        _SESSION.release()
     for step in reversed(executor.steps):
         parent_running()
         args = [_zeros_like(v) for v in step.inputs]
