@@ -9,7 +9,8 @@ stores), a row count that leaves a partial row tile, and a K of several KC
 blocks (the last one requantizes, on top of the sums stored by the others).
 The values reach the edges of the formulas: biases that wrap int32,
 multipliers that clamp, both qadd operand orders (they round differently),
-and qadd ratios so large that the sum leaves int32 (-> the low bound)."""
+and qadd ratios so large that the sum leaves int32 (-> the low bound), and
+qadd output bounds narrowed by a clamp (signed ones below and above 0)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,10 @@ def _epilogue(rng, post: str, signed_out: bool, n: int = N, clamp: str = "none",
         sc_i[rq.I_POST] = rq.P_QADD
         sc_i[rq.I_YFIRST] = int(post != "qadd_other_first")
         sc_i[rq.I_OFLIP], sc_i[rq.I_OOFF] = (0x80, 128) if signed_out else (0, 0)
-        sc_i[rq.I_PLO], sc_i[rq.I_PHI] = qmin, qmax
+        sc_i[rq.I_PLO], sc_i[rq.I_PHI] = {  # the add's output bounds, narrowed by a clamp
+            "qadd_clamped": (qmin + 9, qmax - 17),  # signed: still negative, packed + 128
+            "qadd_relu": (5, qmax),  # signed too: only codes >= 0, packed as they are
+        }.get(post, (qmin, qmax))
         ratio = 1e12 if post == "qadd_overflow" else 0.73
         sc_f[rq.F_RY], sc_f[rq.F_RO] = np.float32(ratio), np.float32(1.37)
         sc_f[rq.F_FIXED] = np.float32(-0.5 * qmin + 0.25)
@@ -84,7 +88,9 @@ def _epilogue(rng, post: str, signed_out: bool, n: int = N, clamp: str = "none",
 
 
 @pytest.mark.parametrize("isa", SIMD)
-@pytest.mark.parametrize("post", ["plain", "qadd", "qadd_other_first", "qadd_overflow"])
+@pytest.mark.parametrize(
+    "post", ["plain", "qadd", "qadd_other_first", "qadd_overflow", "qadd_clamped", "qadd_relu"]
+)
 @pytest.mark.parametrize("signed_out", [False, True])
 def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_out, monkeypatch):
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)

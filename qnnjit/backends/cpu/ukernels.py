@@ -455,8 +455,7 @@ class _Emitter:
                     codes[j] = f"{t}.yi"
                     continue
                 requantize_code(e, t, lanes, final[r, j], k)
-                self.qadd(t, j, yfirst)
-                codes[j] = f"{t}.zi"
+                codes[j] = self.qadd(t, j, yfirst)
             if yfirst is not None and lanes == 16:
                 for g, js in enumerate(self.groups()):
                     self.pack_store(f"{tag}{r}_g{g}", r, g, js, codes, lambda h: "%qa.flip16",
@@ -597,9 +596,12 @@ class _Emitter:
             self.splat(f"%qa.{name}", "float", f"%qa.{name}s")
 
     def qadd_pack_constants(self) -> None:
-        """The AVX-512 qadd store's constants (`pack_store`): the codes, in
-        [plo, phi], go through the unsigned byte range + flip: 128 where they
-        can be negative (signed codes), else 0; bounds plo, phi + flip."""
+        """The AVX-512 qadd store's constants (`pack_store`): the int32 codes
+        go through the unsigned byte range + flip (128 where the bounds
+        [plo, phi] reach below 0: signed codes; else 0), saturated on the
+        way, then clamped to [plo, phi] + flip. Saturation is monotone and
+        the bounds lie inside each range, so these are the codes clamped
+        (INT32_MIN, an out-of-range sum, becomes plo)."""
         e = self.emit
         self.group_masks()
         e("%qa.neg = icmp slt i64 %ep.plo, 0")
@@ -612,10 +614,11 @@ class _Emitter:
             e(f"%qa.{name} = trunc i64 {value} to i8")
             self.splat(f"%qa.{name}v", "i8", f"%qa.{name}", lanes=64)
 
-    def qadd(self, t: str, j: int, yfirst: bool) -> None:
-        """{t}.zi = the qadd of the code {t}.y with the other operand's byte at
-        the same place, as `requant._fast_post` computes it, the FMAs in the
-        order `yfirst` says."""
+    def qadd(self, t: str, j: int, yfirst: bool) -> str:
+        """The qadd of the code {t}.y with the other operand's byte at the
+        same place, as `requant._fast_post` computes it, the FMAs in the
+        order `yfirst` says: the name of the int32 codes (with AVX-512 not
+        yet saturated: `pack_store` does it)."""
         e, lanes = self.emit, self.spec.lanes
         fv, iv, i1 = f"<{lanes} x float>", f"<{lanes} x i32>", f"<{lanes} x i1>"
         fma = f"@llvm.fma.v{lanes}f32"
@@ -635,10 +638,13 @@ class _Emitter:
         # the reference does; in range it is exact, and so is the clamp.
         cvt, extra = _CVT_RN[lanes]
         e(f"{t}.qi = call {iv} {cvt}({fv} {t}.t{extra})")
+        if lanes == 16:  # `pack_store` saturates and clamps the bytes: the same codes
+            return f"{t}.qi"
         e(f"{t}.qgt = icmp sgt {iv} {t}.qi, %qa.ploi")
         e(f"{t}.q1 = select {i1} {t}.qgt, {iv} {t}.qi, {iv} %qa.ploi")
         e(f"{t}.qlt = icmp slt {iv} {t}.q1, %qa.phii")
         e(f"{t}.zi = select {i1} {t}.qlt, {iv} {t}.q1, {iv} %qa.phii")
+        return f"{t}.zi"
 
 
 def _store_bytes(vectors: int) -> int:
