@@ -423,12 +423,13 @@ def _copy_scaled(t0, t1, src, dst, scale):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_sequence_stops_at_a_team_call_that_raised(threads):
+@pytest.mark.parametrize("failing", [0, 8])  # the task past the limit: the caller's, a helper's
+def test_a_sequence_stops_at_a_team_call_that_raised(threads, failing):
     """A team call whose kernel raises on some range (a helper's or the
     caller's) stops the sequence there: its index comes back, `raise_error`
     raises the kernel's own error, and the calls after it have not run."""
     a, b = np.zeros(9, np.int64), np.zeros(9, np.int64)
-    a[8] = 5  # the last range, a helper's, goes past the limit first
+    a[failing] = 5  # that task's range goes past the limit on the second run
     sequence = spinteam.CallSequence(
         [
             spinteam.bind_ranges(_add_then_check, 9, threads, (a, 6)),

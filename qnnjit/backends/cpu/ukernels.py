@@ -421,8 +421,9 @@ class _Emitter:
                   f"%rq.{what}p{j}, i32 4, {i1} {m}, {fv} zeroinitializer)")  # fmt: skip
             e(f"%rq.zpi{j} = fptosi {fv} %rq.zp{j} to {vec}")
             consts[j] = {w: f"%rq.{w}{j}" for w in ("m", "lo", "hi", "zp", "zpi")}
-        for r in range(self.rows):
-            e(f"%rq.oo{r} = mul i64 %ep.ldo, {r}")
+        if self.spec.requant != "packed":  # (its stores compute their own offsets)
+            for r in range(self.rows):  # before qadd's branch: both copies use them
+                e(f"%rq.oo{r} = mul i64 %ep.ldo, {r}")
         if self.spec.requant == "packed":  # (it reads neither lo nor hi: LLVM drops their loads)
             self.packed_store(final, consts)
         elif self.spec.requant == "qadd":
