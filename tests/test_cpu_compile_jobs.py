@@ -182,3 +182,23 @@ def test_a_bad_compile_jobs_value_is_a_clear_error(value, monkeypatch):
     model = Path(qnnjit.__file__).parent / "data" / "digits_int8.onnx"
     with pytest.raises(qnnjit.QnnjitError, match="QNNJIT_COMPILE_JOBS must be 1 or 2"):
         qnnjit.compile(str(model), target="cpu")
+
+
+def test_the_helpers_inputs_are_laid_out_as_the_parents():
+    """The helper runs each step on zeros; a kernel that takes strided
+    inputs gets its 4-d ones channels-last, as the parent's convolutions
+    and pools pass them (so both compile the same function), a kernel that
+    does not gets C-contiguous ones, and a constant stays itself."""
+    from qnnjit.backends.cpu.kernels.layout import is_channels_last
+    from qnnjit.ir import Graph, TensorType, dtypes
+
+    graph = Graph("layouts")
+    image = graph.add_input("image", TensorType(dtypes.uint8, (1, 8, 5, 3)))
+    rows = graph.add_input("rows", TensorType(dtypes.uint8, ("N", 7)))
+    weights = graph.constant(np.ones((2, 3), np.int8), "weights")
+    nhwc = compile_jobs._zeros_like(image, True)
+    assert nhwc.shape == (1, 8, 5, 3) and is_channels_last(nhwc) and not nhwc.flags.c_contiguous
+    assert not nhwc.any() and nhwc.dtype == np.uint8
+    assert compile_jobs._zeros_like(image, False).flags.c_contiguous
+    assert compile_jobs._zeros_like(rows, True).shape == (1, 7)
+    assert compile_jobs._zeros_like(weights, True) is weights.const

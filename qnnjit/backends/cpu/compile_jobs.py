@@ -319,7 +319,7 @@ def _helper(root: Path) -> None:
         _SESSION.release()
     for step in reversed(executor.steps):
         parent_running()
-        args = [_zeros_like(v) for v in step.inputs]
+        args = [_zeros_like(v, step.strided_inputs) for v in step.inputs]
         if any(a is None for a in args):
             continue
         try:
@@ -330,14 +330,25 @@ def _helper(root: Path) -> None:
             _SESSION.release()
 
 
-def _zeros_like(value):
-    """A value's constant, else zeros of its type (symbolic dims 1)."""
+def _zeros_like(value, strided: bool):
+    """A value's constant, else zeros of its type (symbolic dims 1). For a
+    kernel that takes strided inputs, a 4-d one is channels-last memory
+    (`kernels/layout.py`), as the convolutions and pools before it return
+    theirs: such a kernel picks its compiled function by the layout (a
+    reduce over H and W sums NHWC columns, else contiguous rows), and the
+    parent needs the channels-last one (MobileNetV2's global pool: 1.1 s of
+    its cold compile)."""
     if value.is_constant:
         return value.const
     shape = value.type.shape
     if shape is None:
         return None
-    return np.zeros(tuple(d if isinstance(d, int) else 1 for d in shape), value.type.dtype.numpy)
+    dims = tuple(d if isinstance(d, int) else 1 for d in shape)
+    dtype = value.type.dtype.numpy
+    if strided and len(dims) == 4:
+        n, c, h, w = dims
+        return np.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+    return np.zeros(dims, dtype)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,12 @@ wants it. A hand-off to one helper and back costs about 7-9 us (median, a
 trivial kernel of 24 arguments; it was 25 us from Python, and 9-12 us while
 the helper went back to Python to re-dispatch each range), and the helper
 starts its range about 0.2 us after the bump instead of 3-5 us. The price:
-`_team_call` is compiled once per kernel signature (0.3-0.4 s cold, cached
+`_team_call` is compiled once per kernel signature (0.3-0.6 s cold, cached
 on disk like the kernels), and so is a trampoline (10-30 ms; loaded from
-the cache in about 1 ms).
+the cache in about 1 ms). So every call whose arguments `packargs` can
+write now stores them from Python and hands them over through the packed
+call below, compiled once (`run_ranges_spinning`); `_team_call` remains
+for the others.
 
 Repeated calls. A replayed run (`replay.py`) calls the same kernels with
 the same arguments every time: `bind_ranges` stores the argument tuple once
@@ -328,7 +331,8 @@ def _team_call(states, helpers, skip, address, t1, args, buf):
     those in the bit mask `skip`, bumped from Python), run [0, t1) of the
     kernel at `address`, wait for each helper's completion. Returns 1 if its
     range raised, | 2 if some helper is not done after `_LEAD_CHECKS` reads.
-    Compiled once per kernel signature (0.3-0.4 s cold, cached on disk)."""
+    Compiled once per kernel signature (0.3-0.6 s cold, cached on disk): only
+    for arguments `packargs` does not pack."""
     _store_args(buf, args)
     _publish(states, helpers, skip)
     status = _call_native(address, 0, t1, args)
@@ -638,8 +642,13 @@ def run_ranges_spinning(kernel, tasks: int, threads: int, *args) -> None:
     """``kernel(t0, t1, *args)`` over ``[0, tasks)`` cut into ``threads``
     contiguous ranges (at most `MAX_THREADS`), the first on the calling
     thread, the others on spinning helpers. One caller at a time (the
-    executor runs one kernel at a time)."""
-    _bound(kernel, tasks, threads, args, pack=False)()
+    executor runs one kernel at a time). The arguments are packed
+    (`packargs`) as `bind_ranges` does, although they are used once: that
+    costs ~20 us more than `_team_call`'s unboxing, in runs that are not
+    replayed, but `_team_call` is compiled per kernel signature (0.3-0.6 s
+    cold each, 1.8 s of MobileNetV2's cold compile at two threads) where the
+    packed hand-off is compiled once."""
+    _bound(kernel, tasks, threads, args)()
 
 
 def bind_ranges(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], None]:
@@ -650,10 +659,10 @@ def bind_ranges(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], N
     (`packargs.pack_arguments`), so each call copies bytes into `_ARGS` instead of
     unboxing every argument (`_PackedCall`). `args` must stay alive,
     and its arrays where they are, as long as the function is used."""
-    return _bound(kernel, tasks, threads, args, pack=True)
+    return _bound(kernel, tasks, threads, args)
 
 
-def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Callable[[], None]:
+def _bound(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], None]:
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
     helpers = _team(len(bounds) - 2)
     address, trampoline = _entries(kernel, args)
@@ -671,7 +680,7 @@ def _bound(kernel, tasks: int, threads: int, args: tuple, *, pack: bool) -> Call
                 _run_python(kernel, helpers, t1, args)
 
         return call
-    packed = pack_arguments(kernel.targetctx, args) if trampoline and pack else None
+    packed = pack_arguments(kernel.targetctx, args) if trampoline else None
     if packed is not None:
         return TeamCall(_PackedCall(kernel, bounds, helpers, address, trampoline, packed), args)
 
