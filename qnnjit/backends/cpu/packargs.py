@@ -5,8 +5,9 @@ can be packed into bytes once and handed to the kernel's trampoline
 (`spinteam._trampoline`, which loads the tuple and calls the kernel) on
 every call, instead of unboxing each argument again: 1.57 -> about 0.9 us a
 call of 23 arguments. `spinteam._team_call` stores such a tuple too, but it
-is compiled per argument signature (0.3-0.4 s cold); this writes the same
-bytes from the layout Numba's data model gives the tuple.
+is compiled per argument signature (0.3-0.6 s cold); this writes the same
+bytes from the layout Numba's data model gives the tuple, so even a call
+made once (`spinteam.run_ranges_spinning`) packs its arguments.
 
 The layout: the tuple is an LLVM struct of its members' value types, each
 at its ABI alignment. An array is Numba's `ArrayModel` struct: meminfo,
@@ -14,7 +15,10 @@ parent, nitems, itemsize, data, shape[ndim], strides[ndim] (bytes). The
 meminfo and parent are left null: the kernel then counts no references
 (the caller keeps the arrays alive) and boxes nothing. Integers, floats and
 booleans (one byte, 0 or 1) are stored as themselves; any other member type
-is not packed (None: the caller unboxes as before).
+is not packed (None: the caller unboxes as before). Each layout is one
+`struct` format, padding included, found by the arguments' Numba type
+fingerprint (C, like the dispatcher's own lookup) instead of `typeof`:
+with both, a one-off team call of 16 arguments went from ~115 to ~20 us.
 """
 
 from __future__ import annotations
@@ -46,8 +50,7 @@ class Layout(NamedTuple):
 
 
 # (numba tuple type) -> Layout, or None where a member's type is not packed;
-# the same by the arguments' type fingerprint, which costs a fraction of
-# `typeof` (a one-off call packs in ~15 us instead of ~110)
+# the same by the arguments' type fingerprint (module doc)
 _LAYOUTS: dict = {}
 _BY_FINGERPRINT: dict = {}
 
