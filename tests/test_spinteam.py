@@ -358,6 +358,26 @@ def test_packed_arguments_are_numbas_own_layout():
         assert words[word] == args[i].__array_interface__["data"][0]
 
 
+def test_packing_tells_python_ints_past_int64_apart():
+    """Numba's type fingerprint, by which layouts are found, is the same for
+    every Python int, but one past int64 is typed uint64: it is packed as
+    such, not refused, after a small one was packed."""
+    from numba.core.typing.typeof import Purpose, typeof
+
+    from qnnjit.backends.cpu.packargs import _layout, pack_arguments
+
+    context = _takes_everything.targetctx
+    small = pack_arguments(context, (np.zeros(2), 5))
+    big_args = (np.zeros(2), 1 << 63)
+    big = pack_arguments(context, big_args)
+    layout = _layout(context, typeof(big_args, Purpose.argument))
+    assert typeof(big_args, Purpose.argument).types[1] == types.uint64
+    assert small.size == big.size == layout.size
+    offset = layout.fields[1][0]
+    assert big[offset : offset + 8].view(np.uint64)[0] == 1 << 63
+    assert small[offset : offset + 8].view(np.int64)[0] == 5
+
+
 @njit(nogil=True)
 def _takes_everything(t0, t1, a, b, c, d, e, f, g, h, i, j, k, m, n):
     pass

@@ -62,6 +62,14 @@ def pack_arguments(context, args: tuple) -> np.ndarray | None:
     layout = _arguments_layout(context, args)
     if layout is None:
         return None
+    try:
+        return _pack(layout, args)
+    except struct.error:  # a Python int past int64: same fingerprint, typed uint64
+        layout = _layout(context, typeof(args, Purpose.argument))
+        return None if layout is None else _pack(layout, args)
+
+
+def _pack(layout: Layout, args: tuple) -> np.ndarray:
     values = []
     for is_array, value in zip(layout.arrays, args):
         if is_array:
