@@ -60,6 +60,7 @@ except ImportError:  # not POSIX: saves stay unlocked, and no helper is started
 
 from ...errors import QnnjitError
 from .kernels._numba import CACHE_DIR
+from .kernels.layout import nchw_view
 
 MIN_STEPS = 8
 WAIT_LIMIT_S = 120.0
@@ -347,7 +348,7 @@ def _zeros_like(value, strided: bool):
     dtype = value.type.dtype.numpy
     if strided and len(dims) == 4:
         n, c, h, w = dims
-        return np.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+        return nchw_view(np.zeros((n, h, w, c), dtype))
     return np.zeros(dims, dtype)
 
 
