@@ -31,7 +31,7 @@ SIMD_PARAMS = [p for p in ISA_PARAMS if p.values[0] != "portable"]
 
 # Small tiles, so small shapes cross every block boundary. Per ISA: (MR, NR).
 SMALL_TILES = {
-    "avx512_vnni": [(6, 64), (3, 16), (5, 32)],
+    "avx512_vnni": [(6, 64), (3, 16), (5, 32), (5, 24)],  # 24: ymm vectors
     "avx2": [(4, 16), (3, 8)],
     "portable": [(4, 16), (3, 8)],
 }
@@ -118,7 +118,7 @@ def test_isa_override_rejects_unknown_and_unrunnable(monkeypatch):
     n=st.integers(1, 80),
     k=st.one_of(st.integers(0, 70), st.sampled_from(K_EDGES)),
     signed=st.booleans(),
-    tile=st.integers(0, 2),
+    tile=st.integers(0, 3),
     threads=st.sampled_from([1, 2]),
     kc_tiles=st.integers(1, 3),
     seed=st.integers(0, 2**31),
@@ -147,7 +147,8 @@ def test_default_configs_resnet_like_shapes(isa, threads):
 def test_default_tile_takes_the_widest_unpadded_panel_at_small_k():
     """Where several VNNI panel widths pad no columns, a small K (the output
     stage weighs most) takes the widest, a large K the table's first; padding
-    still comes first (24 columns: one masked 32-wide panel, not 48)."""
+    still comes first (24 columns: the unpadded ymm panel, not a masked 32- or
+    48-wide one)."""
     wide_k, deep_k = 24, 1296
     assert gemm._WIDE_PANELS_MAX_K >= wide_k and deep_k > gemm._WIDE_PANELS_MAX_K
     widths = {
@@ -155,7 +156,7 @@ def test_default_tile_takes_the_widest_unpadded_panel_at_small_k():
         for n in (24, 96, 144, 192) for k in (wide_k, deep_k)
     }  # fmt: skip
     assert widths == {
-        (24, wide_k): 32, (24, deep_k): 32, (96, wide_k): 48, (96, deep_k): 32,
+        (24, wide_k): 24, (24, deep_k): 24, (96, wide_k): 48, (96, deep_k): 32,
         (144, wide_k): 48, (144, deep_k): 16, (192, wide_k): 64, (192, deep_k): 64,
     }  # fmt: skip
 
@@ -373,8 +374,8 @@ def test_validation_errors():
         gemm.GemmConfig("portable", mr=4, nr=16, kc=8, mc=6, nc=16)
     with pytest.raises(ValueError, match="KC a positive multiple of 4"):
         gemm.GemmConfig("portable", mr=4, nr=16, kc=6, mc=8, nc=16)
-    with pytest.raises(ValueError, match="NR a positive multiple of 16"):
-        gemm.GemmConfig("avx512_vnni", mr=4, nr=24, kc=8, mc=8, nc=24)
+    with pytest.raises(ValueError, match="NR a positive multiple of 8"):
+        gemm.GemmConfig("avx512_vnni", mr=4, nr=20, kc=8, mc=8, nc=20)
     w = gemm.pack_b(np.zeros((8, 4), np.int8), 16)
     with pytest.raises(ValueError, match="packed with NR=16"):
         gemm.gemm(np.zeros((2, 8), np.uint8), w, gemm.GemmConfig("portable", 4, 32, 8, 8, 32))

@@ -100,6 +100,23 @@ def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_o
 
 
 @pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
+@pytest.mark.parametrize(
+    "post", ["plain", "qadd", "qadd_other_first", "qadd_overflow", "qadd_clamped", "qadd_relu"]
+)
+@pytest.mark.parametrize("signed_out", [False, True])
+def test_ymm_panels_store_the_epilogues_bytes(post, signed_out, monkeypatch):
+    """AVX-512 panels of 24 columns compute in ymm vectors (`ukernels.tile_lanes`)
+    and store through the 8-lane output stages: the same bytes, with a
+    partial last panel (masked columns)."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=24))
+    rng = np.random.default_rng(zlib.crc32(f"ymm {post} {signed_out}".encode()))
+    kind = "plain" if post == "plain" else "qadd"
+    n = 2 * 24 + 5
+    _check_requant_rows(rng, kind, n, _epilogue(rng, post, signed_out, n), post == "qadd_overflow")
+
+
+@pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
 @pytest.mark.parametrize("nr", [16, 32, 48, 64])
 @pytest.mark.parametrize("clamp", ["none", "low", "both"])
 @pytest.mark.parametrize("signed_out", [False, True])
@@ -130,6 +147,7 @@ def test_packed_kernels_are_exact_up_to_the_multiplier_bound(signed_out, monkeyp
     that wrap) still convert without overflow: the bytes match. Past it, or on
     another ISA, the packed kernels are not chosen."""
     monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=32))
     rng = np.random.default_rng(zlib.crc32(f"packed bound {signed_out}".encode()))
     ep = _epilogue(rng, "plain", signed_out, 64 + 5, "low")
     ep[1][rq.FM_MULT] = np.float32(0.5)
@@ -222,6 +240,8 @@ def test_table_stage_looks_up_the_requantized_codes(isa, kind, vbmi, signed_y, m
     on the vpermi2b path and the scalar one, over whole rows (one pass) and
     column ranges (a pass per row, `_check_requant_rows`' split)."""
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    if kind == "packed":  # (the packed kernels need zmm panels)
+        monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=32))
     rng = np.random.default_rng(zlib.crc32(f"table {isa} {kind} {vbmi} {signed_y}".encode()))
     n = 2 * 32 + 5 if kind == "packed" else N
     ep = _epilogue(rng, "plain", signed_y, n, "both", big=1e-4 if kind == "packed" else 0.0)

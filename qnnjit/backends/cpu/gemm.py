@@ -60,7 +60,7 @@ from .llvmjit import compile_module
 from .packing import PackedB, wrap_int32
 from .packing import pack_b as _pack_b
 from .threadpool import run_on_threads
-from .ukernels import UkernelSpec, kernel_name, ukernel_ir
+from .ukernels import MIN_NR, UkernelSpec, kernel_name, tile_lanes, ukernel_ir
 
 __all__ = [
     "GemmConfig",
@@ -81,19 +81,28 @@ __all__ = [
     "parallel_backend",
 ]
 
-_LANES = {"avx512_vnni": 16, "avx2": 8, "portable": 8}
+
+def _lanes(isa: str, nr: int) -> int:
+    """The i32 lanes of the vectors a tile of width ``nr`` computes in."""
+    return 8 if isa == "portable" else tile_lanes(isa, nr)
+
 
 # Register-feasible microkernel tiles per ISA (accumulators + B vectors + one
 # broadcast fit the 32 zmm / 16 ymm registers), preferred first. On Zen 4 the
 # first five VNNI tiles measured within noise of each other (~430-440 GOPS on
 # the ResNet-18 shapes, one thread); 8x48 and 7x48 trailed by ~10% then, by
 # 1.5-2% at K >= 576 with today's kernels, and lead at small K
-# (`_WIDE_PANELS_MAX_K`).
+# (`_WIDE_PANELS_MAX_K`). 8x24 (ymm vectors, `ukernels.tile_lanes`) is for
+# N = 24, where every zmm tile pads 8 of 32 columns.
+# fmt: off
 _TILES = {
-    "avx512_vnni": ((6, 64), (4, 64), (8, 32), (12, 32), (12, 16), (8, 48), (16, 16), (7, 48)),
+    "avx512_vnni": (
+        (6, 64), (4, 64), (8, 32), (12, 32), (12, 16), (8, 48), (16, 16), (7, 48), (8, 24),
+    ),
     "avx2": ((6, 16), (4, 16), (4, 24), (2, 32), (3, 16), (8, 8)),
     "portable": ((4, 64), (4, 128), (2, 128), (4, 32), (4, 16)),
 }
+# fmt: on
 
 # Up to this K a GEMM's output stage weighs as much as its dot products, and
 # the widest panel that pads no more columns wins: one broadcast of A feeds
@@ -126,14 +135,13 @@ class GemmConfig:
     threads: int = 1
 
     def __post_init__(self):
-        lanes = _LANES.get(self.isa)
-        if lanes is None:
+        if self.isa not in _TILES:
             raise ValueError(f"unknown ISA {self.isa!r}")
         problems = []
         if self.mr < 1:
             problems.append("MR >= 1")
-        if self.nr < lanes or self.nr % lanes:
-            problems.append(f"NR a positive multiple of {lanes}")
+        if self.nr < MIN_NR or self.nr % MIN_NR:
+            problems.append(f"NR a positive multiple of {MIN_NR}")
         if self.kc < 4 or self.kc % 4:
             problems.append("KC a positive multiple of 4")
         if self.mc < self.mr or self.mc % self.mr:
@@ -173,7 +181,7 @@ def _round_up(x: int, m: int) -> int:
 def _max_rows(isa: str, nr: int) -> int:
     """The most rows whose accumulators, NR's B vectors and a broadcast fit the
     vector registers (32 zmm, 16 ymm), at most 8."""
-    vectors = nr // _LANES[isa]
+    vectors = nr // _lanes(isa, nr)
     registers = {"avx512_vnni": 32, "avx2": 16}.get(isa, 32)
     return max(1, min(8, (registers - vectors - 2) // vectors))
 
@@ -247,7 +255,7 @@ def candidate_configs(
     out = [default_config(m, n, k, isa, threads)]
     k4 = max(4, _round_up(k, 4))
     for mr, nr in _TILES[isa]:
-        if _round_up(max(n, 1), nr) - n > max(nr // 2, 0) and nr > _LANES[isa]:
+        if _round_up(max(n, 1), nr) - n > max(nr // 2, 0) and nr > _lanes(isa, nr):
             continue
         mr = min(mr, max(1, m)) if m < mr else mr
         base = _blocking(isa, mr, nr, m, n, k, threads)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import drivers, gemm
 from ..calls import call_ukernel, call_ukernel_requant
-from ..ukernels import REQUANT_FIELDS, UkernelSpec
+from ..ukernels import REQUANT_FIELDS, UkernelSpec, tile_lanes
 from ._bytetable import lookup_bytes, vbmi_lookups
 from ._numba import jit
 from .requant import (
@@ -229,9 +229,15 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
     ):
         return ""
     kind = kinds[int(sc[I_POST])]
-    if kind == "plain" and plan.config.nr >= 32 and packs_exactly(plan.config.isa, ep.chan_f):
+    if kind == "plain" and _packs(plan.config) and packs_exactly(plan.config.isa, ep.chan_f):
         return "packed"
     return kind
+
+
+def _packs(config) -> bool:
+    """Whether the "packed" kernels fit `config`'s panels: zmm vectors
+    (`ukernels.tile_lanes`), two or more a row."""
+    return config.nr >= 32 and tile_lanes(config.isa, config.nr) == 16
 
 
 def packs_exactly(isa: str, chan_f: np.ndarray) -> bool:
