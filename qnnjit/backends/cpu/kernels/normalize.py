@@ -222,7 +222,7 @@ def layer_norm_mlas_codes(t0, t1, c2, dq, dscale, scale, bias, has_bias, eps, qs
             xr[U(i)] = np.float32(((np.int64(row[U(i)]) ^ flip) - off) - dzp) * dscale
         _mlas_row(xr, scale, bias, has_bias, eps, yr)
         for i in range(n):
-            dst[U(i)] = quantized_code(yr[U(i)], qscale, qzp, params)
+            dst[U(i)] = quantized_code(yr[U(i)], qscale, params)
 
 
 def layer_norm_on_codes(stage, dequant, quant, codes: np.ndarray) -> np.ndarray | None:
