@@ -144,11 +144,18 @@ def test_default_configs_resnet_like_shapes(isa, threads):
 
 
 @pytest.mark.skipif("avx512_vnni" not in RUNNABLE, reason="no AVX512-VNNI")
-def test_default_tile_takes_the_widest_unpadded_panel_at_small_k():
+@pytest.mark.parametrize("cpu", ["znver4", "sapphirerapids"])
+def test_default_tile_takes_the_widest_unpadded_panel_at_small_k(cpu, monkeypatch):
     """Where several VNNI panel widths pad no columns, a small K (the output
     stage weighs most) takes the widest, a large K the table's first; padding
     still comes first (24 columns: the unpadded ymm panel, not a masked 32- or
-    48-wide one)."""
+    48-wide one, where ymm vectors multiply-add at the zmm rate: Zen 4; on
+    cores with full 512-bit units, the masked 32-wide one)."""
+    host = features.host_cpu()
+    monkeypatch.setattr(
+        gemm, "host_cpu", lambda: features.HostCpu(cpu, host.features, "", "x86_64")
+    )
+    n24 = 24 if cpu == "znver4" else 32
     wide_k, deep_k = 24, 1296
     assert gemm._WIDE_PANELS_MAX_K >= wide_k and deep_k > gemm._WIDE_PANELS_MAX_K
     widths = {
@@ -156,7 +163,7 @@ def test_default_tile_takes_the_widest_unpadded_panel_at_small_k():
         for n in (24, 96, 144, 192) for k in (wide_k, deep_k)
     }  # fmt: skip
     assert widths == {
-        (24, wide_k): 24, (24, deep_k): 24, (96, wide_k): 48, (96, deep_k): 32,
+        (24, wide_k): n24, (24, deep_k): n24, (96, wide_k): 48, (96, deep_k): 32,
         (144, wide_k): 48, (144, deep_k): 16, (192, wide_k): 64, (192, deep_k): 64,
     }  # fmt: skip
 

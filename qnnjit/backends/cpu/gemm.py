@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import drivers
-from .features import select_isa
+from .features import host_cpu, select_isa
 from .llvmjit import compile_module
 from .packing import PackedB, wrap_int32
 from .packing import pack_b as _pack_b
@@ -93,7 +93,7 @@ def _lanes(isa: str, nr: int) -> int:
 # the ResNet-18 shapes, one thread); 8x48 and 7x48 trailed by ~10% then, by
 # 1.5-2% at K >= 576 with today's kernels, and lead at small K
 # (`_WIDE_PANELS_MAX_K`). 8x24 (ymm vectors, `ukernels.tile_lanes`) is for
-# N = 24, where every zmm tile pads 8 of 32 columns.
+# N = 24, where every zmm tile pads 8 of 32 columns (`_heuristic_tiles`).
 # fmt: off
 _TILES = {
     "avx512_vnni": (
@@ -103,6 +103,23 @@ _TILES = {
     "portable": ((4, 64), (4, 128), (2, 128), (4, 32), (4, 16)),
 }
 # fmt: on
+
+# Cores that execute a zmm `vpdpbusd` as two ymm halves: there a ymm one issues
+# twice as often, so ymm tiles multiply-add at the zmm rate (Zen 4: 234 GMAC/s
+# both ways, one core). Cores with full 512-bit units run ymm at half the zmm
+# rate, where the 8x24 tile would lose to a padded 8x32: the heuristic offers
+# it only here (the tuner measures every tile anyway).
+_HALF_WIDTH_ZMM_CPUS = frozenset({"znver4"})
+
+
+def _heuristic_tiles(isa: str) -> tuple[tuple[int, int], ...]:
+    """`default_config`'s tiles: `_TILES`, less the ymm AVX-512 tiles where
+    they would be slower than zmm ones."""
+    tiles = _TILES[isa]
+    if isa == "avx512_vnni" and host_cpu().name not in _HALF_WIDTH_ZMM_CPUS:
+        tiles = tuple(t for t in tiles if tile_lanes(isa, t[1]) == 16)
+    return tiles
+
 
 # Up to this K a GEMM's output stage weighs as much as its dot products, and
 # the widest panel that pads no more columns wins: one broadcast of A feeds
@@ -226,7 +243,7 @@ def default_config(
     (to match weights already packed)."""
     isa = select_isa(isa)
     threads = max_threads() if threads is None else max(1, threads)
-    tiles = _TILES[isa]
+    tiles = _heuristic_tiles(isa)
     if nr is not None:
         fitting = [t for t in tiles if t[1] == nr]
         mr = fitting[0][0] if fitting else _max_rows(isa, nr)
