@@ -38,6 +38,7 @@ from qnnjit.backends.cpu.kernels._gemm import (
     plan_gemm,
     requant_args,
 )
+from qnnjit.backends.cpu.ukernels import UkernelSpec
 
 SIMD = [
     pytest.param(
@@ -113,6 +114,8 @@ def test_ymm_panels_store_the_epilogues_bytes(post, signed_out, monkeypatch):
     rng = np.random.default_rng(zlib.crc32(f"ymm {post} {signed_out}".encode()))
     kind = "plain" if post == "plain" else "qadd"
     n = 2 * 24 + 5
+    plan = plan_gemm(np.zeros((K, n), np.int8), ROWS)  # what `_check_requant_rows` runs
+    assert plan.config.nr == 24 and UkernelSpec("avx512_vnni", 8, 24).lanes == 8
     _check_requant_rows(rng, kind, n, _epilogue(rng, post, signed_out, n), post == "qadd_overflow")
 
 

@@ -135,7 +135,9 @@ class UkernelSpec:
         if self.isa not in _LANES:
             raise ValueError(f"no LLVM microkernel for ISA {self.isa!r}")
         if self.mr < 1 or self.nr < MIN_NR or self.nr % MIN_NR:
-            raise ValueError(f"bad tile {self.mr}x{self.nr} for {self.isa} (NR a multiple of 8)")
+            raise ValueError(
+                f"bad tile {self.mr}x{self.nr} for {self.isa} (NR a multiple of {MIN_NR})"
+            )
         if self.pairs not in ("exact", "i16"):
             raise ValueError(f"pairs must be 'exact' or 'i16', not {self.pairs!r}")
         if self.isa != "avx2" and self.pairs != "exact":
