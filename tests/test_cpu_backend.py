@@ -401,13 +401,20 @@ def test_conv_pad_value_other_than_the_zero_point(x_dtype, groups, strides):
 
 @pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_depthwise_row_kernels_pad_with_a_value_other_than_the_zero_point(x_dtype, strides):
+@pytest.mark.parametrize("quads", [True, False])
+def test_depthwise_row_kernels_pad_with_a_value_other_than_the_zero_point(
+    x_dtype, strides, quads, monkeypatch
+):
     """`pad_value` other than x's zero point, through the requantizing
-    depthwise row kernels (32 channels: the int16-pair ones on AVX512-VNNI,
-    whose border pairs take the pad byte), against the reference."""
+    depthwise row kernels (32 channels: on AVX512-VNNI the byte-quad ones,
+    whose padding rows and columns hold the pad byte and whose bias carries
+    the zero point's term, or the int16-pair ones, whose border pairs take
+    the pad byte), against the reference."""
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
+    if not quads:
+        monkeypatch.setattr(conv_nhwc, "QUADS_ISAS", set())
     rng = np.random.default_rng(40 + strides)
     info = np.iinfo(x_dtype.numpy)
     c = 32
@@ -425,7 +432,9 @@ def test_depthwise_row_kernels_pad_with_a_value_other_than_the_zero_point(x_dtyp
     feed = rng.integers(info.min, info.max + 1, (2, c, 6, 9)).astype(x_dtype.numpy)
     names = kernel_names(check_graph(g, [feed]))
     assert "(row kernels requantize)" in names, names
-    paired = select_isa() in conv_nhwc.PAIRS_ISAS
+    quadded = quads and select_isa() in conv_nhwc.QUADS_ISAS
+    paired = not quadded and select_isa() in conv_nhwc.PAIRS_ISAS
+    assert ("(byte row quads)" in names) == quadded, names
     assert ("(int16 tap pairs)" in names) == paired, names
 
 
@@ -445,12 +454,13 @@ def test_conv_bias_wraps_int32():
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("big_bias", [False, True])
-@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("rows", ["quads", "pairs", "float"])
 def test_depthwise_row_kernels_start_their_sums_from_the_bias(
-    x_dtype, strides, big_bias, pairs, monkeypatch
+    x_dtype, strides, big_bias, rows, monkeypatch
 ):
     """The requantizing depthwise row kernels start their sums from the bias:
-    the int16-pair kernels always (exact int32 sums), the float32 ones when
+    the byte-quad and int16-pair kernels always (exact int32 sums; the
+    quads' bias also carries -za * sum w), the float32 ones when
     |bias| + |sum| < 2^24 for every channel (then clamp, round to nearest
     even, add the zero point in int32); one channel's bias past that keeps
     the float kernels' int32 path for the layer. Power-of-two scales make
@@ -459,7 +469,9 @@ def test_depthwise_row_kernels_start_their_sums_from_the_bias(
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
-    if not pairs:
+    if rows != "quads":
+        monkeypatch.setattr(conv_nhwc, "QUADS_ISAS", set())
+    if rows == "float":
         monkeypatch.setattr(conv_nhwc, "PAIRS_ISAS", set())
     rng = np.random.default_rng(7 + strides)
     c = 32  # whole vectors on both SIMD paths: the row kernels requantize
@@ -481,9 +493,11 @@ def test_depthwise_row_kernels_start_their_sums_from_the_bias(
     model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=x_dtype)
     names = kernel_names(check_model(model, {"x": x})._executor)
     assert "(row kernels requantize)" in names, names
-    paired = pairs and select_isa() in conv_nhwc.PAIRS_ISAS
+    quadded = rows == "quads" and select_isa() in conv_nhwc.QUADS_ISAS
+    paired = rows == "pairs" and select_isa() in conv_nhwc.PAIRS_ISAS
+    assert ("(byte row quads)" in names) == quadded, names
     assert ("(int16 tap pairs)" in names) == paired, names
-    assert ("(bias in sum)" in names) == (not big_bias and not paired), names
+    assert ("(bias in sum)" in names) == (not big_bias and not (paired or quadded)), names
 
 
 @pytest.mark.parametrize(
@@ -495,23 +509,37 @@ def test_depthwise_row_kernels_start_their_sums_from_the_bias(
      ((3, 3), (1, 1), (1, 2), (1, 1, 1, 1))],
 )  # fmt: skip
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
-def test_depthwise_int16_tap_pairs(kernel, strides, dilations, pads, x_dtype):
-    """The int16-pair depthwise row kernels (AVX512-VNNI): odd and even
-    window widths (the last pair's second weight 0), strides 1 to 3 (even
-    strides keep only even columns' pairs), vertical dilation, pads on
-    every side (pair halves in the padding), pixels past the last block,
-    two images, a weight zero point; horizontal dilation takes the float32
-    kernels. Bit-exact against the reference."""
+@pytest.mark.parametrize("rows", ["quads", "pairs"])
+def test_depthwise_tap_pairs_and_row_quads(kernel, strides, dilations, pads, x_dtype, rows,
+                                           monkeypatch):  # fmt: skip
+    """The integer depthwise row kernels (AVX512-VNNI): odd and even window
+    widths, strides 1 to 3, dilation, pads on every side, pixels past the
+    last block, two images, a weight zero point.
+    - Byte quads (up to 3 window rows, unit vertical dilation, w - zw in
+      int8: small weights and zero points here): odd and even first window
+      rows (the two weight sets), rows past the image's end in the quad.
+      Taller windows and vertical dilation take the pairs kernels.
+    - Int16 pairs (the quads turned off; a weight zero point of any size):
+      the last pair's second weight 0, even strides keeping only even
+      columns' pairs, pair halves in the padding; horizontal dilation takes
+      the float32 kernels.
+    Bit-exact against the reference."""
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
+    if rows == "pairs":
+        monkeypatch.setattr(conv_nhwc, "QUADS_ISAS", set())
     rng = np.random.default_rng(sum(kernel) * 7 + strides[1])
     c = 48  # three vectors of channels
     x = codes(rng, x_dtype, (2, c, 9, 21))
-    w = codes(rng, np.int8, (c, 1, *kernel))
+    if rows == "quads":  # w - zw within int8
+        w = rng.integers(-100, 101, (c, 1, *kernel)).astype(np.int8)
+        wz = rng.integers(-27, 28, c).astype(np.int8)
+    else:
+        w, wz = codes(rng, np.int8, (c, 1, *kernel)), codes(rng, np.int8, (c,))
     consts = {
         "xs": np.float32(0.05), "xz": scalar(x_dtype, 7), "w": w,
-        "ws": scales_of(rng, False, c, -9, -6), "wz": codes(rng, np.int8, (c,)),
+        "ws": scales_of(rng, False, c, -9, -6), "wz": wz,
         "ys": np.float32(0.07), "yz": scalar(x_dtype, -3 if x_dtype == np.int8 else 120),
         "b": rng.integers(-20000, 20000, c).astype(np.int32),
     }  # fmt: skip
@@ -521,8 +549,40 @@ def test_depthwise_int16_tap_pairs(kernel, strides, dilations, pads, x_dtype):
     }  # fmt: skip
     model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=x_dtype)
     names = kernel_names(check_model(model, {"x": x})._executor)
-    paired = select_isa() in conv_nhwc.PAIRS_ISAS and dilations[1] == 1
+    quadded = (
+        rows == "quads" and select_isa() in conv_nhwc.QUADS_ISAS
+        and kernel[0] <= 3 and (kernel[0] == 1 or dilations[0] == 1)
+    )  # fmt: skip
+    paired = not quadded and select_isa() in conv_nhwc.PAIRS_ISAS and dilations[1] == 1
+    assert ("(byte row quads)" in names) == quadded, names
     assert ("(int16 tap pairs)" in names) == paired, names
+
+
+def test_depthwise_weights_past_int8_after_their_zero_point_take_the_pairs():
+    """A weight minus its zero point outside int8 (-128 - 1, 127 + 3) fits
+    no byte quad: the layer takes the int16-pair kernels, with the same
+    bits as the reference."""
+    from qnnjit.backends.cpu.features import select_isa
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    rng = np.random.default_rng(5)
+    c = 32
+    x = codes(rng, np.uint8, (1, c, 7, 10))
+    w = rng.integers(-20, 21, (c, 1, 3, 3)).astype(np.int8)
+    wz = np.zeros(c, np.int8)
+    w[3, 0, 1, 1], wz[3] = -128, 1
+    w[9, 0, 2, 0], wz[9] = 127, -3
+    consts = {
+        "xs": np.float32(0.05), "xz": scalar(np.uint8, 9), "w": w,
+        "ws": scales_of(rng, False, c, -9, -6), "wz": wz, "ys": np.float32(0.07),
+        "yz": scalar(np.uint8, 120), "b": rng.integers(-20000, 20000, c).astype(np.int32),
+    }  # fmt: skip
+    attrs = {"pads": [1, 1, 1, 1], "group": c,
+             "order": ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]}  # fmt: skip
+    model = one_node_model("QLinearConv", {"x": x}, consts, attrs, out=np.uint8)
+    names = kernel_names(check_model(model, {"x": x})._executor)
+    assert "(byte row quads)" not in names, names
+    assert ("(int16 tap pairs)" in names) == (select_isa() in conv_nhwc.PAIRS_ISAS), names
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])

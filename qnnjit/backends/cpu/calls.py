@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "call_ukernel", "call_ukernel_requant", "call_depthwise_row", "call_im2col_row",
-    "call_pair_row",
+    "call_pair_row", "call_quad_row",
 ]  # fmt: skip
 
 
@@ -75,3 +75,10 @@ def call_pair_row(typingctx, fptr, src, pairs, c, flip, za, dst):
     """``(*fptr)(src, pairs, c, flip, za, dst)``: a pairs kernel's ring-row
     builder (ABI in ``dwkernels``)."""
     return _typed((fptr, src, pairs, c, flip, za, dst), "piiiip")
+
+
+@intrinsic
+def call_quad_row(typingctx, fptr, src, n, flip, dst):
+    """``(*fptr)(src, n, flip, dst)``: a quads kernel's ring-row builder (ABI
+    in ``dwkernels``)."""
+    return _typed((fptr, src, n, flip, dst), "piip")

@@ -68,6 +68,24 @@ run one zmm per cycle here, on the same pipes), and the sums are exact
 int32 arithmetic, wrapping like the reference's, under no range condition.
 The requantize converts the sum to float and goes on as above
 (``requantize_int_code``).
+
+A ``quads`` kernel (AVX512-VNNI, up to 3 window rows) multiplies bytes with
+``vpdpbusd``, four at a time, one window column per instruction: its one
+row holds, for each padded column j and channel c, the int32 word of the
+u8 bytes (x ^ flip) of input rows q0..q0+3 at (j, c), q0 the even row at
+or above the window's first (``quad_row``, the caller's ring). So an
+output row's window is bytes s..s+KH-1 of each word, s = 0 or 1; byte
+quads of weights, (w[0], w[1], w[2], 0) or (0, w[0], w[1], w[2]) per
+window column (``quad_weights``, a set per s), make one ``vpdpbusd`` add a
+column's KH taps: 3 multiply-adds for a 3x3 window where pairs take 6, and
+each quad row serves two output rows at unit stride. The bytes are the
+unshifted u8 codes, so the caller starts the sums at bias - za * sum(w)
+(sum (x - za) w = sum x w - za sum w, pad taps included: they hold the pad
+byte), and each w - zw must be an int8. The sums are exact int32
+arithmetic, wrapping like the reference's. On MobileNetV2's rows the
+kernel takes 25-30 % less time than the pairs one (8.4 against 11.2
+cycles per 16 outputs at 144 channels), and building a quad row costs
+what two pair rows do.
 """
 
 from __future__ import annotations
@@ -105,6 +123,7 @@ class DepthwiseSpec:
     op: str = "fma"  # "fma": the convolution; "umax" / "smax": max pooling of bytes
     bias_in_sum: bool = False  # requant only: sums start from the bias (module doc)
     pairs: bool = False  # requant, avx512_vnni, dw 1: int16 tap pairs (module doc)
+    quads: bool = False  # requant, avx512_vnni, kh <= 3: byte row quads (module doc)
     # max pooling only: bytes per vector, narrower than the ISA's (0: its
     # full width), for channel counts that fill no whole full-width vector
     max_bytes: int = 0
@@ -121,6 +140,11 @@ class DepthwiseSpec:
         if self.pairs and not (
             self.requant and self.isa == "avx512_vnni" and self.dw == 1 and not self.bias_in_sum
         ):
+            raise ValueError(f"bad depthwise kernel spec {self}")
+        if self.quads and not (
+            self.requant and self.isa == "avx512_vnni" and self.kh <= 3
+            and not (self.bias_in_sum or self.pairs)
+        ):  # fmt: skip
             raise ValueError(f"bad depthwise kernel spec {self}")
         if self.max_bytes and (
             self.op == "fma"
@@ -144,7 +168,7 @@ class DepthwiseSpec:
     @property
     def name(self) -> str:
         stage = "_rq" if self.requant else "" if self.op == "fma" else f"_{self.op}"
-        stage += "b" if self.bias_in_sum else "p" if self.pairs else ""
+        stage += "b" if self.bias_in_sum else "p" if self.pairs else "q" if self.quads else ""
         stage += f"_v{self.max_bytes}" if self.max_bytes else ""
         return f"qnnjit_dw_{self.isa}_{self.kh}x{self.kw}_s{self.sw}_d{self.dw}{stage}"
 
@@ -168,6 +192,19 @@ def pair_weights(w: np.ndarray) -> np.ndarray:
         lo, hi = padded[:, 0::2] & 0xFFFF, (padded[:, 1::2] & 0xFFFF) << 16
         sets.append((lo | hi).reshape(-1, c))
     return np.concatenate(sets).astype(np.uint32).view(np.int32)
+
+
+def quad_weights(w: np.ndarray) -> np.ndarray:
+    """A ``quads`` kernel's weights: int [KH, KW, C] (w - zw, each in int8
+    range, KH <= 3) as int32 words of 4 bytes, [2 * KW, C]: for window rows
+    starting at byte s (s = 0, then 1) of the quad, byte q of word (s, kw)
+    is w[q - s, kw] (0 outside the window)."""
+    kh, kw, c = w.shape
+    assert kh <= 3 and -128 <= w.min(initial=0) and w.max(initial=0) <= 127
+    quads = np.zeros((2, kw, c, 4), np.int8)
+    for start in range(2):
+        quads[start, :, :, start : start + kh] = w.transpose(1, 2, 0)
+    return quads.reshape(2 * kw, c, 4).view(np.int32)[..., 0]
 
 
 _ARGS = (
@@ -201,6 +238,9 @@ class _Emitter:
             return
         if s.pairs:
             self.pair_block(tag, ow0, coff, count)
+            return
+        if s.quads:
+            self.quad_block(tag, ow0, coff, count)
             return
         for t in range(s.kh * s.kw):
             e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
@@ -278,9 +318,41 @@ class _Emitter:
                     e(f"{new} = call {iv} @llvm.x86.avx512.vpdpwssd.512({iv} {acc[o]}, {iv} {x}, "
                       f"{iv} {weight(parity, kh, i)})")  # fmt: skip
                     acc[o] = new
+        self.store_int_sums(tag, ow0, coff, acc, k)
+
+    def quad_block(self, tag: str, ow0: str, coff: str, count: int) -> None:
+        """`block` of a ``quads`` kernel: int32 sums from the (compensated)
+        bias, one `vpdpbusd` per window column, each distinct quad vector
+        loaded once."""
+        s, e, iv = self.spec, self.emit, self.ivec
+        k = self.requant_constants(tag, coff)
+        weights = []
+        for kw in range(s.kw):
+            e(f"%{tag}.wo{kw} = add i64 {coff}, %cpt{kw}")
+            e(f"%{tag}.wp{kw} = getelementptr i32, ptr %w, i64 %{tag}.wo{kw}")
+            e(f"%{tag}.w{kw} = load {iv}, ptr %{tag}.wp{kw}, align 4")
+            weights.append(f"%{tag}.w{kw}")
+        e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw}")  # the block's first column
+        e(f"%{tag}.x0 = mul i64 %{tag}.c0, %cp")
+        e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
+        acc = [k["b"]] * count
+        loaded: dict[int, str] = {}
+        for kw in range(s.kw):
+            for o in range(count):
+                x = self.row_vector(tag, 0, o * s.sw + kw * s.dw, "i32", iv, 4, loaded)
+                new = f"%{tag}.a{o}_{kw}"
+                e(f"{new} = call {iv} @llvm.x86.avx512.vpdpbusd.512({iv} {acc[o]}, {iv} {x}, "
+                  f"{iv} {weights[kw]})")  # fmt: skip
+                acc[o] = new
+        self.store_int_sums(tag, ow0, coff, acc, k)
+
+    def store_int_sums(self, tag: str, ow0: str, coff: str, acc: list, k: dict) -> None:
+        """Requantize the int32 sums `acc` of the block's output pixels from
+        `ow0` (channel block at `coff`) and store their bytes."""
+        s, e, iv = self.spec, self.emit, self.ivec
         e(f"%{tag}.y0 = mul i64 {ow0}, %cp")
         e(f"%{tag}.yb = add i64 %{tag}.y0, {coff}")
-        for o in range(count):
+        for o in range(len(acc)):
             t = f"%{tag}.rq{o}"
             e(f"%{tag}.yo{o} = add i64 %{tag}.yb, %cpq{o}")
             e(f"{t}.f = sitofp {iv} {acc[o]} to {self.vec}")
@@ -389,7 +461,7 @@ class _Emitter:
         s, e, label = self.spec, self.emit, self.label
         lanes, ob = s.lanes, s.block
         label("entry")
-        for kh in range(s.kh):
+        for kh in range(1 if s.quads else s.kh):  # a quads kernel reads one row
             e(f"%rp{kh} = getelementptr ptr, ptr %rows, i64 {kh}")
             e(f"%row{kh} = load ptr, ptr %rp{kh}, align 8")
         cols = max((ob - 1) * s.sw + (s.kw - 1) * s.dw + 1, ob)
@@ -448,9 +520,9 @@ def depthwise_ir(spec: DepthwiseSpec) -> str:
         f"declare <{lanes} x float> @llvm.fmuladd.v{lanes}f32"
         f"(<{lanes} x float>, <{lanes} x float>, <{lanes} x float>)\n"
     ) + (requant_declarations(lanes) if spec.requant else "")
-    if spec.pairs:
-        iv = "<16 x i32>"
-        decl += f"declare {iv} @llvm.x86.avx512.vpdpwssd.512({iv}, {iv}, {iv})\n"
+    if spec.pairs or spec.quads:
+        iv, op = "<16 x i32>", "vpdpwssd" if spec.pairs else "vpdpbusd"
+        decl += f"declare {iv} @llvm.x86.avx512.{op}.512({iv}, {iv}, {iv})\n"
     return decl + "\n" + _Emitter(spec).function()
 
 
@@ -530,3 +602,63 @@ def pair_row_kernel() -> int:
     """The address of the ``pairs`` ring-row builder (AVX-512; ABI above)."""
     name = "qnnjit_dw_pair_row_avx512"
     return compile_module(_PAIR_ROW, "avx512_vnni", (name,)).addresses[name]
+
+
+# The ring row of a ``quads`` kernel: four consecutive (padded) input rows'
+# bytes interleaved, byte q of word i from row q's byte i (flipped to u8):
+# 16 bytes of each row make one 64-byte vector.
+#
+#     void quad_row(const uint8 *const *src,   // the 4 rows' first bytes
+#                   int64 n,                   // bytes per row, a multiple of 16
+#                   int64 flip,                // 0, or 0x80 for signed activations
+#                   uint8 *dst)                // row q's byte i at dst[4*i + q]
+_QUAD_ROW = """
+define void @qnnjit_dw_quad_row_avx512(ptr noalias nocapture readonly %src, i64 %n, i64 %flip,
+                                      ptr noalias nocapture %dst) nounwind {
+entry:
+  %fb = trunc i64 %flip to i8
+  %fi = insertelement <64 x i8> undef, i8 %fb, i64 0
+  %fv = shufflevector <64 x i8> %fi, <64 x i8> undef, <64 x i32> zeroinitializer
+  %p1 = getelementptr ptr, ptr %src, i64 1
+  %p2 = getelementptr ptr, ptr %src, i64 2
+  %p3 = getelementptr ptr, ptr %src, i64 3
+  %r0 = load ptr, ptr %src, align 8
+  %r1 = load ptr, ptr %p1, align 8
+  %r2 = load ptr, ptr %p2, align 8
+  %r3 = load ptr, ptr %p3, align 8
+  %none = icmp ult i64 %n, 16
+  br i1 %none, label %exit, label %loop
+loop:
+  %i = phi i64 [ 0, %entry ], [ %in, %loop ]
+  %a0 = getelementptr i8, ptr %r0, i64 %i
+  %a1 = getelementptr i8, ptr %r1, i64 %i
+  %a2 = getelementptr i8, ptr %r2, i64 %i
+  %a3 = getelementptr i8, ptr %r3, i64 %i
+  %v0 = load <16 x i8>, ptr %a0, align 1
+  %v1 = load <16 x i8>, ptr %a1, align 1
+  %v2 = load <16 x i8>, ptr %a2, align 1
+  %v3 = load <16 x i8>, ptr %a3, align 1
+  %v01 = shufflevector <16 x i8> %v0, <16 x i8> %v1, <32 x i32> <CAT32>
+  %v23 = shufflevector <16 x i8> %v2, <16 x i8> %v3, <32 x i32> <CAT32>
+  %q = shufflevector <32 x i8> %v01, <32 x i8> %v23, <64 x i32> <QUADS>
+  %qx = xor <64 x i8> %q, %fv
+  %i4 = shl i64 %i, 2
+  %d = getelementptr i8, ptr %dst, i64 %i4
+  store <64 x i8> %qx, ptr %d, align 1
+  %in = add i64 %i, 16
+  %next = add i64 %in, 16
+  %more = icmp ule i64 %next, %n
+  br i1 %more, label %loop, label %exit
+exit:
+  ret void
+}
+""".replace("<CAT32>", "<" + ", ".join(f"i32 {k}" for k in range(32)) + ">").replace(
+    "<QUADS>", "<" + ", ".join(f"i32 {16 * (k % 4) + k // 4}" for k in range(64)) + ">"
+)
+
+
+@functools.cache
+def quad_row_kernel() -> int:
+    """The address of the ``quads`` ring-row builder (AVX-512; ABI above)."""
+    name = "qnnjit_dw_quad_row_avx512"
+    return compile_module(_QUAD_ROW, "avx512_vnni", (name,)).addresses[name]

@@ -405,7 +405,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         shifted = w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]
         channels_last = ChannelsLastDepthwise(
             shifted, flip=x_flip, za=x_zp + x_off, pad_shift=pad_code - x_zp,
-            unit_dilation=int(attrs["dilations"][-1]) == 1, num_threads=ctx.num_threads,
+            unit_dilation=int(attrs["dilations"][-1]) == 1,
+            unit_row_dilation=int(attrs["dilations"][0]) == 1, num_threads=ctx.num_threads,
         )  # fmt: skip
     elif kind == "conv_depthwise":
         ws = kernel_array((w4.reshape(m, kh, kw).astype(np.int64) - m_zp[:, None, None]), np.int32)
@@ -494,6 +495,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         name += "(bias in sum)"
     if kind == "conv_depthwise_nhwc" and channels_last.pairs:
         name += "(int16 tap pairs)"
+    if kind == "conv_depthwise_nhwc" and channels_last.quads:
+        name += "(byte row quads)"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     stage = ConvStage(channels_last, ep, launched) if kind in CHANNELS_LAST and rank == 4 else None
     return Kernel(
