@@ -243,9 +243,7 @@ class _Emitter:
             self.quad_block(tag, ow0, coff, count)
             return
         for t in range(s.kh * s.kw):
-            e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
-            e(f"%{tag}.wp{t} = getelementptr float, ptr %w, i64 %{tag}.wo{t}")
-            e(f"%{tag}.w{t} = load {vec}, ptr %{tag}.wp{t}, align 4")
+            self.weight_row(tag, coff, t, "float", vec)
         fma = self.fma
         k = self.requant_constants(tag, coff) if s.requant else None
         start = k["bf"] if s.bias_in_sum else None  # the sums' first addend
@@ -291,10 +289,7 @@ class _Emitter:
         def weight(parity: int, kh: int, i: int) -> str:
             t = parity * s.kh * counts[0] + kh * counts[parity] + i
             if t not in weights:
-                weights[t] = f"%{tag}.w{t}"
-                e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
-                e(f"%{tag}.wp{t} = getelementptr i32, ptr %w, i64 %{tag}.wo{t}")
-                e(f"{weights[t]} = load {iv}, ptr %{tag}.wp{t}, align 4")
+                weights[t] = self.weight_row(tag, coff, t, "i32", iv)
             return weights[t]
 
         k = self.requant_constants(tag, coff)
@@ -326,12 +321,7 @@ class _Emitter:
         loaded once."""
         s, e, iv = self.spec, self.emit, self.ivec
         k = self.requant_constants(tag, coff)
-        weights = []
-        for kw in range(s.kw):
-            e(f"%{tag}.wo{kw} = add i64 {coff}, %cpt{kw}")
-            e(f"%{tag}.wp{kw} = getelementptr i32, ptr %w, i64 %{tag}.wo{kw}")
-            e(f"%{tag}.w{kw} = load {iv}, ptr %{tag}.wp{kw}, align 4")
-            weights.append(f"%{tag}.w{kw}")
+        weights = [self.weight_row(tag, coff, kw, "i32", iv) for kw in range(s.kw)]
         e(f"%{tag}.c0 = mul i64 {ow0}, {s.sw}")  # the block's first column
         e(f"%{tag}.x0 = mul i64 %{tag}.c0, %cp")
         e(f"%{tag}.xb = add i64 %{tag}.x0, {coff}")
@@ -361,6 +351,15 @@ class _Emitter:
             e(f"{t}.yb = trunc {iv} {t}.yi to <{s.lanes} x i8>")
             e(f"%{tag}.q{o} = getelementptr i8, ptr %out, i64 %{tag}.yo{o}")
             e(f"store <{s.lanes} x i8> {t}.yb, ptr %{tag}.q{o}, align 1")
+
+    def weight_row(self, tag: str, coff: str, t: int, elem: str, vec: str) -> str:
+        """Load `%{tag}.w{t}`: the vector of weight row t (of `elem`s, `cp`
+        apart) for the channel block at element offset `coff`."""
+        e = self.emit
+        e(f"%{tag}.wo{t} = add i64 {coff}, %cpt{t}")
+        e(f"%{tag}.wp{t} = getelementptr {elem}, ptr %w, i64 %{tag}.wo{t}")
+        e(f"%{tag}.w{t} = load {vec}, ptr %{tag}.wp{t}, align 4")
+        return f"%{tag}.w{t}"
 
     def requantize_sum(self, t: str, acc: str, k: dict) -> None:
         """`{t}.yi`, the output codes (int32) of the float sums `acc` that
