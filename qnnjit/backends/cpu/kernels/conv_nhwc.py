@@ -45,7 +45,8 @@ that stay int8 after their zero point (symmetric int8 weights always), the
 ring is one row of byte quads of 4 input rows instead (`_quad_ring`), and
 the row kernel takes one `vpdpbusd` per window column (`dwkernels` quads):
 3 multiply-adds for a 3x3 window. MobileNetV2's depthwise+pointwise steps:
-another 0-18 % faster, the sum of its steps 2258 -> 2169 us (1 thread).
+another 0-18 % faster, the sum of its steps 2247-2337 -> 2076-2180 us (1
+thread).
 """
 
 from __future__ import annotations
