@@ -532,9 +532,11 @@ def test_depthwise_tap_pairs_and_row_quads(kernel, strides, dilations, pads, x_d
     rng = np.random.default_rng(sum(kernel) * 7 + strides[1])
     c = 48  # three vectors of channels
     x = codes(rng, x_dtype, (2, c, 9, 21))
-    if rows == "quads":  # w - zw within int8
+    if rows == "quads":  # w - zw within int8, both ends reached
         w = rng.integers(-100, 101, (c, 1, *kernel)).astype(np.int8)
         wz = rng.integers(-27, 28, c).astype(np.int8)
+        w[0, 0, 0, 0], wz[0] = -128, 0
+        w[1, 0, -1, -1], wz[1] = 100, -27
     else:
         w, wz = codes(rng, np.int8, (c, 1, *kernel)), codes(rng, np.int8, (c,))
     consts = {
