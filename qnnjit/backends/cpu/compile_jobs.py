@@ -25,7 +25,10 @@ function at once can both pick `f.1.nbc`, leaving one signature's index
 entry naming the other's machine code. `_LockedIndexFile.save` does the
 same under an exclusive `flock` and writes the data before the index.
 `share_caches()` gives every cached Numba function of the CPU backend both
-classes (the instance's class is swapped: no state is added).
+classes (the instance's class is swapped: no state is added). The shared
+cache also loads without Numba's refresh of its target context, which a
+warm compile in a fresh process would otherwise spend most of its time on
+(`_SharedCache._load_without_refresh`).
 
 `QNNJIT_COMPILE_JOBS=1` turns the helper off (the default, 2, is used when
 the machine has two or more cores); so does an unset cache (`QNNJIT_CACHE_DIR=""`).
@@ -52,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.dispatcher import Dispatcher
+from numba.core.runtime import rtsys
 
 try:
     import fcntl
@@ -105,15 +109,30 @@ class _LockedIndexFile(IndexDataCacheFile):
 
 
 class _SharedCache(FunctionCache):
-    """A function's cache that, during a two-process warm-up, claims what
-    it compiles and waits for what the other process claimed."""
+    """A function's cache that loads machine code without refreshing Numba's
+    target context, and that, during a two-process warm-up, claims what it
+    compiles and waits for what the other process claimed."""
 
     def load_overload(self, sig, target_context):
-        cres = super().load_overload(sig, target_context)
+        cres = self._load_without_refresh(sig, target_context)
         if cres is None and _SESSION is not None:
-            load = functools.partial(FunctionCache.load_overload, self, sig, target_context)
+            load = functools.partial(self._load_without_refresh, sig, target_context)
             cres = _SESSION.claim_or_wait(self._claim_name(sig), load)
         return cres
+
+    def _load_without_refresh(self, sig, target_context):
+        """`FunctionCache.load_overload` less its first step, the refresh of
+        the whole target context. That refresh imports every lowering
+        registry Numba has, SciPy's BLAS wrappers among them (for np.dot):
+        0.15-0.3 s of a fresh process's first load, half or more of a warm
+        compile's own work. Linking cached machine code needs none of it,
+        only Numba's runtime (NRT), which compiled code calls. A cache miss
+        compiles, and Numba's compiler refreshes the context before it
+        compiles anything (`CompilerBase.__init__`)."""
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+        return None  # the guard swallowed an I/O error
 
     def save_overload(self, sig, data):
         super().save_overload(sig, data)
@@ -353,4 +372,9 @@ def _zeros_like(value, strided: bool):
 
 
 if __name__ == "__main__":
-    _helper(Path(sys.argv[1]))
+    # Run as `python -m`, this file is `__main__`, a second copy of the module:
+    # the helper's session must live in the copy the executor imports, whose
+    # `_SharedCache` reads it.
+    from qnnjit.backends.cpu import compile_jobs
+
+    compile_jobs._helper(Path(sys.argv[1]))

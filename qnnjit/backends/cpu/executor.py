@@ -103,6 +103,10 @@ class CpuExecutor:
         self._lower_all()
         self.lower_seconds = time.perf_counter() - start
         self._plan()
+        # Every cached kernel saves under the cache's lock and loads without
+        # Numba's context refresh, whenever it is first called. (After the
+        # lowering, which may import kernel modules.)
+        share_caches()
         if warmup:
             self._warmup()
 
@@ -221,7 +225,6 @@ class CpuExecutor:
             dims = tuple(1 if isinstance(d, str) else d for d in shape)
             arrays.append(np.zeros(dims, value.type.dtype.numpy))
         start = time.perf_counter()
-        share_caches()  # every cached kernel saves under the cache's lock
         with helped_warmup(self, self.compile_stats):
             try:
                 self._record(arrays)  # so the first real run on these shapes replays
