@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import os
 
@@ -56,6 +58,28 @@ def compile(
             f"target {target!r} is not built yet; available: {AVAILABLE_TARGETS} "
             "(target=None picks the best one)"
         )
+    with _collector_paused():
+        return _compile(model, target, example_inputs, num_threads, strict_ranges)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the block. A compile in a
+    fresh process imports Numba and ONNX and loads kernels, and the full
+    collections that this many new objects set off were ~0.08 s of a ~0.6 s
+    warm compile (MobileNetV2, ResNet-18). The cycles the compile leaves are
+    collected once the collector is back on (a cold compile holds ~90 MB more
+    meanwhile). Left off if the caller had turned it off."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compile(model, target, example_inputs, num_threads, strict_ranges):
     graph = load_graph(model, example_inputs)
     if strict_ranges is None:
         strict_ranges = os.environ.get("QNNJIT_STRICT_RANGES", "") not in ("", "0")

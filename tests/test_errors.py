@@ -1,5 +1,7 @@
 """Bad input gets a qnnjit error naming the culprit, never a raw traceback."""
 
+import gc
+
 import numpy as np
 import onnx
 import pytest
@@ -79,6 +81,22 @@ def test_unknown_and_unbuilt_targets():
         qnnjit.compile(_add_model(), target="tpu")
     with pytest.raises(qnnjit.QnnjitError, match="'cuda' is not built yet"):
         qnnjit.compile(_add_model(), target="cuda")
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_a_compile_leaves_the_garbage_collector_as_it_found_it(collecting):
+    """`compile` pauses Python's cyclic collector (api._collector_paused):
+    after it returns or raises, the collector is on again only if it was."""
+    was = gc.isenabled()
+    try:
+        (gc.enable if collecting else gc.disable)()
+        assert qnnjit.compile(_add_model(), target="cpu") is not None
+        assert gc.isenabled() is collecting
+        with pytest.raises(qnnjit.ModelError):
+            qnnjit.compile("/no/such/model.onnx", target="cpu")
+        assert gc.isenabled() is collecting
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 @pytest.fixture(scope="module")
