@@ -63,9 +63,10 @@ may touch.) Between two runs of a model the weights of ResNet-18's last
 stage (2.4 MB a conv) leave the caches, and its convs waited on memory:
 measured with the caches flushed first, one 512x512x3x3 conv took 587-616
 us without the prefetch, 546-570 with, 518-527 with warm caches; a whole
-ResNet-18 at one thread about 2% less time. Every row tile of a panel block
-prefetches it again: the redundant prefetches hit L1/L2 and cost nothing
-measurable with warm caches.
+ResNet-18 at one thread took ~2% less time, the two alternated in one
+tree (the model benchmark's ratios do not resolve that). Every row tile of
+a panel block prefetches it again: the redundant prefetches hit L1/L2 and
+cost nothing measurable with warm caches.
 
 REQUANT_DOC. A ``requant`` kernel (the last K block of a GEMM whose epilogue
 is the plain float requantize to bytes) takes one more argument, ``const
