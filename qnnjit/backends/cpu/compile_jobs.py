@@ -330,8 +330,7 @@ def _helper(root: Path) -> None:
     from . import spinteam
     from .executor import CpuExecutor
 
-    executor = CpuExecutor(graph, num_threads=job["num_threads"], warmup=False)
-    share_caches()
+    executor = CpuExecutor(graph, num_threads=job["num_threads"], warmup=False)  # shares caches
     _SESSION = _Session(root, "helper", parent_running)
     try:  # needed by the parent only once its warm-up run ends: first here
         spinteam.compile_sequence_loop(job["num_threads"])

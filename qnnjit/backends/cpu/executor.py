@@ -93,6 +93,10 @@ class CpuExecutor:
         # Numba's pool, which only the GEMM engine's parallel driver uses, gets
         # the same size.
         numba.set_num_threads(self.num_threads)
+        # Every cached kernel (the kernels package imports them all) saves
+        # under the cache's lock and loads without Numba's context refresh,
+        # whenever it is first called: in lowering, warm-up or a later run.
+        share_caches()
         self.steps: list[Kernel] = []
         self.declined: list[tuple[Node, str]] = []
         self.warmup_seconds = 0.0
@@ -103,10 +107,6 @@ class CpuExecutor:
         self._lower_all()
         self.lower_seconds = time.perf_counter() - start
         self._plan()
-        # Every cached kernel saves under the cache's lock and loads without
-        # Numba's context refresh, whenever it is first called. (After the
-        # lowering, which may import kernel modules.)
-        share_caches()
         if warmup:
             self._warmup()
 
