@@ -1,5 +1,7 @@
 """The IR core: validated types, the graph API, the printer and the verifier."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -79,6 +81,37 @@ def test_graph_api_users_replace_and_dce():
     assert [n.name for n in g.nodes] == ["b"]
     assert g.nodes[0].inputs == [x, x]
     verify(g)
+
+
+def test_a_pickled_graph_keeps_its_structure():
+    g, x, w, a, b, dead = _small_graph()
+    g.metadata["_cache"] = object()  # a cache beside the graph: not pickled
+    g.metadata["kept"] = [1, 2]
+    copy = pickle.loads(pickle.dumps(g))
+    assert str(copy) == str(g)
+    assert copy.metadata == {"kept": [1, 2]}
+    a2 = copy.value("a")
+    assert copy.producer(a2).name == "a" and copy.producer(copy.inputs[0]) is None
+    assert [n.name for n in copy.users(a2)] == ["b", "dead"]
+    fresh = copy.add_node("add", [a2, a2], name="a")  # names continue where g's stopped
+    assert fresh.name not in ("a", "b", "dead") and fresh.outputs[0].name != "a"
+    assert copy.dead_code_elimination()
+    assert [n.name for n in copy.nodes] == ["a", "b"]
+    verify(copy)
+
+
+def test_a_deep_graph_pickles_without_recursing_per_node():
+    """Pickle used to follow value -> producer -> input links once per node
+    and overflowed Python's stack past ~300 chained nodes."""
+    g = Graph()
+    y = g.add_input("x", TensorType(dtypes.float32, (1, 4)))
+    for _ in range(3000):
+        y = g.add_node("relu", [y]).outputs[0]
+    g.set_outputs([y])
+    copy = pickle.loads(pickle.dumps(g))
+    assert len(copy) == 3000
+    assert copy.outputs[0].producer is copy.nodes[-1]
+    assert copy.nodes[0].inputs[0] is copy.inputs[0]
 
 
 def test_type_inference_broadcasts_symbolic_dims():

@@ -11,7 +11,6 @@ added, so a graph is always fully typed.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,6 +35,15 @@ class Value:
     @property
     def is_constant(self) -> bool:
         return self.const is not None
+
+    def __getstate__(self):
+        # Without `producer`: the graph that pickles this value restores it
+        # (see `Graph.__getstate__`).
+        return self.name, self.type, self.const
+
+    def __setstate__(self, state):
+        self.name, self.type, self.const = state
+        self.producer = None
 
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"
@@ -72,22 +80,65 @@ class Graph:
         self._topological: list[Node] | None = None
         self._uses: dict[Value, list[Node]] = {}
         self._values: dict[str, Value] = {}
-        self._counter = itertools.count()
+        self._next_id = 0  # suffixes fresh names and numbers nodes' creation order
         self._node_names: set[str] = set()
         self.metadata: dict[str, Any] = {}
 
+    # ---- pickling -------------------------------------------------------------
+    # Flat: values are pickled without their producer and nodes without the
+    # DAG, both rebuilt from the node list. Following the producer -> inputs
+    # links recursed once per node along the longest path and overflowed
+    # Python's stack past ~300 nodes in a chain.
+
+    def __getstate__(self):
+        state = {
+            "name": self.name,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "values": list(self._values.values()),
+            "nodes": sorted(self._dag.nodes, key=lambda node: node.order),
+            "next_id": self._next_id,
+            "node_names": self._node_names,
+            # Keys starting with "_" are caches kept beside the graph (a fused
+            # body's reference executor): rebuilt when needed, not pickled.
+            "metadata": {k: v for k, v in self.metadata.items() if not k.startswith("_")},
+        }
+        return state
+
+    def __setstate__(self, state):
+        self.__init__(state["name"])
+        self.inputs = state["inputs"]
+        self.outputs = state["outputs"]
+        self._next_id = state["next_id"]
+        self._node_names = state["node_names"]
+        self.metadata = state["metadata"]
+        for value in state["values"]:
+            self._register(value)
+        for node in state["nodes"]:
+            for value in node.outputs:
+                value.producer = node
+        for node in state["nodes"]:
+            self._dag.add_node(node)
+            for value in node.inputs:
+                if value is not None:
+                    self._use(value, node)
+
     # ---- construction -------------------------------------------------------
+
+    def _take_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     def _fresh_name(self, hint: str) -> str:
         name = hint or "v"
         while name in self._values:
-            name = f"{hint or 'v'}_{next(self._counter)}"
+            name = f"{hint or 'v'}_{self._take_id()}"
         return name
 
     def _fresh_node_name(self, hint: str) -> str:
         name = hint
         while name in self._node_names:
-            name = f"{hint}_{next(self._counter)}"
+            name = f"{hint}_{self._take_id()}"
         self._node_names.add(name)
         return name
 
@@ -131,7 +182,7 @@ class Graph:
         node_name = self._fresh_node_name(name or op)
         if output_types is None:
             output_types = infer_types(op, node_name, inputs, attrs)
-        node = Node(op, node_name, inputs, [], attrs, next(self._counter))
+        node = Node(op, node_name, inputs, [], attrs, self._take_id())
         names = list(output_names or [])
         for index, type in enumerate(output_types):
             default = node_name if len(output_types) == 1 else f"{node_name}_{index}"
