@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
+from ...diskcache import cache_dir, read_checked, write_checked
 from .features import host_cpu
 
-__all__ = ["JitModule", "compile_module", "cache_dir", "target_machine"]
+__all__ = ["JitModule", "compile_module", "target_machine"]
 
 _FORMAT = "qnnjit-ukernel-v1"
 _LOCK = threading.RLock()
@@ -47,15 +45,6 @@ class JitModule:
     addresses: dict[str, int]
     source: str  # "compiled", "disk" or "memory"
     seconds: float  # time this call took to make it available
-
-
-def cache_dir() -> Path | None:
-    """Where compiled kernels persist, or None when disabled (``QNNJIT_CACHE_DIR=""``)."""
-    env = os.environ.get("QNNJIT_CACHE_DIR")
-    if env is not None:
-        return Path(env) if env.strip() else None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qnnjit"
 
 
 @functools.cache
@@ -133,45 +122,6 @@ def _load(obj: bytes, isa: str, names: tuple[str, ...]) -> dict[str, int]:
         raise RuntimeError(f"compiled module lacks functions {missing}")
     _ENGINES.append(engine)
     return addresses
-
-
-_MAGIC = b"QNNJITO1"
-
-
-def read_checked(path: Path) -> bytes | None:
-    """The payload (an object file) stored at ``path`` by `write_checked` if it
-    is intact (magic and SHA-256 of the payload match); None if absent or
-    damaged. LLVM does not survive loading a corrupt object file, so nothing
-    unchecked reaches it."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    head = len(_MAGIC) + 32
-    if len(data) <= head or not data.startswith(_MAGIC):
-        return None
-    digest, obj = data[len(_MAGIC) : head], data[head:]
-    return obj if hashlib.sha256(obj).digest() == digest else None
-
-
-def write_checked(path: Path, payload: bytes) -> None:
-    """Store ``payload`` at ``path`` for `read_checked`, atomically."""
-    _write_atomic(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def compile_module(ir_text: str, isa: str, names: tuple[str, ...]) -> JitModule:

@@ -105,7 +105,7 @@ from numba.core.dispatcher import Dispatcher
 from numba.core.typing.typeof import Purpose, typeof
 from numba.extending import intrinsic
 
-from . import llvmjit
+from ... import diskcache
 from .drivers import _fetch_add
 from .packargs import data_words, pack_arguments
 
@@ -510,13 +510,13 @@ _LIBRARIES: list = []
 
 
 def _trampoline_path(key: str):
-    directory = llvmjit.cache_dir()
+    directory = diskcache.cache_dir()
     return None if directory is None else directory / "cpu_trampolines" / f"{key}.bin"
 
 
 def _load_trampoline(codegen, path):
     """The library stored at `path`, or None (no cache, absent, damaged)."""
-    data = llvmjit.read_checked(path) if path is not None else None
+    data = diskcache.read_checked(path) if path is not None else None
     if data is None:
         return None
     try:
@@ -530,7 +530,7 @@ def _store_trampoline(library, path) -> None:
     if path is None:
         return
     try:
-        llvmjit.write_checked(path, pickle.dumps(library.serialize_using_object_code()))
+        diskcache.write_checked(path, pickle.dumps(library.serialize_using_object_code()))
     except Exception:  # noqa: BLE001 - a trampoline not stored is compiled again next time
         pass
 

@@ -35,6 +35,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .... import diskcache
+
 _BACKEND_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -50,15 +52,8 @@ def cache_dir() -> Path | None:
     """Where compiled kernels persist, or None when caching is off."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return Path(os.environ["NUMBA_CACHE_DIR"])
-    env = os.environ.get("QNNJIT_CACHE_DIR")
-    if env is not None and not env.strip():
-        return None
-    if env is not None:
-        base = Path(env)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = Path(xdg) / "qnnjit"
-    return base / "numba" / _source_hash()
+    root = diskcache.cache_dir()
+    return None if root is None else root / "numba" / _source_hash()
 
 
 CACHE_DIR = cache_dir()
