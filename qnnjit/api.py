@@ -6,8 +6,9 @@ import contextlib
 import gc
 import importlib.util
 import os
+import warnings
 
-from .compiler import run_pipeline
+from .compiler import graph_cache, run_pipeline
 from .errors import QnnjitError
 from .runtime import CompiledModel
 
@@ -80,13 +81,10 @@ def _collector_paused():
 
 
 def _compile(model, target, example_inputs, num_threads, strict_ranges):
-    graph = load_graph(model, example_inputs)
     if strict_ranges is None:
         strict_ranges = os.environ.get("QNNJIT_STRICT_RANGES", "") not in ("", "0")
-    graph.metadata["strict_ranges"] = bool(strict_ranges)
-    before = graph.op_counts()
-    before_ir = str(graph)
-    run_pipeline(graph)
+    entry, cached = _optimized(model, example_inputs, bool(strict_ranges))
+    graph = entry.graph
     if target == "cpu":
         from .backends.cpu.executor import CpuExecutor
 
@@ -97,16 +95,55 @@ def _compile(model, target, example_inputs, num_threads, strict_ranges):
         executor = ReferenceExecutor(graph)
 
     def report() -> str:  # written when asked: the IR printed is ~5% of a warm compile
-        text = _report(before, before_ir, graph)
+        text = _report(entry, cached)
         return text + "\n\n" + executor.describe() if target == "cpu" else text
 
     return CompiledModel(graph, executor, target=target, report=report)
 
 
-def _report(before: dict, before_ir: str, graph) -> str:
+def _optimized(model, example_inputs, strict_ranges: bool) -> tuple[graph_cache.Entry, bool]:
+    """The model's optimized graph (frontend, then passes), from the graph
+    cache when this model was compiled before; and whether it came from there."""
+    key = None
+    if example_inputs is None:
+        key = graph_cache.key_for(model, {"strict_ranges": strict_ranges})
+    if key is None:
+        return _optimize(model, example_inputs, strict_ranges), False
+    entry = graph_cache.load(key)
+    if entry is not None:
+        return entry, True
+    # Warnings are caught and given again after: a compile that warned is not
+    # stored, since a hit would not warn.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entry = _optimize(model, example_inputs, strict_ranges)
+    for warning in caught:
+        warnings.warn_explicit(
+            warning.message,
+            warning.category,
+            warning.filename,
+            warning.lineno,
+            source=warning.source,
+        )
+    if not caught:
+        graph_cache.store(key, entry, model)
+    return entry, False
+
+
+def _optimize(model, example_inputs, strict_ranges: bool) -> graph_cache.Entry:
+    graph = load_graph(model, example_inputs)
+    graph.metadata["strict_ranges"] = strict_ranges
+    before = graph.op_counts()
+    before_ir = str(graph)
+    run_pipeline(graph)
+    return graph_cache.Entry(graph, before, before_ir)
+
+
+def _report(entry: graph_cache.Entry, cached: bool) -> str:
     """What the compiler did, section by section: node counts, fused groups,
     QDQ units rewritten or kept (with reasons), accumulator widths, the IR
     before and after."""
+    graph, before, before_ir = entry.graph, entry.before_counts, entry.before_ir
     after = graph.op_counts()
     groups = [node for node in graph.nodes if node.op == "fused"]
     inner: dict[str, int] = {}
@@ -115,6 +152,8 @@ def _report(before: dict, before_ir: str, graph) -> str:
             inner[op] = inner.get(op, 0) + count
     preset = graph.metadata.get("numerics_preset", "unspecified")
     lines = [
+        "optimized graph: "
+        + ("from the graph cache (this model was compiled before)" if cached else "compiled"),
         f"numerics preset: {preset} (rounding choices are attributes of the ops below)",
         "",
         f"node counts (frontend -> optimized), {sum(before.values())} -> {sum(after.values())}:",
