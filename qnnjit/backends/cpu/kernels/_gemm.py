@@ -108,7 +108,7 @@ def plan_gemm(b: np.ndarray, rows_hint: int) -> GemmPlan:
     """Pack `b` (int8 [K, N]) for tiles of about `rows_hint` rows."""
     k, n = b.shape
     config = gemm.default_config(max(rows_hint, 1), n, k, threads=1)
-    packed = gemm.pack_b(np.ascontiguousarray(b, dtype=np.int8), config)
+    packed = gemm.pack_b(np.asarray(b, dtype=np.int8), config)  # any strides
     # A is u8 over its whole range; on AVX2 the engine proves (or refutes) from
     # the weights that the fast i16-pair kernel cannot saturate.
     fptrs, desc = gemm.microkernels(config, packed)

@@ -386,7 +386,7 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
             wb, zw = w4.astype(np.int8), m_zp
         mg = m // group
         w_groups = [wb[g * mg : (g + 1) * mg].reshape(mg, k) for g in range(group)]
-        wsum = np.concatenate([w_.astype(np.int64).sum(axis=1) for w_ in w_groups])
+        wsum = np.concatenate([w_.sum(axis=1, dtype=np.int64) for w_ in w_groups])
         pixels = _static_pixels(x, w4.shape, attrs, group)
         if kind == "conv_nhwc":
             # sum_k (x - za)(w - zw) = sum_k x w - za sum w + K za zw - zw sum x

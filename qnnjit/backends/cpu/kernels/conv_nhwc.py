@@ -603,7 +603,8 @@ class ChannelsLastConv:
     def __init__(self, w_int8: np.ndarray, zw: np.ndarray, *, flip: int, pad_byte: int,
                  pointwise: bool, pixels_hint: int, num_threads: int):  # fmt: skip
         m, c, kh, kw = w_int8.shape
-        b = np.ascontiguousarray(w_int8.transpose(2, 3, 1, 0).reshape(kh * kw * c, m))
+        # B as the transpose of [M, K]: packing reads it row by row (`pack_b`)
+        b = w_int8.transpose(0, 2, 3, 1).reshape(m, kh * kw * c).T
         self.plan = plan_gemm(b, max(pixels_hint, 1))
         self.zw = np.ascontiguousarray(zw, dtype=np.int64)
         self.need_rowsum = bool(np.any(self.zw != 0))
