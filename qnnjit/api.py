@@ -101,6 +101,9 @@ def _compile(model, target, example_inputs, num_threads, strict_ranges):
     return CompiledModel(graph, executor, target=target, report=report)
 
 
+_ABOUT_CODE = (DeprecationWarning, PendingDeprecationWarning, ImportWarning)
+
+
 def _optimized(model, example_inputs, strict_ranges: bool) -> tuple[graph_cache.Entry, bool]:
     """The model's optimized graph (frontend, then passes), from the graph
     cache when this model was compiled before; and whether it came from there."""
@@ -112,8 +115,10 @@ def _optimized(model, example_inputs, strict_ranges: bool) -> tuple[graph_cache.
     entry = graph_cache.load(key)
     if entry is not None:
         return entry, True
-    # Warnings are caught and given again after: a compile that warned is not
-    # stored, since a hit would not warn.
+    # Warnings are caught and given again after: a compile that warned about
+    # the model is not stored, since a hit would not warn. Deprecation and
+    # import warnings are about code, not the model (a library imported on
+    # the way may give them), and do not stop the store.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         entry = _optimize(model, example_inputs, strict_ranges)
@@ -125,7 +130,7 @@ def _optimized(model, example_inputs, strict_ranges: bool) -> tuple[graph_cache.
             warning.lineno,
             source=warning.source,
         )
-    if not caught:
+    if all(issubclass(w.category, _ABOUT_CODE) for w in caught):
         graph_cache.store(key, entry, model)
     return entry, False
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,22 @@ def test_a_compile_that_warns_is_not_stored_and_warns_every_time(cache, tmp_path
             model = qnnjit.compile(path, target="reference")
         assert _first_line(model).startswith(COMPILED)
     assert _entries(cache) == []
+
+
+def test_a_deprecation_warning_on_the_way_does_not_stop_the_store(cache, digits, monkeypatch):
+    """A library imported during the compile may warn about its own code:
+    given again, but the graph is stored."""
+    path, _ = digits
+    load_graph = api.load_graph
+
+    def load_with_a_deprecation(*args):
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+        return load_graph(*args)
+
+    monkeypatch.setattr(api, "load_graph", load_with_a_deprecation)
+    with pytest.warns(DeprecationWarning, match="an old API"):
+        qnnjit.compile(path, target="reference")
+    assert len(_entries(cache)) == 1
 
 
 @pytest.mark.parametrize(
