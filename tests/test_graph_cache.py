@@ -88,6 +88,36 @@ def test_a_second_compile_loads_the_optimized_graph(cache, digits, monkeypatch):
     assert len(_entries(cache)) == 1
 
 
+def _zoo_cases():
+    import modelzoo
+
+    return [
+        pytest.param(model, variant, id=f"{model}-{variant}")
+        for model in modelzoo.MODEL_NAMES
+        for variant in modelzoo.all_variants()
+    ]
+
+
+@pytest.mark.parametrize("model_name, variant", _zoo_cases())
+def test_every_zoo_model_is_stored_and_loads_the_same(cache, model_zoo, model_name, variant):
+    """Every attribute and metadata entry the frontends and passes leave on
+    the corpus's graphs pickles: the models are stored, and a hit gives the
+    same IR and the same integers (reference interpreter)."""
+    import modelzoo
+
+    path = model_zoo.build(model_name, variant)
+    x = modelzoo.example_input(model_name, seed=1)
+    first = qnnjit.compile(path, target="reference")
+    assert _first_line(first).startswith(COMPILED)
+    assert len(_entries(cache)) == 1, "not stored"
+    second = qnnjit.compile(path, target="reference")
+    assert _first_line(second).startswith(FROM_CACHE)
+    assert str(second.graph) == str(first.graph)
+    for a, b in zip(first.graph.constants, second.graph.constants, strict=True):
+        np.testing.assert_array_equal(a.const, b.const)
+    np.testing.assert_array_equal(second(x), first(x))
+
+
 def _with_scaled_weight(path: Path, factor: int) -> np.ndarray:
     """Rewrite `path` with its first int8 weight multiplied by `factor`
     (same size, same name); returns the new weight."""

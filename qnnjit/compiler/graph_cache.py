@@ -46,9 +46,9 @@ from ..ir.graph import Graph
 
 _FORMAT = b"qnnjit-graph-v1"
 MAX_ENTRIES = 32
+MAX_BYTES = 2 << 30
 # ONNX keeps the file name of external weight data under this key.
 _EXTERNAL_DATA = b"location"
-MAX_BYTES = 2 << 30
 _PACKAGE = Path(__file__).resolve().parent.parent  # qnnjit/
 _NOT_FINGERPRINTED = ("backends/cpu",)  # keyed by its own kernel caches; runs after the graph
 
@@ -110,7 +110,7 @@ def store(key: str, entry: Entry, model) -> None:
     try:
         payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - an attribute that does not pickle: compiled each time
-        return  # (tests/test_graph_cache.py checks that the corpus models are stored)
+        return  # (tests/test_graph_cache.py checks that every zoo model is stored)
     directory = _directory()
     try:
         diskcache.write_checked(directory / f"{key}.pkl", payload)
