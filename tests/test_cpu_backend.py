@@ -1293,12 +1293,17 @@ def test_nhwc_bytes_transposes(shape):
 @pytest.mark.parametrize("dt", [dtypes.uint8, dtypes.int8])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, threads, monkeypatch):
+@pytest.mark.parametrize("rounding", ["half_even_float", "fixed_point_double"])
+def test_global_pool_of_a_channels_last_conv_sums_in_place(
+    dt, per_channel, threads, rounding, monkeypatch
+):
     """A conv's channels-last output pooled over H and W is summed down its
-    pixel rows (`reduce_columns`), not copied to NCHW first: 300 channels
-    (a second, partial block of `_COLUMN_BLOCK`), three images, every task
-    on its own range with two threads, a per-tensor requantize or a bias and
-    a per-channel one, against the reference."""
+    pixel rows, not copied to NCHW first: 300 channels (a second, partial
+    block of `_COLUMN_BLOCK`), three images, every task on its own range
+    with two threads, a per-tensor requantize or a bias and a per-channel
+    one, against the reference. The float requantize takes the kernel
+    without `ep_tile` (`reduce_columns_fast`), a fixed-point one the
+    general kernel."""
     from qnnjit.backends.cpu.kernels import _threads, reduce
 
     monkeypatch.setattr(_threads, "MIN_PARALLEL_WORK", 0)
@@ -1331,7 +1336,7 @@ def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, thre
         "requantize",
         [acc.outputs[0], g.constant(pooled_mult.reshape(-1 if per_channel else ())),
          g.constant(pooled_zp)],
-        {"dtype": dt, "rounding": "half_even_float", "axis": 1 if per_channel else None},
+        {"dtype": dt, "rounding": rounding, "axis": 1 if per_channel else None},
     ).outputs[0]  # fmt: skip
     g.set_outputs([out])
     cpu = CpuExecutor(g, num_threads=threads, warmup=False)  # a first run: no replay
@@ -1339,7 +1344,9 @@ def test_global_pool_of_a_channels_last_conv_sums_in_place(dt, per_channel, thre
         got = cpu.run([x_val])[0]
     np.testing.assert_array_equal(got, ReferenceExecutor(g).run([x_val])[0])
     kernels = [call.kernel for call in calls]
-    assert reduce.reduce_columns in kernels and reduce.reduce_rows not in kernels, kernels
+    fast = rounding == "half_even_float"
+    expected = reduce.reduce_columns_fast if fast else reduce.reduce_columns
+    assert expected in kernels and reduce.reduce_rows not in kernels, kernels
 
 
 @FAST

@@ -22,7 +22,22 @@ from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
 from .layout import is_channels_last, nhwc_bytes
-from .requant import build_epilogue, byte_codes, ep_tile, output_buffer, unsigned_view
+from .requant import (
+    FM_HI,
+    FM_LO,
+    FM_MULT,
+    FM_ZP,
+    I_FAST,
+    I_POST,
+    P_NONE,
+    build_epilogue,
+    byte_codes,
+    ep_tile,
+    fast_row_by_column,
+    fast_row_one_channel,
+    output_buffer,
+    unsigned_view,
+)
 
 # Channels per `reduce_columns` task: a few vectors of sums, so that a wide
 # layer's head splits over threads even for one image.
@@ -50,6 +65,42 @@ def reduce_rows(t0, t1, x2, flip, off, zp, inner, channels, out, chan_i, chan_f,
                 chan_i, chan_f, sc_i, sc_f, table, other)  # fmt: skip
 
 
+@jit(inline=True)
+def _column_sums(x3, n, c0, width, fl, shift, sums):
+    """sums[:width] = sum over the P pixels of image n of (code - zp), channels
+    c0.., wrapped to int32 as the int64 sum truncated would."""
+    sums[:] = 0
+    for p in range(x3.shape[1]):
+        row = x3[n, p, c0 : c0 + width]
+        for c in range(width):
+            sums[U(c)] += np.int32(row[U(c)] ^ fl)
+    for c in range(width):
+        sums[U(c)] -= shift
+
+
+@jit()
+def reduce_columns_fast(t0, t1, x3, flip, off, zp, per_tensor, out, chan_i, chan_f):
+    """`reduce_columns` whose epilogue is the common requantize alone, per
+    tensor or one parameter per channel of x (`requant.fast_row_*`): no
+    `ep_tile` to compile."""
+    P, C = x3.shape[1], x3.shape[2]
+    blocks = (C + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
+    acc = np.empty((1, _COLUMN_BLOCK), np.int32)
+    fl, shift = np.uint8(flip), np.int32(P * (zp + off))
+    bias_c, mult_c = chan_i[0], chan_f[FM_MULT]
+    lo_c, hi_c, zp_c = chan_f[FM_LO], chan_f[FM_HI], chan_f[FM_ZP]
+    for t in range(t0, t1):
+        n, b = t // blocks, t % blocks
+        c0 = b * _COLUMN_BLOCK
+        width = min(_COLUMN_BLOCK, C - c0)
+        _column_sums(x3, n, c0, width, fl, shift, acc.reshape(_COLUMN_BLOCK))
+        if per_tensor:
+            fast_row_one_channel(acc, 0, width, out, n * C + c0, 0, chan_i, chan_f)
+        else:
+            fast_row_by_column(acc, 0, width, out, n * C + c0, c0, bias_c, mult_c, lo_c, hi_c,
+                               zp_c)  # fmt: skip
+
+
 @jit()
 def reduce_columns(t0, t1, x3, flip, off, zp, inner, channels, out, chan_i, chan_f, sc_i, sc_f,
                    table, other):  # fmt: skip
@@ -62,20 +113,13 @@ def reduce_columns(t0, t1, x3, flip, off, zp, inner, channels, out, chan_i, chan
     P, C = x3.shape[1], x3.shape[2]
     blocks = (C + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK
     acc = np.empty((1, _COLUMN_BLOCK), np.int32)
-    sums = acc.reshape(_COLUMN_BLOCK)
     fl = np.uint8(flip)
     shift = np.int32(P * (zp + off))
     for t in range(t0, t1):
         n, b = t // blocks, t % blocks
         c0 = b * _COLUMN_BLOCK
         width = min(_COLUMN_BLOCK, C - c0)
-        sums[:] = 0
-        for p in range(P):
-            row = x3[n, p, c0 : c0 + width]
-            for c in range(width):
-                sums[U(c)] += np.int32(row[U(c)] ^ fl)
-        for c in range(width):
-            sums[U(c)] -= shift
+        _column_sums(x3, n, c0, width, fl, shift, acc.reshape(_COLUMN_BLOCK))
         # ep_tile's fast loops where the channels are known without its
         # per-element division: per-tensor parameters (channel 0), or one
         # parameter per channel of x (channel c0 + j)
@@ -125,6 +169,10 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
             n, c, h, w = shape
             x3 = nhwc_bytes(x_array).reshape(n, h * w, c)
             tasks = n * -(-c // _COLUMN_BLOCK)
+            if _fast_plain(sc_i) and (channels == 1 or (max(inner, 1) == 1 and channels == c)):
+                run_tasks(reduce_columns_fast, tasks, x_array.size, ctx.num_threads, x3, flip,
+                          off, zp, channels == 1, flat, ep.chan_i, ep.chan_f)  # fmt: skip
+                return [out]
             run_tasks(reduce_columns, tasks, x_array.size, ctx.num_threads, x3, flip, off, zp,
                       max(inner, 1), channels, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table,
                       ep.other_bytes(other, out_shape))  # fmt: skip
@@ -143,6 +191,11 @@ def lower_qreduce_sum(node: Node, ctx: LowerContext) -> Kernel:
     name = f"reduce_sum[{dt} axes={axes}]"
     label = f"{name}+{ep.describe()}" if ep.nodes else name
     return Kernel(label, run, inputs, nodes[-1].outputs, nodes, strided_inputs=pools_columns)
+
+
+def _fast_plain(sc_i) -> bool:
+    """The epilogue is the common requantize alone (`requant.fast_row_*`)."""
+    return bool(sc_i[I_FAST]) and sc_i[I_POST] == P_NONE
 
 
 def _channel_axis(chain, acc) -> tuple[int | None, int]:
