@@ -217,9 +217,9 @@ def _fast_post(acc, bias, mf, zp, lof, hif, o, post, yfirst, ry, ro, fixed, zy, 
 @jit(inline=True)
 def fast_row_one_channel(acc, r, cols, out, row, c, chan_i, chan_f):
     """Row r of `acc`, every element in channel `c`."""
-    c = U(c)
-    bias, mf, zp = np.int32(chan_i[0, c]), chan_f[FM_MULT, c], np.int32(chan_i[3, c])
-    lof, hif = chan_f[FM_LO, c], chan_f[FM_HI, c]
+    ch = U(c)
+    bias, mf, zp = np.int32(chan_i[0, ch]), chan_f[FM_MULT, ch], np.int32(chan_i[3, ch])
+    lof, hif = chan_f[FM_LO, ch], chan_f[FM_HI, ch]
     for j in range(cols):
         v = np.rint(np.float32(np.int32(acc[U(r), U(j)] + bias)) * mf)
         v = min(max(v, lof), hif)
