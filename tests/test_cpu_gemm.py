@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qnnjit import diskcache
 from qnnjit.backends.cpu import features, gemm, llvmjit, ukernels
 from qnnjit.backends.cpu.packing import pack_b, wrap_int32
 
@@ -437,8 +438,10 @@ def test_llvm_object_disk_cache(tmp_path, monkeypatch):
     next(tmp_path.rglob("*.o")).write_bytes(b"garbage")
     monkeypatch.setattr(llvmjit, "_MODULES", {})
     assert llvmjit.compile_module(text, spec.isa, names).source == "compiled"
-    monkeypatch.setenv("QNNJIT_CACHE_DIR", "")
-    assert llvmjit.cache_dir() is None
+    monkeypatch.setenv("QNNJIT_CACHE_DIR", "")  # every disk cache off: compiled each time
+    monkeypatch.setattr(llvmjit, "_MODULES", {})
+    assert diskcache.cache_dir() is None
+    assert llvmjit.compile_module(text, spec.isa, names).source == "compiled"
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mprotect"), reason="needs POSIX mprotect")

@@ -235,7 +235,7 @@ def test_the_least_recently_used_entries_are_evicted(cache, digits, monkeypatch)
         keys.append(graph_cache.key_for(path, {"strict_ranges": strict}))
     oldest = cache / f"{keys[0]}.pkl"
     os.utime(oldest, ns=(1, 1))  # as if last used long ago
-    qnnjit.compile(path.read_bytes() + b"", target="reference")  # a hit on keys[0]: used again
+    qnnjit.compile(path.read_bytes(), target="reference")  # a hit on keys[0]: used again
     assert oldest.stat().st_mtime_ns > 1
     _with_scaled_weight(path, -1)
     qnnjit.compile(path, target="reference")  # a third entry: keys[1] is now the oldest
