@@ -377,6 +377,48 @@ def test_pointwise_conv_channels_last(x_dtype, w_dtype, w_zp):
     assert ("(A in place)" in names) == (x_dtype == np.uint8), names
 
 
+# channels, (H, W), kernel, strides, pads, dilations, x dtype, A rows by address
+ADDRESSED_CONVS = [
+    (16, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.uint8, True),
+    (16, (10, 13), (3, 3), (2, 2), (2, 1, 0, 2), (2, 1), np.uint8, True),  # row dilation
+    (32, (7, 9), (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), np.uint8, True),  # 1x1, stride 2
+    (12, (8, 6), (5, 3), (1, 2), (2, 0, 1, 2), (1, 1), np.uint8, True),  # 36-byte rows
+    (16, (2, 3), (3, 3), (1, 1), (2, 2, 2, 2), (1, 1), np.uint8, True),  # all border
+    (12, (8, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 2), np.uint8, False),  # column dilation
+    (16, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.int8, False),  # signed
+    (8, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.uint8, False),  # 24-byte rows
+]
+
+
+@pytest.mark.parametrize("case", ADDRESSED_CONVS, ids=lambda c: f"c{c[0]}k{c[2][0]}x{c[2][1]}")
+@pytest.mark.parametrize("threads,tile,splits", [(1, None, 1), (1, 7, 1), (2, None, 1), (2, 7, 2)])
+def test_conv_reads_a_rows_by_address(case, threads, tile, splits, monkeypatch):
+    """Requantizing convs with unsigned activations and window rows of 32
+    bytes or more read A's rows straight from the input (`a_mode`): the
+    same bits as the reference for tiles that start and end mid-row
+    (`tile` = 7), two threads, with and without column splits, every
+    border, two images; the others still build im2col tiles."""
+    from qnnjit.backends.cpu.features import select_isa
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    if tile is not None:
+        monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "tile_pixels", lambda *_: tile)
+    if splits > 1:
+        monkeypatch.setattr(
+            conv_nhwc.ChannelsLastConv, "column_split", lambda self, p, i, tile: (tile, splits)
+        )
+    channels, size, kernel, strides, pads, dilations, x_dtype, by_address = case
+    spec = dict(
+        batch=2, groups=1, cin_g=channels, m_g=80, size=list(size), kernel=list(kernel),
+        strides=list(strides), dilations=list(dilations), pads=list(pads), x_dtype=x_dtype,
+        w_dtype=np.int8, w_zp="zero", per_channel=True, bias=True, pow2=False, seed=channels,
+    )  # fmt: skip
+    names = kernel_names(check_model(*_conv_model(spec), num_threads=threads)._executor)
+    assert "(microkernels requantize:" in names, names
+    expected = by_address and select_isa() != "portable"
+    assert ("(A rows by address)" in names) == expected, names
+
+
 @pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])
 @pytest.mark.parametrize("groups,strides", [(6, 1), (6, 2), (1, 1), (1, 2)])
 def test_conv_pad_value_other_than_the_zero_point(x_dtype, groups, strides):

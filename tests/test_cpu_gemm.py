@@ -262,7 +262,10 @@ def test_pair_sums_from_the_packed_data(layout, k, n, nr):
     np.testing.assert_array_equal(pack_b(b, nr, layout)._pair_sums, _distinct_pair_sums(padded))
 
 
-def _call_kernel(spec, rows, a, packed, nvalid):
+def _call_kernel(spec, rows, a, packed, nvalid, lda=None):
+    """Run one microkernel on A = `a` (row stride `lda`, by default a's own;
+    for a kernel that takes rows by address, `a` is the table of addresses
+    and `lda` their offset), B = `packed`; returns C."""
     name = ukernels.kernel_name(spec, rows)
     mod = llvmjit.compile_module(ukernels.ukernel_ir(spec, rows), spec.isa, (name,))
     fn = ctypes.CFUNCTYPE(
@@ -271,7 +274,7 @@ def _call_kernel(spec, rows, a, packed, nvalid):
     c = np.zeros((rows, packed.nr), np.int32)
     fn(
         a.ctypes.data,
-        a.strides[0],
+        a.strides[0] if lda is None else lda,
         packed.data.ctypes.data,
         packed.k_groups,
         c.ctypes.data,
@@ -282,6 +285,27 @@ def _call_kernel(spec, rows, a, packed, nvalid):
         0,
     )
     return c
+
+
+@pytest.mark.parametrize("isa", SIMD_PARAMS)
+def test_kernels_take_a_rows_by_address(isa):
+    """ukernels ADDRESS_DOC: row r of A starts `lda` bytes after address
+    table[r], wherever the rows lie: overlapping, out of order, one of them
+    twice. Every row count, a K that is not a multiple of the unroll."""
+    rng = np.random.default_rng(3)
+    mr, nr = SMALL_TILES[isa][0]
+    k, offset = 4 * (2 * ukernels.UNROLL + 3), 20
+    source = rng.integers(0, 256, 400, dtype=np.uint8)
+    b = rng.integers(-128, 128, (k, nr)).astype(np.int8)
+    packed = pack_b(b, nr)
+    spec = ukernels.UkernelSpec(isa, mr, nr, a_by_address=True)
+    for rows in range(1, mr + 1):
+        starts = rng.integers(0, source.size - k - offset, rows)
+        starts[-1] = starts[0]  # the same row twice (one row: itself)
+        table = source.ctypes.data + starts.astype(np.int64)
+        a = np.stack([source[s + offset : s + offset + k] for s in starts])
+        c = _call_kernel(spec, rows, table, packed, nr, lda=offset)
+        np.testing.assert_array_equal(c, reference(a, b), err_msg=f"{rows} rows")
 
 
 @pytest.mark.skipif("avx2" not in RUNNABLE, reason="host cannot run avx2")

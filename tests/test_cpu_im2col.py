@@ -1,9 +1,13 @@
 """The im2col row kernels (`im2colkernels`) and the walk that calls them
 (`conv_nhwc._im2col_rows`), against an im2col written in NumPy: every byte of
 the A tile, for tiles that start and end mid-row, windows that cross every
-border, signed activations (flipped to u8) and a pad byte unlike any code."""
+border, signed activations (flipped to u8) and a pad byte unlike any code.
+Likewise the tables of A row addresses that replace the tile where the
+kernels read rows by address (`conv_nhwc._row_addresses`)."""
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -21,8 +25,9 @@ from qnnjit.backends.cpu.kernels._conv_geometry import (
     GPW,
     GSH,
     GSW,
+    GW,
 )  # fmt: skip
-from qnnjit.backends.cpu.kernels.conv_nhwc import _im2col_rows
+from qnnjit.backends.cpu.kernels.conv_nhwc import _im2col_rows, _row_addresses, border_runs
 
 
 def numpy_im2col(x, kernel, strides, pads, dilations, flip, pad):
@@ -90,6 +95,49 @@ def test_im2col_rows_match_numpy(isa, case, flip):
                 np.testing.assert_array_equal(got, want[n * pixels + p0 : n * pixels + p0 + rows])
                 assert (a[:, K:] == 0xEE).all(), "wrote past a row's K bytes"
                 assert (a[rows:] == 0xEE).all(), "wrote past the tile's rows"
+
+
+def _geometry(case, oh, ow):
+    c, (h, w), kernel, strides, pads, dilations = case
+    geo = np.zeros(32, np.int64)
+    geo[[GKH, GKW, GSH, GSW, GPH, GPW, GDH, GDW, GOH, GOW, GW]] = (
+        *kernel, *strides, *pads, *dilations, oh, ow, w,
+    )  # fmt: skip
+    return geo
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[5][1] == 1], ids=lambda c: f"c{c[0]}k{c[2][0]}x{c[2][1]}"
+)
+def test_row_addresses_match_numpy(case):
+    """Every window row that `_row_addresses` points at holds the taps the
+    NumPy im2col has there: the input's own bytes inside the image, the pad
+    run above and below it, copies with pad bytes at the left and right
+    borders; and the copies fit the scratch `border_runs` sizes, for tiles
+    of one pixel, of odd sizes (starting and ending anywhere in a row), and
+    of a whole image."""
+    c, (h, w), kernel, strides, pads, dilations = case
+    rng = np.random.default_rng(c * 1000 + kernel[1])
+    x = rng.integers(0, 256, (2, h, w, c), dtype=np.uint8)
+    pad = 0x5A
+    want, oh, ow = numpy_im2col(x, kernel, strides, pads, dilations, 0, pad)
+    geo = _geometry(case, oh, ow)
+    run, pixels = kernel[1] * c, oh * ow
+    pad_run = np.full(run, pad, np.uint8)
+    for tile in sorted({1, max(1, ow * 2 // 3 + 1), pixels}):
+        table = np.zeros((kernel[0], tile), np.int64)
+        border = np.empty((border_runs(geo, tile), run), np.uint8)
+        for n in range(2):
+            for p0 in range(0, pixels, tile):
+                rows = min(tile, pixels - p0)
+                used = _row_addresses(x, n, p0, rows, geo, pad_run, table, border)
+                assert used <= border.shape[0], "more border copies than border_runs allows"
+                got = np.array([
+                    [np.frombuffer((ctypes.c_uint8 * run).from_address(int(address)), np.uint8)
+                     for address in table[:, i]]
+                    for i in range(rows)
+                ]).reshape(rows, kernel[0] * run)  # fmt: skip
+                np.testing.assert_array_equal(got, want[n * pixels + p0 : n * pixels + p0 + rows])
 
 
 def test_chunks_cover_each_run_exactly():

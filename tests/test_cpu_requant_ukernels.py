@@ -201,9 +201,27 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None)
     ep = requant_args(chan_f, sc_i, sc_f)
     gemm_requant_rows(
         a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
-        init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n, tables[1],
+        init, gp, scratch, 0, n, ep, got.ctypes.data, other.ctypes.data, n, tables[1], 0,
     )  # fmt: skip
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
+    # the same with A's rows by address, K in segments of 75 groups, each
+    # segment's bytes elsewhere (garbage after them): the 64-group K blocks
+    # must end at each segment's end too
+    segment = 75
+    segments = plan.k4 // (4 * segment)
+    assert plan.k4 == segments * segment * 4
+    apart = np.full((segments, ROWS, segment * 4 + 64), 0xA5, np.uint8)
+    apart[:, :, : segment * 4] = a.reshape(ROWS, segments, segment * 4).transpose(1, 0, 2)
+    table_rows = np.array([[apart[s, r].ctypes.data for r in range(ROWS)]
+                           for s in range(segments)], np.int64)  # fmt: skip
+    by_address = np.zeros(ROWS * n, np.uint8)
+    plan.ensure_rows(ROWS, kind, by_address=True)
+    gemm_requant_rows(
+        table_rows.ctypes.data, ROWS, ROWS, plan.kernels(by_address=True),
+        plan.kernels(kind, by_address=True), plan.data, init, gp, scratch, 0, n, ep,
+        by_address.ctypes.data, other.ctypes.data, n, tables[1], segment,
+    )  # fmt: skip
+    assert np.array_equal(by_address, want), np.flatnonzero(by_address != want)[:10]
     # the same in two column ranges, as a conv split over threads by channels
     # runs it: each with its own narrower sums
     nr = int(gp[G_NR])
@@ -214,7 +232,7 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None)
             gemm_requant_rows(
                 a.ctypes.data, plan.k4, ROWS, plan.fptrs, plan.requant_fptrs(kind), plan.data,
                 init, gp, np.zeros((ROWS, n1 - n0), np.int32), n0, n1, ep, split.ctypes.data,
-                other.ctypes.data, n, tables[1],
+                other.ctypes.data, n, tables[1], 0,
             )  # fmt: skip
         assert np.array_equal(split, want), np.flatnonzero(split != want)[:10]
     if overflow:  # the case must reach the out-of-range branch

@@ -351,16 +351,20 @@ def kernel_table(spec: UkernelSpec) -> KernelTable:
 def microkernels(
     config: GemmConfig, packed: PackedB, *, a_signed: bool = False,
     a_range: tuple[int, int] | None = None, allow_i16_pairs: bool = True, m: int | None = None,
-    requant: str = "",
+    requant: str = "", a_by_address: bool = False,
 ) -> tuple[np.ndarray, int]:  # fmt: skip
     """``(fptrs, desc)`` for the drivers: the kernels running ``config`` on these
     weights (compiled for ``m`` rows if given). On AVX2 the saturating
     ``vpmaddubsw`` kernel is chosen only when ``packed.i16_pairs_safe`` proves it
     exact for ``a_range`` (A's own values; default its whole dtype range).
     ``requant`` ("plain" / "qadd" / "packed"): the kernels that store requantized bytes
-    (``ukernels`` REQUANT_DOC; not on the portable path)."""
+    (``ukernels`` REQUANT_DOC; not on the portable path). ``a_by_address``:
+    the kernels that take A's rows as a table of addresses (ADDRESS_DOC;
+    not on the portable path either)."""
     if config.isa == "portable" and requant:
         raise ValueError("the portable path has no requantizing microkernels")
+    if config.isa == "portable" and a_by_address:
+        raise ValueError("the portable path has no microkernels that take A rows by address")
     if config.isa == "portable":
         return portable_fptrs(config.mr), (config.nr << 16) | ((0x80 if a_signed else 0) << 32)
     pairs = "exact"
@@ -370,7 +374,7 @@ def microkernels(
             lo, hi = lo + 128, hi + 128
         if 0 <= lo <= hi <= 255 and packed.i16_pairs_safe(lo, hi):
             pairs = "i16"
-    key = (config.isa, config.mr, config.nr, a_signed, pairs, requant)
+    key = (config.isa, config.mr, config.nr, a_signed, pairs, requant, a_by_address)
     table = _TABLES_BY_KEY.get(key)
     if table is None:
         table = _TABLES_BY_KEY[key] = kernel_table(UkernelSpec(*key))

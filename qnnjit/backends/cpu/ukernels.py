@@ -52,6 +52,16 @@ Kernel ABI (C, all pointers unaligned-safe):
 
 ``drivers.portable_ukernel`` implements the same ABI in plain Numba code.
 
+ADDRESS_DOC. An ``a_by_address`` kernel reads A row r at ``rowptr[r] +
+lda``: ``a`` points to ``rows`` int64 row addresses, and ``lda`` is the byte
+offset into each row, the same for every row. This lets a convolution's
+GEMM read its A rows straight from the NHWC input (an implicit GEMM,
+``conv_nhwc.conv_gemm_nhwc_requant``) instead of from an im2col copy: for
+window row kh of a pixel, the taps (kw, c) are one contiguous run of KW*C
+input bytes, so the K loop is split into one segment per window row, each
+with its own table of row addresses (``_gemm.gemm_requant_rows``), and
+consecutive pixels' runs may overlap.
+
 PREFETCH_DOC. The packed B is one contiguous panel per NR columns over all of
 K, and the drivers run every panel's K block k0 before any panel's next one.
 So while a kernel runs groups g.. of its block, it prefetches into L2
@@ -146,6 +156,7 @@ class UkernelSpec:
     a_signed: bool = False
     pairs: str = "exact"  # avx2 only: "exact" | "i16"
     requant: str = ""  # "": store C; "plain" / "qadd" / "packed": store bytes (REQUANT_DOC)
+    a_by_address: bool = False  # A rows by address (ADDRESS_DOC)
 
     def __post_init__(self):
         if self.isa not in _LANES:
@@ -196,7 +207,8 @@ def kernel_name(spec: UkernelSpec, rows: int) -> str:
     sign = "s8" if spec.a_signed else "u8"
     variant = "" if spec.isa != "avx2" else f"_{spec.pairs}"
     stage = f"_rq_{spec.requant}" if spec.requant else ""
-    return f"qnnjit_gemm_{spec.isa}{variant}_{sign}_{rows}x{spec.nr}{stage}"
+    rows_by = "_byaddr" if spec.a_by_address else ""
+    return f"qnnjit_gemm_{spec.isa}{variant}_{sign}_{rows}x{spec.nr}{stage}{rows_by}"
 
 
 def _splat(ty: str, lanes: int, value: int) -> str:
@@ -360,8 +372,13 @@ class _Emitter:
             e(f"%col{j} = add {vec} {iota}, {_splat('i32', lanes, j * lanes)}")
             e(f"%mask{j} = icmp slt {vec} %col{j}, %nvs")
         for r in range(rows):
-            e(f"%aoff{r} = mul i64 %lda, {r}")
-            e(f"%arow{r} = getelementptr i8, ptr %a, i64 %aoff{r}")
+            if spec.a_by_address:  # ADDRESS_DOC
+                e(f"%aslot{r} = getelementptr i64, ptr %a, i64 {r}")
+                e(f"%abase{r} = load ptr, ptr %aslot{r}, align 8")
+                e(f"%arow{r} = getelementptr i8, ptr %abase{r}, i64 %lda")
+            else:
+                e(f"%aoff{r} = mul i64 %lda, {r}")
+                e(f"%arow{r} = getelementptr i8, ptr %a, i64 %aoff{r}")
             for j in range(nj):
                 e(f"%coff{r}_{j} = mul i64 %ldc, {r}")
                 e(f"%coffj{r}_{j} = add i64 %coff{r}_{j}, {j * lanes}")

@@ -81,18 +81,27 @@ class GemmPlan:
     def mr(self) -> int:
         return self.config.mr
 
-    def ensure_rows(self, rows: int, requant: str = "") -> None:
+    def ensure_rows(self, rows: int, requant: str = "", *, by_address: bool = False) -> None:
         """Compile (or load) the microkernels a tile of `rows` rows runs (with
-        `requant`, also the requantizing ones of the last K block)."""
-        if rows > 0:
-            gemm.microkernels(self.config, self.packed, m=rows)
-        if rows > 0 and requant:
-            gemm.microkernels(self.config, self.packed, m=rows, requant=requant)
+        `requant`, also the requantizing ones of the last K block); with
+        `by_address`, those that take A's rows by address (`kernels`)."""
+        for stage in ("", requant) if requant else ("",):
+            if rows > 0:
+                self.kernels(stage, by_address=by_address, rows=rows)
+
+    def kernels(self, requant: str = "", *, by_address: bool = False,
+                rows: int | None = None) -> np.ndarray:  # fmt: skip
+        """The table of microkernel addresses by row count (compiled for `rows`
+        rows if given, else as `ensure_rows` left it): requantizing ones
+        with `requant`; with `by_address`, those that take A's rows as a
+        table of addresses (ukernels ADDRESS_DOC)."""
+        fptrs, _ = gemm.microkernels(self.config, self.packed, requant=requant, m=rows,
+                                     a_by_address=by_address)  # fmt: skip
+        return fptrs
 
     def requant_fptrs(self, requant: str) -> np.ndarray:
         """The requantizing microkernels' table (`ensure_rows` compiles them)."""
-        fptrs, _ = gemm.microkernels(self.config, self.packed, requant=requant)
-        return fptrs
+        return self.kernels(requant)
 
     def init_with(self, bias: np.ndarray) -> np.ndarray:
         """An `init` whose sums start at `bias` (one int32 value per column)."""
@@ -152,13 +161,17 @@ def gemm_columns(a, rows, c, n0, n1, fptrs, data, init, gp):
 
 @jit()
 def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep, out, other,
-                      ldo, table):  # fmt: skip
+                      ldo, table, segment):  # fmt: skip
     """out[r * ldo + j] (bytes, at address `out`) = the requantized (A @ B)[r, j],
     for rows 0..rows of A (at address `a`, row stride `lda`) and columns
     n0..n1 of B (n0 a multiple of NR): the engine's loops (`drivers._task`,
     one row block), except that the last K block runs the requantizing
     microkernels (`rq_fptrs`), which store bytes straight from their
-    registers. `c` (int32 [>= rows, >= n1 - n0], column j - n0 for column j)
+    registers. `segment` > 0: A's rows come by address (kernels that take
+    them so, ukernels ADDRESS_DOC): K is cut into segments of `segment`
+    groups of 4 k, and `a` is the address of int64 [segments, lda]: row r's
+    address for segment s at [s, r]; K blocks then end at segment ends.
+    `c` (int32 [>= rows, >= n1 - n0], column j - n0 for column j)
     holds the sums between K blocks,
     `init` (`init_with`) their start: the bias; `ep` (int64,
     ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f at
@@ -173,6 +186,12 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
     k0 = 0
     while True:
         kg = min(kcg, k_groups - k0)
+        if segment > 0:  # the block's rows by address: its segment's table row
+            s = k0 // segment
+            kg = min(kg, (s + 1) * segment - k0)
+            a0, row_step, a_arg = a + s * lda * 8, 8, (k0 - s * segment) * 4
+        else:
+            a0, row_step, a_arg = a + k0 * 4, lda, lda
         last = k0 + kg >= k_groups
         accumulate = 1 if k0 > 0 else 0
         for nn in range(n0, n1, nr):
@@ -181,14 +200,14 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
             ep[EP_F] = f0 + 4 * nn
             for mm in range(0, rows, mr):
                 r = min(mr, rows - mm)
-                ap, cp, ip = a + mm * lda + k0 * 4, cb + (mm * ldc + nn - n0) * 4, ib + nn * 4
+                ap, cp, ip = a0 + mm * row_step, cb + (mm * ldc + nn - n0) * 4, ib + nn * 4
                 if last:
                     ep[EP_OUT], ep[EP_OTHER] = out + mm * ldo + nn, other + mm * ldo + nn
-                    call_ukernel_requant(rq_fptrs[r - 1], ap, lda, bp, kg, cp, ldc, ip, nvalid,
+                    call_ukernel_requant(rq_fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
                                          accumulate, gp[G_DESC] | r, ep.ctypes.data)  # fmt: skip
                 else:
-                    call_ukernel(fptrs[r - 1], ap, lda, bp, kg, cp, ldc, ip, nvalid, accumulate,
-                                 gp[G_DESC] | r)  # fmt: skip
+                    call_ukernel(fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
+                                 accumulate, gp[G_DESC] | r)  # fmt: skip
         k0 += kg
         if last:
             break

@@ -66,7 +66,7 @@ from ._gemm import C_COL, C_KG, C_NR, conv_gemm_tile, plan_conv_gemm
 from ._lowering import Decline, Kernel, LowerContext, const_input
 from ._numba import U, jit
 from ._threads import run_tasks
-from .conv_nhwc import ChannelsLastConv, ChannelsLastDepthwise
+from .conv_nhwc import A_BY_ADDRESS, ChannelsLastConv, ChannelsLastDepthwise
 from .requant import (
     build_epilogue,
     byte_codes,
@@ -393,7 +393,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
             base_bias = base_bias - za * wsum + k * za * zw
             channels_last = ChannelsLastConv(
                 wb, zw, flip=x_flip, pad_byte=pad_byte, pointwise=is_pointwise((kh, kw), attrs),
-                pixels_hint=pixels, num_threads=ctx.num_threads,
+                unit_dilation=int(attrs["dilations"][-1]) == 1, pixels_hint=pixels,
+                num_threads=ctx.num_threads,
             )  # fmt: skip
         else:
             # sum_k (x - za)(w - zw) = C + 128 sum w + 16384 K - za sum w + K za zw - zw sum x
@@ -489,6 +490,8 @@ def lower_qconv(node: Node, ctx: LowerContext) -> Kernel:
         name += "(A in place)"
     if kind == "conv_nhwc" and channels_last.fused:
         name += f"(microkernels requantize: {channels_last.requant})"
+    if kind == "conv_nhwc" and channels_last.a_mode == A_BY_ADDRESS:
+        name += "(A rows by address)"
     if kind == "conv_depthwise_nhwc" and channels_last.fused:
         name += "(row kernels requantize)"
     if kind == "conv_depthwise_nhwc" and channels_last.bias_in_sum:

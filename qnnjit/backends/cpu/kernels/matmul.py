@@ -217,7 +217,7 @@ def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptr
             a_ptr, lda = a.ctypes.data, K4
         o = r0 * N
         gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
-                          out.ctypes.data + o, other.ctypes.data + o, N, table)  # fmt: skip
+                          out.ctypes.data + o, other.ctypes.data + o, N, table, 0)  # fmt: skip
 
 
 @jit()
