@@ -22,6 +22,7 @@ from qnnjit.backends.cpu.kernels._conv_geometry import (
     GOH,
     GOW,
     GPH,
+    GPT,
     GPW,
     GSH,
     GSW,
@@ -125,13 +126,14 @@ def test_row_addresses_match_numpy(case):
     run, pixels = kernel[1] * c, oh * ow
     pad_run = np.full(run, pad, np.uint8)
     for tile in sorted({1, max(1, ow * 2 // 3 + 1), pixels}):
+        geo[GPT] = tile
         table = np.zeros((kernel[0], tile), np.int64)
-        border = np.empty((border_runs(geo, tile), run), np.uint8)
+        border = np.empty(border_runs(geo, tile) * run, np.uint8)
         for n in range(2):
             for p0 in range(0, pixels, tile):
                 rows = min(tile, pixels - p0)
-                used = _row_addresses(x, n, p0, rows, geo, pad_run, table, border)
-                assert used <= border.shape[0], "more border copies than border_runs allows"
+                used = _row_addresses(x, n, p0, rows, geo, pad_run, table.reshape(-1), border)
+                assert used * run <= border.size, "more border copies than border_runs allows"
                 got = np.array([
                     [np.frombuffer((ctypes.c_uint8 * run).from_address(int(address)), np.uint8)
                      for address in table[:, i]]

@@ -281,130 +281,145 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
 
 
 @jit()
-def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, a_mode, im2col, M, fptrs, rq_fptrs, data,
+def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data,
                            init, gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
-    none of their code to compile). Task t is output channel split
-    s = t // T of GNS (whole NR panels), pixel tile t % T of the T = N *
-    ceil(P / GPT) tiles: split-major, so that with GNS = threads each
-    thread's contiguous range is its own split over every pixel (an even
-    share, and only its half of the weights in its cache). `a_mode`: where
-    A's rows come from (A_IM2COL, A_IN_PLACE, or A_BY_ADDRESS: unsigned
-    activations only; then `fptrs` and `rq_fptrs` are kernels that take
-    rows by address, and `_row_addresses` makes each tile's table)."""
+    none of their code to compile). Tasks as `_requant_task` cuts them."""
     N, C = x.shape[0], x.shape[3]
-    P = geo[GOH] * geo[GOW]
-    Pt, splits, nr = geo[GPT], geo[GNS], gp[G_NR]
-    tiles = (P + Pt - 1) // Pt
-    span = column_span(M, nr, splits)
-    all_tiles = N * tiles
-    by_address = a_mode == A_BY_ADDRESS
-    run = geo[GKW] * C  # a window row's taps
-    a = _im2col_tile(Pt if a_mode == A_IM2COL else 0, geo[GKH] * run, gp[G_K4])
-    table_rows = np.empty((geo[GKH] if by_address else 0, Pt), np.int64)
-    pad_run = np.full(run if by_address else 0, np.uint8(pad))
-    border = np.empty((border_runs(geo, Pt) if by_address else 0, run), np.uint8)
-    segment = run // 4 if by_address else 0
-    c = np.empty((Pt, min(span, M)), np.int32)  # a split's sums between K blocks
+    Pt = geo[GPT]
+    a = _im2col_tile(0 if direct else Pt, geo[GKH] * geo[GKW] * C, gp[G_K4])
+    c = np.empty((Pt, min(column_span(M, gp[G_NR], geo[GNS]), M)), np.int32)  # K blocks' sums
     ep = requant_args(chan_f, sc_i, sc_f)
     x2 = x.reshape(N * x.shape[1] * x.shape[2], C)
+    no_segments = np.int64(0)  # not a literal: one gemm_requant_rows compile
     for t in range(t0, t1):
-        s, tile = t // all_tiles, t % all_tiles
-        n0, n1 = s * span, min(M, (s + 1) * span)
-        if n0 >= n1:
-            continue
-        n = tile // tiles
-        p0 = (tile - n * tiles) * Pt
-        rows = min(Pt, P - p0)
-        if by_address:
+        n, p0, rows, n0, n1, o = _requant_task(t, N, M, geo, gp)
+        if n0 < n1:
+            a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
+            gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
+                              out.ctypes.data + o, other.ctypes.data + o, M, table,
+                              no_segments)  # fmt: skip
+
+
+@jit()
+def conv_gemm_nhwc_by_address(t0, t1, x, geo, pad, border_rows, M, fptrs, rq_fptrs, data, init,
+                              gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
+    """`conv_gemm_nhwc_requant` for unsigned activations whose microkernels
+    (`fptrs`, `rq_fptrs`) take A's rows by address: each tile's table of
+    them (`_row_addresses`, with `border_rows` rows of scratch for its
+    border copies) instead of an im2col tile. K's segments are the window
+    rows. A kernel of its own: a model without such convs never compiles
+    it (MobileNetV2's cold compile: 1 s)."""
+    N, C = x.shape[0], x.shape[3]
+    Pt, KH, run = geo[GPT], geo[GKH], geo[GKW] * C  # run: a window row's taps
+    table_rows = np.empty(KH * Pt, np.int64)
+    pad_run = np.full(run, np.uint8(pad))
+    border = np.empty(border_rows * run, np.uint8)
+    c = np.empty((Pt, min(column_span(M, gp[G_NR], geo[GNS]), M)), np.int32)  # K blocks' sums
+    ep = requant_args(chan_f, sc_i, sc_f)
+    segment = run // 4
+    for t in range(t0, t1):
+        n, p0, rows, n0, n1, o = _requant_task(t, N, M, geo, gp)
+        if n0 < n1:
             _row_addresses(x, n, p0, rows, geo, pad_run, table_rows, border)
-            a_ptr, lda = table_rows.ctypes.data, Pt
-        else:
-            a_ptr, lda = _a_rows(x, x2, a, a_mode == A_IN_PLACE, n, p0, rows, geo, flip, pad,
-                                 im2col)  # fmt: skip
-        o = (n * P + p0) * M
-        gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
-                          out.ctypes.data + o, other.ctypes.data + o, M, table,
-                          segment)  # fmt: skip
+            gemm_requant_rows(table_rows.ctypes.data, Pt, rows, fptrs, rq_fptrs, data, init, gp,
+                              c, n0, n1, ep, out.ctypes.data + o, other.ctypes.data + o, M,
+                              table, segment)  # fmt: skip
 
 
 @jit(inline=True)
-def _inside_columns(geo):
+def _requant_task(t, N, M, geo, gp):
+    """Task t of a requantizing conv: output channel split s = t // T of GNS
+    (whole NR panels), pixel tile t % T of the T = N * ceil(P / GPT) tiles.
+    Split-major, so that with GNS = threads each thread's contiguous range
+    is its own split over every pixel (an even share, and only its half of
+    the weights in its cache). Returns (image, first pixel, pixels,
+    columns n0..n1 (none if n1 <= n0), the tile's output offset)."""
+    P, Pt, splits = geo[GOH] * geo[GOW], geo[GPT], geo[GNS]
+    tiles = (P + Pt - 1) // Pt
+    span = column_span(M, gp[G_NR], splits)
+    s, tile = t // (N * tiles), t % (N * tiles)
+    n = tile // tiles
+    p0 = (tile - n * tiles) * Pt
+    return n, p0, min(Pt, P - p0), s * span, min(M, (s + 1) * span), (n * P + p0) * M
+
+
+def inside_columns(geo) -> tuple[int, int]:
     """(lo, hi): the output columns lo..hi are those whose window lies inside
     the image horizontally (unit horizontal dilation); empty when hi <= lo."""
-    W, KW, SW, PW, OW = geo[GW], geo[GKW], geo[GSW], geo[GPW], geo[GOW]
+    W, KW, SW, PW, OW = (int(geo[i]) for i in (GW, GKW, GSW, GPW, GOW))
     lo = min(OW, (PW + SW - 1) // SW)  # the first ow with ow * SW - PW >= 0
     hi = min(OW, (W + PW - KW) // SW + 1) if W + PW >= KW else 0
     return lo, max(lo, hi)
 
 
-@jit()
-def border_runs(geo, Pt):
+def border_runs(geo, Pt: int) -> int:
     """How many window-row copies `_row_addresses` may make for a tile of Pt
     output pixels: KH for each pixel whose window leaves the image
     horizontally. Any OW consecutive pixels hold one output row's worth of
     those, wherever they start, so a tile holds at most ceil(Pt / OW) of
     them."""
-    OW = geo[GOW]
-    lo, hi = _inside_columns(geo)
+    OW = int(geo[GOW])
+    lo, hi = inside_columns(geo)
     per_row = OW - (hi - lo)
-    return min(Pt, (Pt + OW - 1) // OW * per_row) * geo[GKH]
+    return min(Pt, -(-Pt // OW) * per_row) * int(geo[GKH])
 
 
 @jit()
 def _row_addresses(x, n, p0, rows, geo, pad_run, table_rows, border):
-    """table_rows[kh, i] = the address of window row kh's taps (kw, c), KW*C
-    contiguous bytes, of output pixel p0 + i of image n (unit horizontal
-    dilation): the input itself where that window row lies inside the
-    image; `pad_run` (KW*C pad bytes) where it lies above or
+    """table_rows[kh * GPT + i] = the address of window row kh's taps (kw, c),
+    KW*C contiguous bytes, of output pixel p0 + i of image n (unit
+    horizontal dilation): the input itself where that window row lies
+    inside the image; `pad_run` (KW*C pad bytes) where it lies above or
     below it; for a pixel whose window leaves the image horizontally, a
-    copy in a row of `border` with the pad byte in place of the missing
-    taps. Returns how many rows of `border` it used. The walk goes output
-    row by output row: no division per pixel."""
+    copy in `border` (KW*C bytes each) with the pad byte in place of the
+    missing taps. Returns how many copies it made. The walk goes output
+    row by output row: no division per pixel. Flat indices and addresses,
+    no array views: this is compiled in every cold compile that uses it."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
-    KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
-    PH, PW, DH, OW = geo[GPH], geo[GPW], geo[GDH], geo[GOW]
-    lo, hi = _inside_columns(geo)
-    step = SW * C
+    KH, KW, SH, SW, PH = geo[GKH], geo[GKW], geo[GSH], geo[GSW], geo[GPH]
+    PW, DH, OW, Pt = geo[GPW], geo[GDH], geo[GOW], geo[GPT]
+    run = KW * C
+    # lo..hi: the output columns whose window lies inside the image horizontally
+    lo = min(OW, (PW + SW - 1) // SW)
+    hi = max(lo, min(OW, (W + PW - KW) // SW + 1) if W + PW >= KW else 0)
     base, pad_address = np.int64(x.ctypes.data), np.int64(pad_run.ctypes.data)
+    border_address = np.int64(border.ctypes.data)
     xf = x.reshape(x.size)
     copies = 0
     r = 0
     while r < rows:
-        p = p0 + r
-        oh = p // OW
-        ow = p - oh * OW
-        end = min(OW, ow + rows - r)  # this output row's pixels in the tile: ow..end
+        oh = (p0 + r) // OW
+        ow = p0 + r - oh * OW
+        count = min(OW - ow, rows - r)  # this output row's pixels in the tile
         for kh in range(KH):
             ih = oh * SH - PH + kh * DH
-            slots = table_rows[kh, r:]  # output column q's slot at q - ow
+            slot = kh * Pt + r  # output column ow + q's slot at slot + q
             if ih < 0 or ih >= H:
-                for q in range(end - ow):
-                    slots[U(q)] = pad_address
+                for q in range(count):
+                    table_rows[U(slot + q)] = pad_address
                 continue
             row_start = (n * H + ih) * W * C
             first = base + row_start + (ow * SW - PW) * C  # column ow's run
-            for q in range(end - ow):
-                slots[U(q)] = first + q * step
-            # the border columns, ow..lo and hi..end, get copies
-            left = max(0, min(end, lo) - ow)
-            for b in range(left + max(0, end - max(ow, hi))):
-                q = ow + b if b < left else max(ow, hi) + b - left
-                dst = border[copies]
-                iw0 = q * SW - PW
+            for q in range(count):
+                table_rows[U(slot + q)] = first + q * SW * C
+            for q in range(count):  # the border columns get copies
+                iw0 = (ow + q) * SW - PW
+                if lo <= ow + q < hi:
+                    continue
+                dst = copies * run
                 for kw in range(KW):
-                    iw = iw0 + kw
+                    iw, k = iw0 + kw, kw * C
                     if 0 <= iw < W:
-                        src = row_start + iw * C
                         for ch in range(C):
-                            dst[U(kw * C + ch)] = xf[U(src + ch)]
+                            border[U(dst + k + ch)] = xf[U(row_start + iw * C + ch)]
                     else:
                         for ch in range(C):
-                            dst[U(kw * C + ch)] = pad_run[U(kw * C + ch)]
-                slots[U(q - ow)] = np.int64(dst.ctypes.data)
+                            border[U(dst + k + ch)] = pad_run[U(k + ch)]
+                table_rows[U(slot + q)] = border_address + dst
                 copies += 1
-        r += end - ow
+        r += count
     return copies
 
 
@@ -616,6 +631,9 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, buil
     mid = np.empty((((band + OW - 1) // OW + 1) * OW, C), np.uint8)
     c = np.empty((band, M), np.int32)  # the GEMM's sums between K blocks
     ep = requant_args(chan_f, sc_i, sc_f)
+    # from column 0, no K segments; arguments typed as the conv kernels'
+    # (no literals, A's address a uint64): one gemm_requant_rows compile
+    all_columns = np.int64(0)
     for t in range(t0, t1):
         n = t // bands
         p0 = (t - n * bands) * band
@@ -626,9 +644,10 @@ def depthwise_pointwise_nhwc(t0, t1, x, geo, flip, za, pad_shift, ws, fptr, buil
             _depthwise_row_requant(x, n, oh0 + j, geo, flip, za, pad_shift, ws, fptr, builder,
                                    quads, xr, held, edge, slot, rows, dw_ep, dst)  # fmt: skip
         o = (n * P + p0) * M
-        a = mid.ctypes.data + (p0 - oh0 * OW) * C
-        gemm_requant_rows(a, C, count, fptrs, rq_fptrs, data, init, gp, c, 0, M, ep,
-                          out.ctypes.data + o, other.ctypes.data + o, M, table, 0)  # fmt: skip
+        a = mid.ctypes.data + np.uint64((p0 - oh0 * OW) * C)
+        gemm_requant_rows(a, C, count, fptrs, rq_fptrs, data, init, gp, c, all_columns, M, ep,
+                          out.ctypes.data + o, other.ctypes.data + o, M, table,
+                          all_columns)  # fmt: skip
 
 
 @jit()
@@ -788,23 +807,23 @@ class ChannelsLastConv:
 
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the work split (tile size and column splits, into
-        `geo`), its microkernels, and (im2col row kernel's address (0: none,
-        `im2col_kernel`), where A's rows come from (`a_mode`), the
-        microkernels' tables: the plan's, or those that take rows by
-        address). Only the requantizing kernel splits columns."""
+        `geo`; only the requantizing kernel splits columns) and what `run`
+        takes: (the im2col row kernel's address (0: none, `im2col_kernel`)
+        or, with A's rows by address, the rows of border scratch a tile
+        needs (`border_runs`); the microkernels' tables, compiled)."""
         pixels = int(geo[GOH] * geo[GOW])
         tile, splits = self.tile_pixels(pixels, images), 1
         if self.fused and self.num_threads > 1:
             tile, splits = self.column_split(pixels, images, tile)
         geo[GPT], geo[GNS] = tile, splits
-        a_mode = self.a_mode
-        by_address = a_mode == A_BY_ADDRESS
+        by_address = self.a_mode == A_BY_ADDRESS
         for rows in (min(tile, pixels), pixels % tile or tile):
             self.plan.ensure_rows(rows, self.requant, by_address=by_address)
         if not by_address:
-            return self.im2col_kernel(geo), a_mode, self.plan.fptrs, self.rq_fptrs
+            return self.im2col_kernel(geo), self.plan.fptrs, self.rq_fptrs
         kernels = self.plan.kernels
-        return 0, a_mode, kernels(by_address=True), kernels(self.requant, by_address=True)
+        fptrs, rq_fptrs = kernels(by_address=True), kernels(self.requant, by_address=True)
+        return border_runs(geo, tile), fptrs, rq_fptrs
 
     @property
     def a_mode(self) -> int:
@@ -853,11 +872,19 @@ class ChannelsLastConv:
         plan = self.plan
         x = nhwc_bytes(x4)
         if self.fused:
-            im2col, a_mode, fptrs, rq_fptrs = prepared
+            if self.a_mode == A_BY_ADDRESS:
+                border_rows, fptrs, rq_fptrs = prepared
+                run_tasks(
+                    conv_gemm_nhwc_by_address, tasks, work, self.num_threads, x, geo,
+                    self.pad_byte, border_rows, m, fptrs, rq_fptrs, plan.data, self.rq_init,
+                    plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
+                )  # fmt: skip
+                return out
+            im2col, fptrs, rq_fptrs = prepared
             run_tasks(
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
-                self.pad_byte, a_mode, im2col, m, fptrs, rq_fptrs, plan.data, self.rq_init,
-                plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
+                self.pad_byte, self.in_place, im2col, m, fptrs, rq_fptrs, plan.data,
+                self.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
             )  # fmt: skip
             return out
         run_tasks(

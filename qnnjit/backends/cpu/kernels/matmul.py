@@ -201,6 +201,8 @@ def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptr
     a = np.zeros((0 if in_place else tile, K4), np.uint8)  # columns K..K4 stay zero
     c = np.empty((tile, min(span, N)), np.int32)  # a split's sums between K blocks
     ep = requant_args(chan_f, sc_i, sc_f)
+    # arguments typed as conv_nhwc's (no literals): one gemm_requant_rows compile
+    no_segments = np.int64(0)
     for t in range(t0, t1):
         r0 = (t // splits) * tile
         n0 = (t % splits) * span
@@ -217,7 +219,8 @@ def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptr
             a_ptr, lda = a.ctypes.data, K4
         o = r0 * N
         gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
-                          out.ctypes.data + o, other.ctypes.data + o, N, table, 0)  # fmt: skip
+                          out.ctypes.data + o, other.ctypes.data + o, N, table,
+                          no_segments)  # fmt: skip
 
 
 @jit()
