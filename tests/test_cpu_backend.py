@@ -385,22 +385,25 @@ ADDRESSED_CONVS = [
     (12, (8, 6), (5, 3), (1, 2), (2, 0, 1, 2), (1, 1), np.uint8, True),  # 36-byte rows
     (16, (2, 3), (3, 3), (1, 1), (2, 2, 2, 2), (1, 1), np.uint8, True),  # all border
     (12, (8, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 2), np.uint8, False),  # column dilation
-    (16, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.int8, False),  # signed
+    (16, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.int8, True),  # flipped by the kernels
+    (32, (6, 7), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), np.int8, True),  # 1x1 signed: no copy
     (8, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.uint8, False),  # 24-byte rows
 ]
 
 
 @pytest.mark.parametrize("case", ADDRESSED_CONVS, ids=lambda c: f"c{c[0]}k{c[2][0]}x{c[2][1]}")
 @pytest.mark.parametrize("threads,tile,splits", [(1, None, 1), (1, 7, 1), (2, None, 1), (2, 7, 2)])
-def test_conv_reads_a_rows_by_address(case, threads, tile, splits, monkeypatch):
-    """Requantizing convs with unsigned activations and window rows of 32
-    bytes or more read A's rows straight from the input (`a_mode`): the
-    same bits as the reference for tiles that start and end mid-row
-    (`tile` = 7), two threads, with and without column splits, every
-    border, two images; the others still build im2col tiles."""
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+def test_conv_reads_a_rows_by_address(case, threads, tile, splits, isa, monkeypatch):
+    """Requantizing convs with window rows of 32 bytes or more read A's rows
+    straight from the input (`a_mode`), signed bytes flipped by the
+    kernels: the same bits as the reference for tiles that start and end
+    mid-row (`tile` = 7), two threads, with and without column splits,
+    every border, two images; the others still build im2col tiles."""
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
+    _use_isa(isa, monkeypatch)
     if tile is not None:
         monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "tile_pixels", lambda *_: tile)
     if splits > 1:

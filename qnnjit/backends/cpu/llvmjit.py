@@ -53,6 +53,7 @@ def _llvm():
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()  # the microkernels' inline asm (ukernels SIGNED_DOC)
     return llvm
 
 

@@ -81,22 +81,24 @@ class GemmPlan:
     def mr(self) -> int:
         return self.config.mr
 
-    def ensure_rows(self, rows: int, requant: str = "", *, by_address: bool = False) -> None:
+    def ensure_rows(self, rows: int, requant: str = "", *, by_address: bool = False,
+                    a_signed: bool = False) -> None:  # fmt: skip
         """Compile (or load) the microkernels a tile of `rows` rows runs (with
         `requant`, also the requantizing ones of the last K block); with
-        `by_address`, those that take A's rows by address (`kernels`)."""
+        `by_address` and `a_signed`, the variants `kernels` describes."""
         for stage in ("", requant) if requant else ("",):
             if rows > 0:
-                self.kernels(stage, by_address=by_address, rows=rows)
+                self.kernels(stage, by_address=by_address, a_signed=a_signed, rows=rows)
 
-    def kernels(self, requant: str = "", *, by_address: bool = False,
+    def kernels(self, requant: str = "", *, by_address: bool = False, a_signed: bool = False,
                 rows: int | None = None) -> np.ndarray:  # fmt: skip
         """The table of microkernel addresses by row count (compiled for `rows`
         rows if given, else as `ensure_rows` left it): requantizing ones
         with `requant`; with `by_address`, those that take A's rows as a
-        table of addresses (ukernels ADDRESS_DOC)."""
+        table of addresses (ukernels ADDRESS_DOC); with `a_signed`, those
+        that flip A's bytes to u8 as they load them."""
         fptrs, _ = gemm.microkernels(self.config, self.packed, requant=requant, m=rows,
-                                     a_by_address=by_address)  # fmt: skip
+                                     a_by_address=by_address, a_signed=a_signed)  # fmt: skip
         return fptrs
 
     def requant_fptrs(self, requant: str) -> np.ndarray:

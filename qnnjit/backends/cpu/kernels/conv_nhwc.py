@@ -10,16 +10,17 @@ channels contiguously, like a matmul's row.
 - A 1x1, stride-1, unpadded convolution of unsigned activations with a
   channel count divisible by 4 reads its A rows in place: the NHWC input
   viewed as [pixels, C] is already a row-major A. No copy at all.
-- Where the microkernels requantize (`conv_gemm_nhwc_requant`), the
-  activations are unsigned and each window row's taps (kw, c) are one
-  contiguous run of KW*C >= 32 bytes (unit horizontal dilation, a multiple
-  of 4), A's rows are read straight from the input by address (an implicit
-  GEMM, ukernels ADDRESS_DOC): K is cut into one segment per window row,
-  and each tile gets a table of every pixel's run address per segment
-  (`_row_addresses`), pointing at a run of pad bytes above and below the
-  image and at small copies for pixels on the left and right borders.
-  ResNet-18's 3x3 convs: the im2col tile was 5-6 % of each step (store
-  bound); the steps went 2-3 % faster, the model ~2 % (one thread).
+- Where the microkernels requantize and each window row's taps (kw, c)
+  are one contiguous run of KW*C >= 32 bytes (unit horizontal dilation, a
+  multiple of 4), A's rows are read straight from the input by address
+  (`conv_gemm_nhwc_by_address`, an implicit GEMM, ukernels ADDRESS_DOC): K
+  is cut into one segment per window row, and each tile gets a table of
+  every pixel's run address per segment (`_row_addresses`), pointing at a
+  run of pad bytes above and below the image and at small copies for
+  pixels on the left and right borders. Signed bytes are flipped by the
+  microkernels as they load them. ResNet-18's 3x3 convs: the im2col tile
+  was 5-6 % of each step (store bound); the steps went 2-3 % faster, the
+  model ~2 % (one thread).
 - Anything else builds an im2col tile of A, one row per pixel, from the NHWC
   input: each tap is a run of C contiguous bytes (the pad byte outside the
   image), flipped to u8 on the way for signed activations. A row kernel
@@ -305,12 +306,13 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
 @jit()
 def conv_gemm_nhwc_by_address(t0, t1, x, geo, pad, border_rows, M, fptrs, rq_fptrs, data, init,
                               gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
-    """`conv_gemm_nhwc_requant` for unsigned activations whose microkernels
-    (`fptrs`, `rq_fptrs`) take A's rows by address: each tile's table of
-    them (`_row_addresses`, with `border_rows` rows of scratch for its
-    border copies) instead of an im2col tile. K's segments are the window
-    rows. A kernel of its own: a model without such convs never compiles
-    it (MobileNetV2's cold compile: 1 s)."""
+    """`conv_gemm_nhwc_requant` whose microkernels (`fptrs`, `rq_fptrs`)
+    take A's rows by address: each tile's table of them (`_row_addresses`,
+    with `border_rows` rows of scratch for its border copies) instead of an
+    im2col tile. K's segments are the window rows. The input's bytes as
+    stored, `pad` too: the kernels flip signed ones. A kernel of its own: a
+    model without such convs never compiles it (MobileNetV2's cold
+    compile: 1 s)."""
     N, C = x.shape[0], x.shape[3]
     Pt, KH, run = geo[GPT], geo[GKH], geo[GKW] * C  # run: a window row's taps
     table_rows = np.empty(KH * Pt, np.int64)
@@ -816,13 +818,15 @@ class ChannelsLastConv:
         if self.fused and self.num_threads > 1:
             tile, splits = self.column_split(pixels, images, tile)
         geo[GPT], geo[GNS] = tile, splits
-        by_address = self.a_mode == A_BY_ADDRESS
-        for rows in (min(tile, pixels), pixels % tile or tile):
-            self.plan.ensure_rows(rows, self.requant, by_address=by_address)
-        if not by_address:
+        if self.a_mode != A_BY_ADDRESS:
+            for rows in (min(tile, pixels), pixels % tile or tile):
+                self.plan.ensure_rows(rows, self.requant)
             return self.im2col_kernel(geo), self.plan.fptrs, self.rq_fptrs
-        kernels = self.plan.kernels
-        fptrs, rq_fptrs = kernels(by_address=True), kernels(self.requant, by_address=True)
+        # the bytes as stored: signed ones flipped to u8 by the kernels
+        access = {"by_address": True, "a_signed": self.flip != 0}
+        for rows in (min(tile, pixels), pixels % tile or tile):
+            self.plan.ensure_rows(rows, self.requant, **access)
+        fptrs, rq_fptrs = self.plan.kernels(**access), self.plan.kernels(self.requant, **access)
         return border_runs(geo, tile), fptrs, rq_fptrs
 
     @property
@@ -830,17 +834,16 @@ class ChannelsLastConv:
         """Where the requantizing kernel's A rows come from: the input itself
         (`in_place`); by address (A_BY_ADDRESS: straight from the input, no
         im2col copy) where the kernels store bytes (`fused`) and have a
-        variant that takes rows by address (not the portable path), the
-        activations are unsigned (the kernels that flip signed bytes as they
-        load them broadcast A from a general register: ResNet-18 s8 went
-        from 9.1 to 10.9 ms), and each window row's taps are contiguous
-        (unit horizontal dilation) whole groups of 4 bytes, long enough
-        (`_MIN_ADDRESSED_RUN`); else an im2col tile."""
+        variant that takes rows by address (not the portable path), and
+        each window row's taps are contiguous (unit horizontal dilation)
+        whole groups of 4 bytes, long enough (`_MIN_ADDRESSED_RUN`); else
+        an im2col tile. Signed activations too: those kernels flip the bytes
+        as they load them (ukernels SIGNED_DOC)."""
         run = self.window_row_bytes
         if self.in_place:
             return A_IN_PLACE
         if (
-            self.fused and self.plan.config.isa != "portable" and self.flip == 0
+            self.fused and self.plan.config.isa != "portable"
             and run % 4 == 0 and run >= _MIN_ADDRESSED_RUN
         ):  # fmt: skip
             return A_BY_ADDRESS
@@ -874,10 +877,11 @@ class ChannelsLastConv:
         if self.fused:
             if self.a_mode == A_BY_ADDRESS:
                 border_rows, fptrs, rq_fptrs = prepared
+                stored_pad = self.pad_byte ^ self.flip  # the kernels flip it back
                 run_tasks(
-                    conv_gemm_nhwc_by_address, tasks, work, self.num_threads, x, geo,
-                    self.pad_byte, border_rows, m, fptrs, rq_fptrs, plan.data, self.rq_init,
-                    plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
+                    conv_gemm_nhwc_by_address, tasks, work, self.num_threads, x, geo, stored_pad,
+                    border_rows, m, fptrs, rq_fptrs, plan.data, self.rq_init, plan.gparams, flat,
+                    ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
                 )  # fmt: skip
                 return out
             im2col, fptrs, rq_fptrs = prepared
