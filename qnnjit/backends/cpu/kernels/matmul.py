@@ -192,8 +192,9 @@ def matmul_gemm_requant(t0, t1, a2, flip, in_place, tile, splits, fptrs, rq_fptr
     (`_gemm.gemm_requant_rows`, as `conv_nhwc.conv_gemm_nhwc_requant`): no
     int32 tile written and read back, no epilogue loop. For a per-tensor a
     zero point (folded into the bias, where the sums start: `init`) and no
-    b zero point term; A's rows are read in place (`in_place`: no flip,
-    K % 4 == 0), else copied flipped into a tile."""
+    b zero point term; A's rows are read in place (`in_place`: K % 4 == 0;
+    signed bytes are flipped by the kernels `fptrs`, `rq_fptrs`), else
+    copied flipped into a tile."""
     R, K = a2.shape
     N = chan_f.shape[1]
     K4, nr = gp[G_K4], gp[G_NR]
@@ -407,10 +408,14 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
             ep = build_epilogue(
                 chain, out_value, channels, channel_axis, base_bias, constant_other=True
             )
+        # A's rows in place where they are whole groups of 4 bytes: signed
+        # ones through the kernels that flip them (ukernels SIGNED_DOC)
+        in_place = k % 4 == 0
+        a_signed = bool(requant) and in_place and a_flip != 0
         if requant:
             rq_init = plan.init_with(ep.chan_i[0])  # their sums start at the bias
-            rq_fptrs = plan.requant_fptrs(requant)
-        in_place = a_flip == 0 and k % 4 == 0
+            fptrs = plan.kernels(a_signed=a_signed)
+            rq_fptrs = plan.kernels(requant, a_signed=a_signed)
 
         def run(a_array, other=None):
             rows = int(math.prod(a_array.shape[:-1]))
@@ -418,14 +423,14 @@ def lower_qmatmul(node: Node, ctx: LowerContext) -> Kernel:
             out_shape = (*a_array.shape[:-1], n_dim)
             out, flat = output_buffer(out_shape, ep.out_dtype)
             tile = _tile_rows(rows, plan, ctx.num_threads)
-            plan.ensure_rows(tile, requant)
-            plan.ensure_rows(rows % tile or tile, requant)
+            plan.ensure_rows(tile, requant, a_signed=a_signed)
+            plan.ensure_rows(rows % tile or tile, requant, a_signed=a_signed)
             sc_i, sc_f = ep.scalars(out_shape, None if other is None else other.shape)
             splits = _column_splits(-(-rows // tile), plan, ctx.num_threads)
             if requant:
                 run_tasks(
                     matmul_gemm_requant, -(-rows // tile) * splits, rows * k * n_dim,
-                    ctx.num_threads, a2, a_flip, in_place, tile, splits, plan.fptrs, rq_fptrs,
+                    ctx.num_threads, a2, a_flip, in_place, tile, splits, fptrs, rq_fptrs,
                     plan.data, rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f,
                     ep.other_bytes(other, out_shape), ep.byte_table,
                 )  # fmt: skip
