@@ -387,7 +387,7 @@ ADDRESSED_CONVS = [
     (12, (8, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 2), np.uint8, False),  # column dilation
     (16, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.int8, True),  # flipped by the kernels
     (32, (6, 7), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), np.int8, True),  # 1x1 signed: no copy
-    (8, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.uint8, False),  # 24-byte rows
+    (7, (9, 11), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), np.uint8, False),  # 21-byte rows
 ]
 
 
@@ -395,15 +395,18 @@ ADDRESSED_CONVS = [
 @pytest.mark.parametrize("threads,tile,splits", [(1, None, 1), (1, 7, 1), (2, None, 1), (2, 7, 2)])
 @pytest.mark.parametrize("isa", ["host", "avx2"])
 def test_conv_reads_a_rows_by_address(case, threads, tile, splits, isa, monkeypatch):
-    """Requantizing convs with window rows of 32 bytes or more read A's rows
-    straight from the input (`a_mode`), signed bytes flipped by the
-    kernels: the same bits as the reference for tiles that start and end
-    mid-row (`tile` = 7), two threads, with and without column splits,
-    every border, two images; the others still build im2col tiles."""
+    """Requantizing convs whose window rows are whole groups of 4 bytes read
+    A's rows straight from the input (`a_mode`; here wherever they could,
+    whether or not it pays), signed bytes flipped by the kernels: the same
+    bits as the reference for tiles that start and end mid-row (`tile` =
+    7), two threads, with and without column splits, every border, two
+    images; the others still build im2col tiles."""
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
     _use_isa(isa, monkeypatch)
+    # these small convs would not pay (`test_rows_by_address_where_they_pay`)
+    monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "_addressing_pays", lambda self: True)
     if tile is not None:
         monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "tile_pixels", lambda *_: tile)
     if splits > 1:
@@ -420,6 +423,25 @@ def test_conv_reads_a_rows_by_address(case, threads, tile, splits, isa, monkeypa
     assert "(microkernels requantize:" in names, names
     expected = by_address and select_isa() != "portable"
     assert ("(A rows by address)" in names) == expected, names
+
+
+@pytest.mark.parametrize(
+    "channels,outputs,kernel,pays",
+    [(16, 64, 3, False), (32, 64, 3, False), (64, 64, 3, True), (64, 128, 3, True),
+     (128, 128, 3, True), (512, 512, 3, True), (64, 128, 1, True), (8, 256, 1, True)],
+)  # fmt: skip
+def test_rows_by_address_where_they_pay(channels, outputs, kernel, pays):
+    """`_addressing_pays`: by address where the K blocks that end at window
+    rows add few int32 round trips for the im2col bytes they save (the
+    shapes its docstring's measurements calibrate it on)."""
+    from qnnjit.backends.cpu.kernels import conv_nhwc
+
+    w = np.zeros((outputs, channels, kernel, kernel), np.int8)
+    conv = conv_nhwc.ChannelsLastConv(
+        w, np.zeros(outputs), flip=0, pad_byte=0, pointwise=False, unit_dilation=True,
+        pixels_hint=3136, num_threads=1,
+    )  # fmt: skip
+    assert conv._addressing_pays() == pays
 
 
 @pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])

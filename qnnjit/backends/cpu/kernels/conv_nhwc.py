@@ -115,12 +115,8 @@ from .requant import (
     ep_tile,
 )  # fmt: skip
 
-# where a requantizing conv's A rows come from (`conv_gemm_nhwc_requant`)
+# where a requantizing conv's A rows come from (`ChannelsLastConv.a_mode`)
 A_IM2COL, A_IN_PLACE, A_BY_ADDRESS = 0, 1, 2
-# Rows by address cut K into one block per window row (at least): below this
-# many bytes a window row, the kernel calls and int32 round trips between
-# blocks cost more than the im2col copy they save.
-_MIN_ADDRESSED_RUN = 32
 
 
 @jit(inline=True)
@@ -743,6 +739,7 @@ class ChannelsLastConv:
         self.zw = np.ascontiguousarray(zw, dtype=np.int64)
         self.need_rowsum = bool(np.any(self.zw != 0))
         self.channels = c
+        self.window_rows = kh
         self.window_row_bytes = kw * c if unit_dilation else 0  # 0: not contiguous
         self.flip, self.pad_byte = flip, pad_byte
         self.pixel_rows = pointwise and c % 4 == 0
@@ -834,20 +831,33 @@ class ChannelsLastConv:
         """Where the requantizing kernel's A rows come from: the input itself
         (`in_place`); by address (A_BY_ADDRESS: straight from the input, no
         im2col copy) where the kernels store bytes (`fused`) and have a
-        variant that takes rows by address (not the portable path), and
-        each window row's taps are contiguous (unit horizontal dilation)
-        whole groups of 4 bytes, long enough (`_MIN_ADDRESSED_RUN`); else
-        an im2col tile. Signed activations too: those kernels flip the bytes
+        variant that takes rows by address (not the portable path), each
+        window row's taps are contiguous (unit horizontal dilation) whole
+        groups of 4 bytes, and that pays (`_addressing_pays`); else an
+        im2col tile. Signed activations too: those kernels flip the bytes
         as they load them (ukernels SIGNED_DOC)."""
         run = self.window_row_bytes
         if self.in_place:
             return A_IN_PLACE
-        if (
-            self.fused and self.plan.config.isa != "portable"
-            and run % 4 == 0 and run >= _MIN_ADDRESSED_RUN
-        ):  # fmt: skip
-            return A_BY_ADDRESS
+        if self.fused and self.plan.config.isa != "portable" and run > 0 and run % 4 == 0:
+            return A_BY_ADDRESS if self._addressing_pays() else A_IM2COL
         return A_IM2COL
+
+    def _addressing_pays(self) -> bool:
+        """Whether reading A by address beats the im2col tile. K blocks end at
+        window rows then; each extra block end stores and reloads the
+        tile's int32 sums, which costs about as much as 4 bytes of im2col
+        per pixel and output channel, where the im2col tile is K bytes per
+        pixel. Calibrated on 56x56 3x3 convs with 64 output channels (one
+        thread, whole runs): over 8 to 32 input channels (two extra block
+        ends) 4-10 % slower by address, over 48 (one) even, over 64 (one)
+        1 % faster; ResNet-18's 28x28 stride-2 conv (128 outputs, one)
+        1-2 % faster; no extra block end (128 channels and more, 1x1
+        convs): 2-3 % faster in ResNet-18."""
+        kc, k4 = self.plan.config.kc, self.plan.k4
+        blocks = -(-k4 // kc)
+        by_rows = self.window_rows * -(-self.window_row_bytes // kc)
+        return (by_rows - blocks) * 4 * self.plan.n <= k4
 
     def im2col_kernel(self, geo) -> int:
         """The address of the im2col row kernel for this window (0 when A is
