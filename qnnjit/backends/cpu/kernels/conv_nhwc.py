@@ -11,16 +11,17 @@ channels contiguously, like a matmul's row.
   channel count divisible by 4 reads its A rows in place: the NHWC input
   viewed as [pixels, C] is already a row-major A. No copy at all.
 - Where the microkernels requantize and each window row's taps (kw, c)
-  are one contiguous run of KW*C >= 32 bytes (unit horizontal dilation, a
+  are one contiguous run of KW*C bytes (unit horizontal dilation, a
   multiple of 4), A's rows are read straight from the input by address
-  (`conv_gemm_nhwc_by_address`, an implicit GEMM, ukernels ADDRESS_DOC): K
+  where that pays (`ChannelsLastConv._addressing_pays`;
+  `conv_gemm_nhwc_by_address`, an implicit GEMM, ukernels ADDRESS_DOC): K
   is cut into one segment per window row, and each tile gets a table of
   every pixel's run address per segment (`_row_addresses`), pointing at a
   run of pad bytes above and below the image and at small copies for
   pixels on the left and right borders. Signed bytes are flipped by the
   microkernels as they load them. ResNet-18's 3x3 convs: the im2col tile
   was 5-6 % of each step (store bound); the steps went 2-3 % faster, the
-  model ~2 % (one thread).
+  model 1-2 % (one thread, whole runs).
 - Anything else builds an im2col tile of A, one row per pixel, from the NHWC
   input: each tap is a run of C contiguous bytes (the pad byte outside the
   image), flipped to u8 on the way for signed activations. A row kernel
