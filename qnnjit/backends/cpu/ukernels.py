@@ -62,7 +62,7 @@ ADDRESS_DOC. An ``a_by_address`` kernel reads A row r at ``rowptr[r] +
 lda``: ``a`` points to ``rows`` int64 row addresses, and ``lda`` is the byte
 offset into each row, the same for every row. This lets a convolution's
 GEMM read its A rows straight from the NHWC input (an implicit GEMM,
-``conv_nhwc.conv_gemm_nhwc_requant``) instead of from an im2col copy: for
+``conv_nhwc.conv_gemm_nhwc_by_address``) instead of from an im2col copy: for
 window row kh of a pixel, the taps (kw, c) are one contiguous run of KW*C
 input bytes, so the K loop is split into one segment per window row, each
 with its own table of row addresses (``_gemm.gemm_requant_rows``), and
@@ -126,9 +126,10 @@ path, so the bytes are identical. The tile never goes through memory as int32.
   stage's samples. Its loads of the residual bytes waited on L2: the
   kernel prefetches its tile of them into L1 first thing, before the K
   loop (`prefetch_other`). ResNet-18's 56x56 residual conv steps took
-  594 us, now 557-560 (the plain 56x56 convs: 530); the deeper ones
-  gained 8-14 us each (one thread). Prefetching the output bytes for
-  writing gained nothing.
+  594-598 us, now 557-562 (the plain 56x56 convs: 530-540); the deeper
+  ones gained 8-14 us each (per-step minima within whole runs, one
+  thread; whole runs did not resolve it). Prefetching the output bytes
+  for writing gained nothing.
 """
 
 from __future__ import annotations
