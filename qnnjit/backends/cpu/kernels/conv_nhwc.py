@@ -816,14 +816,13 @@ class ChannelsLastConv:
         if self.fused and self.num_threads > 1:
             tile, splits = self.column_split(pixels, images, tile)
         geo[GPT], geo[GNS] = tile, splits
-        if self.a_mode != A_BY_ADDRESS:
-            for rows in (min(tile, pixels), pixels % tile or tile):
-                self.plan.ensure_rows(rows, self.requant)
-            return self.im2col_kernel(geo), self.plan.fptrs, self.rq_fptrs
-        # the bytes as stored: signed ones flipped to u8 by the kernels
-        access = {"by_address": True, "a_signed": self.flip != 0}
+        by_address = self.a_mode == A_BY_ADDRESS
+        # by address, the bytes as stored: signed ones flipped to u8 by the kernels
+        access = {"by_address": by_address, "a_signed": by_address and self.flip != 0}
         for rows in (min(tile, pixels), pixels % tile or tile):
             self.plan.ensure_rows(rows, self.requant, **access)
+        if not by_address:
+            return self.im2col_kernel(geo), self.plan.fptrs, self.rq_fptrs
         fptrs, rq_fptrs = self.plan.kernels(**access), self.plan.kernels(self.requant, **access)
         return border_runs(geo, tile), fptrs, rq_fptrs
 
