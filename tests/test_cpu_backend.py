@@ -392,59 +392,53 @@ ADDRESSED_CONVS = [
 
 
 @pytest.mark.parametrize("case", ADDRESSED_CONVS, ids=lambda c: f"c{c[0]}k{c[2][0]}x{c[2][1]}")
-@pytest.mark.parametrize("threads,tile,splits", [(1, None, 1), (1, 7, 1), (2, None, 1), (2, 7, 2)])
+@pytest.mark.parametrize(
+    "threads,tile,splits,panel",
+    [(1, None, 1, None), (1, 7, 1, None), (2, None, 1, None), (2, 7, 2, None), (1, None, 1, 20)],
+)  # fmt: skip
 @pytest.mark.parametrize("isa", ["host", "avx2"])
-def test_conv_reads_a_rows_by_address(case, threads, tile, splits, isa, monkeypatch):
+def test_conv_reads_a_rows_by_address(case, threads, tile, splits, panel, isa, monkeypatch):
     """Requantizing convs whose window rows are whole groups of 4 bytes read
-    A's rows straight from the input (`a_mode`; here wherever they could,
-    whether or not it pays), signed bytes flipped by the kernels: the same
-    bits as the reference for tiles that start and end mid-row (`tile` =
-    7), two threads, with and without column splits, every border, two
-    images; the others still build im2col tiles."""
+    A's rows straight from the input (`a_mode`), signed bytes flipped by
+    the kernels: the same bits as the reference for tiles that start and
+    end mid-row (`tile` = 7), two threads, with and without column splits,
+    K blocks of `panel` k that start and end mid-segment (the kernels walk
+    the segments), every border, two images; the others still build
+    im2col tiles."""
+    from qnnjit.backends.cpu import gemm
     from qnnjit.backends.cpu.features import select_isa
     from qnnjit.backends.cpu.kernels import conv_nhwc
 
     _use_isa(isa, monkeypatch)
-    # these small convs would not pay (`test_rows_by_address_where_they_pay`)
-    monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "_addressing_pays", lambda self: True)
     if tile is not None:
         monkeypatch.setattr(conv_nhwc.ChannelsLastConv, "tile_pixels", lambda *_: tile)
     if splits > 1:
         monkeypatch.setattr(
             conv_nhwc.ChannelsLastConv, "column_split", lambda self, p, i, tile: (tile, splits)
         )
+    configs = []
+    if panel is not None:  # K blocks of `panel` k, whatever NR is
+        blocking = gemm._blocking
+
+        def small_blocks(isa, mr, nr, m, n, k, threads, kc=None):
+            config = blocking(isa, mr, nr, m, n, k, threads, kc=kc or panel)
+            configs.append((config.kc, k))
+            return config
+
+        monkeypatch.setattr(gemm, "_blocking", small_blocks)
     channels, size, kernel, strides, pads, dilations, x_dtype, by_address = case
     spec = dict(
         batch=2, groups=1, cin_g=channels, m_g=80, size=list(size), kernel=list(kernel),
         strides=list(strides), dilations=list(dilations), pads=list(pads), x_dtype=x_dtype,
         w_dtype=np.int8, w_zp="zero", per_channel=True, bias=True, pow2=False, seed=channels,
     )  # fmt: skip
-    names = kernel_names(check_model(*_conv_model(spec), num_threads=threads)._executor)
+    cpu = check_model(*_conv_model(spec), num_threads=threads)
+    names = kernel_names(cpu._executor)
     assert "(microkernels requantize:" in names, names
     expected = by_address and select_isa() != "portable"
     assert ("(A rows by address)" in names) == expected, names
-
-
-@pytest.mark.parametrize(
-    "channels,outputs,kernel,pays",
-    [(16, 64, 3, False), (32, 64, 3, False), (64, 64, 3, True), (64, 128, 3, True),
-     (128, 128, 3, True), (512, 512, 3, True), (64, 128, 1, True), (8, 256, 1, True)],
-)  # fmt: skip
-def test_rows_by_address_where_they_pay(channels, outputs, kernel, pays, monkeypatch):
-    """`_addressing_pays`: by address where the K blocks that end at window
-    rows add few int32 round trips for the im2col bytes they save (the
-    shapes its docstring's measurements calibrate it on, on the AVX-512
-    path they were measured on: the K blocking, and so the decisions,
-    differ per ISA)."""
-    from qnnjit.backends.cpu.kernels import conv_nhwc
-
-    _use_isa("avx512_vnni", monkeypatch)
-    w = np.zeros((outputs, channels, kernel, kernel), np.int8)
-    conv = conv_nhwc.ChannelsLastConv(
-        w, np.zeros(outputs), flip=0, pad_byte=0, pointwise=False, unit_dilation=True,
-        pixels_hint=3136, num_threads=1,
-    )  # fmt: skip
-    assert conv._addressing_pays() == pays
+    if panel is not None:  # the conv's K took several blocks
+        assert (panel, channels * kernel[0] * kernel[1]) in configs, configs
 
 
 @pytest.mark.parametrize("x_dtype", [dtypes.uint8, dtypes.int8])

@@ -262,10 +262,10 @@ def test_pair_sums_from_the_packed_data(layout, k, n, nr):
     np.testing.assert_array_equal(pack_b(b, nr, layout)._pair_sums, _distinct_pair_sums(padded))
 
 
-def _call_kernel(spec, rows, a, packed, nvalid, lda=None):
+def _call_kernel(spec, rows, a, packed, nvalid, lda=None, desc=0):
     """Run one microkernel on A = `a` (row stride `lda`, by default a's own;
-    for a kernel that takes rows by address, `a` is the table of addresses
-    and `lda` their offset), B = `packed`; returns C."""
+    for a kernel that takes rows by address, `a` is the table of addresses,
+    `lda` their offset and `desc` the segments), B = `packed`; returns C."""
     name = ukernels.kernel_name(spec, rows)
     mod = llvmjit.compile_module(ukernels.ukernel_ir(spec, rows), spec.isa, (name,))
     fn = ctypes.CFUNCTYPE(
@@ -282,30 +282,36 @@ def _call_kernel(spec, rows, a, packed, nvalid, lda=None):
         packed.zero_init.ctypes.data,
         nvalid,
         0,
-        0,
+        desc,
     )
     return c
 
 
 @pytest.mark.parametrize("isa", SIMD_PARAMS)
 def test_kernels_take_a_rows_by_address(isa):
-    """ukernels ADDRESS_DOC: row r of A starts `lda` bytes after address
-    table[r], wherever the rows lie: overlapping, out of order, one of them
-    twice. Every row count, a K that is not a multiple of the unroll."""
+    """ukernels ADDRESS_DOC: in segment s of K, row r of A starts at address
+    table[s][r] (the table's rows `stride` bytes apart), the block's first
+    segment `lda` bytes in, wherever the rows lie: overlapping, out of
+    order, one of them twice. Every row count; one segment, and segments
+    shorter than the unroll and longer, the block starting mid-segment."""
     rng = np.random.default_rng(3)
     mr, nr = SMALL_TILES[isa][0]
-    k, offset = 4 * (2 * ukernels.UNROLL + 3), 20
-    source = rng.integers(0, 256, 400, dtype=np.uint8)
-    b = rng.integers(-128, 128, (k, nr)).astype(np.int8)
-    packed = pack_b(b, nr)
-    spec = ukernels.UkernelSpec(isa, mr, nr, a_by_address=True)
-    for rows in range(1, mr + 1):
-        starts = rng.integers(0, source.size - k - offset, rows)
-        starts[-1] = starts[0]  # the same row twice (one row: itself)
-        table = source.ctypes.data + starts.astype(np.int64)
-        a = np.stack([source[s + offset : s + offset + k] for s in starts])
-        c = _call_kernel(spec, rows, table, packed, nr, lda=offset)
-        np.testing.assert_array_equal(c, reference(a, b), err_msg=f"{rows} rows")
+    source = rng.integers(0, 256, 600, dtype=np.uint8)
+    for segment, segments, first in [(2 * ukernels.UNROLL + 3, 1, 5), (3, 5, 1), (6, 4, 4)]:
+        k = 4 * (segment * segments - first)  # the block: all but `first` groups
+        b = rng.integers(-128, 128, (k, nr)).astype(np.int8)
+        packed = pack_b(b, nr)
+        spec = ukernels.UkernelSpec(isa, mr, nr, a_by_address=True)
+        stride = mr + 3  # table entries from one segment's row to the next's
+        for rows in range(1, mr + 1):
+            starts = rng.integers(0, source.size - 4 * segment, (segments, stride))
+            starts[:, rows - 1] = starts[:, 0]  # the same row twice (one row: itself)
+            table = source.ctypes.data + starts.astype(np.int64)
+            runs = [source[s : s + 4 * segment] for s in starts[:, :rows].T.ravel()]
+            a = np.stack(runs).reshape(rows, -1)[:, 4 * first :]  # each row's segments
+            desc = segment | (8 * stride) << 32
+            c = _call_kernel(spec, rows, table, packed, nr, lda=4 * first, desc=desc)
+            np.testing.assert_array_equal(c, reference(a, b), err_msg=f"{rows} rows")
 
 
 @pytest.mark.skipif("avx2" not in RUNNABLE, reason="host cannot run avx2")

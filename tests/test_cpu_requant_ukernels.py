@@ -206,7 +206,8 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None)
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
     # the same with A's rows by address, K in segments of 75 groups, each
     # segment's bytes elsewhere (garbage after them): the 64-group K blocks
-    # must end at each segment's end too
+    # cross segment ends, where the kernels must go on at the table's next
+    # row of addresses
     segment = 75
     segments = plan.k4 // (4 * segment)
     assert plan.k4 == segments * segment * 4

@@ -134,7 +134,17 @@ _TASKS_PER_THREAD = 4
 # Below this many int8 ops (2*M*N*K) a GEMM runs on the calling thread: a pool
 # hand-off costs 20-40 us here, the work of ~10-20 MOPs at 400-450 GOPS.
 MIN_PARALLEL_OPS = 1 << 24
-_L1_B_BYTES = 24 * 1024  # the KC x NR B micro-panel kept in L1
+# The KC x NR B micro-panel a kernel call streams. With AVX-512 it is kept
+# in L2, not L1: a K block end stores a tile's int32 sums and the next
+# block reloads them, which costs more than reading B from L2. Zen 4, one
+# thread, ResNet-18's convs (A rows by address, per-step minima): 24 KiB
+# (K blocks of 384 at 64 columns) 5807 us, 40 KiB 5763, 64 KiB 5738, 128
+# KiB 5692, 256 KiB 5594 (every conv of ResNet-18 one K block), 1 MiB
+# 5596; whole runs 1-2 % faster. The AVX2 kernels, 16 columns wide, lost
+# 3 % at 256 KiB (ResNet-18 whole runs, on the same host): they keep the
+# L1-sized panel.
+_B_PANEL_BYTES = {"avx512_vnni": 256 * 1024}
+_B_PANEL_BYTES_L1 = 24 * 1024  # the other ISAs': kept in L1
 _L2_A_BYTES = 256 * 1024  # the MC x KC A block kept in L2
 
 
@@ -206,14 +216,15 @@ def _max_rows(isa: str, nr: int) -> int:
 def _blocking(
     isa: str, mr: int, nr: int, m: int, n: int, k: int, threads: int, kc: int | None = None
 ) -> GemmConfig:
-    """MC, NC, KC for a tile: KC so the B micro-panel stays in L1 (split K into
-    equal blocks), MC so the A block stays in L2; with threads, C is cut into
-    about ``_TASKS_PER_THREAD`` tasks per thread (threads take them dynamically,
-    so a thread slowed by a neighbour does less), along M when M >= N (each
-    task then reads all of B, the smaller operand), else along N."""
+    """MC, NC, KC for a tile: KC so the B micro-panel stays in cache
+    (`_B_PANEL_BYTES`; K split into equal blocks), MC so the A block stays
+    in L2; with threads, C is cut into about ``_TASKS_PER_THREAD`` tasks per
+    thread (threads take them dynamically, so a thread slowed by a
+    neighbour does less), along M when M >= N (each task then reads all of
+    B, the smaller operand), else along N."""
     k4 = max(4, _round_up(k, 4))
     if kc is None:
-        kc_max = max(4, (_L1_B_BYTES // nr) // 4 * 4)
+        kc_max = max(4, (_B_PANEL_BYTES.get(isa, _B_PANEL_BYTES_L1) // nr) // 4 * 4)
         blocks = -(-k4 // kc_max)
         kc = _round_up(-(-k4 // blocks), 4)
     kc = min(kc, k4)

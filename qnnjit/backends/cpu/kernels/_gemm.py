@@ -172,7 +172,8 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
     registers. `segment` > 0: A's rows come by address (kernels that take
     them so, ukernels ADDRESS_DOC): K is cut into segments of `segment`
     groups of 4 k, and `a` is the address of int64 [segments, lda]: row r's
-    address for segment s at [s, r]; K blocks then end at segment ends.
+    address for segment s at [s, r]. A K block may cross segments: the
+    kernels walk them, keeping their sums in registers.
     `c` (int32 [>= rows, >= n1 - n0], column j - n0 for column j)
     holds the sums between K blocks,
     `init` (`init_with`) their start: the bias; `ep` (int64,
@@ -185,12 +186,14 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
     cb, bb, ib, ldc = c.ctypes.data, data.ctypes.data, init.ctypes.data, c.shape[1]
     f0 = ep[EP_F]
     ep[EP_LDO] = ldo
+    # the kernels' desc: the portable ones' tile (and rows, below); by
+    # address, the segments' length and table stride instead (ADDRESS_DOC)
+    desc = segment | (lda * 8) << 32 if segment > 0 else gp[G_DESC]
     k0 = 0
     while True:
         kg = min(kcg, k_groups - k0)
-        if segment > 0:  # the block's rows by address: its segment's table row
+        if segment > 0:  # the block's rows by address: its first segment's table row
             s = k0 // segment
-            kg = min(kg, (s + 1) * segment - k0)
             a0, row_step, a_arg = a + s * lda * 8, 8, (k0 - s * segment) * 4
         else:
             a0, row_step, a_arg = a + k0 * 4, lda, lda
@@ -202,14 +205,15 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
             ep[EP_F] = f0 + 4 * nn
             for mm in range(0, rows, mr):
                 r = min(mr, rows - mm)
+                kdesc = desc if segment > 0 else desc | r
                 ap, cp, ip = a0 + mm * row_step, cb + (mm * ldc + nn - n0) * 4, ib + nn * 4
                 if last:
                     ep[EP_OUT], ep[EP_OTHER] = out + mm * ldo + nn, other + mm * ldo + nn
                     call_ukernel_requant(rq_fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
-                                         accumulate, gp[G_DESC] | r, ep.ctypes.data)  # fmt: skip
+                                         accumulate, kdesc, ep.ctypes.data)  # fmt: skip
                 else:
                     call_ukernel(fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
-                                 accumulate, gp[G_DESC] | r)  # fmt: skip
+                                 accumulate, kdesc)  # fmt: skip
         k0 += kg
         if last:
             break

@@ -13,15 +13,16 @@ channels contiguously, like a matmul's row.
 - Where the microkernels requantize and each window row's taps (kw, c)
   are one contiguous run of KW*C bytes (unit horizontal dilation, a
   multiple of 4), A's rows are read straight from the input by address
-  where that pays (`ChannelsLastConv._addressing_pays`;
-  `conv_gemm_nhwc_by_address`, an implicit GEMM, ukernels ADDRESS_DOC): K
-  is cut into one segment per window row, and each tile gets a table of
+  (`conv_gemm_nhwc_by_address`, an implicit GEMM, ukernels ADDRESS_DOC):
+  K is cut into one segment per window row, and each tile gets a table of
   every pixel's run address per segment (`_row_addresses`), pointing at a
   run of pad bytes above and below the image and at small copies for
-  pixels on the left and right borders. Signed bytes are flipped by the
-  microkernels as they load them. ResNet-18's 3x3 convs: the im2col tile
-  was 5-6 % of each step (store bound); the steps went 2-3 % faster, the
-  model 1-2 % (one thread, whole runs).
+  pixels on the left and right borders. The microkernels walk the
+  segments of their K block, their sums in registers, and flip signed
+  bytes as they load them. ResNet-18's 3x3 convs: the im2col tile was 5-6
+  % of each step (store bound); the steps went 2-3 % faster, the model
+  1-2 % (one thread, whole runs). 56x56 3x3 convs with 64 outputs, 4 to
+  64 input channels: 0.6-2.7 % faster than with im2col tiles.
 - Anything else builds an im2col tile of A, one row per pixel, from the NHWC
   input: each tap is a run of C contiguous bytes (the pad byte outside the
   image), flipped to u8 on the way for signed activations. A row kernel
@@ -831,33 +832,17 @@ class ChannelsLastConv:
         """Where the requantizing kernel's A rows come from: the input itself
         (`in_place`); by address (A_BY_ADDRESS: straight from the input, no
         im2col copy) where the kernels store bytes (`fused`) and have a
-        variant that takes rows by address (not the portable path), each
-        window row's taps are contiguous (unit horizontal dilation) whole
-        groups of 4 bytes, and that pays (`_addressing_pays`); else an
-        im2col tile. Signed activations too: those kernels flip the bytes
-        as they load them (ukernels SIGNED_DOC)."""
+        variant that takes rows by address (not the portable path), and
+        each window row's taps are contiguous (unit horizontal dilation)
+        whole groups of 4 bytes; else an im2col tile. Signed activations
+        too: those kernels flip the bytes as they load them (ukernels
+        SIGNED_DOC)."""
         run = self.window_row_bytes
         if self.in_place:
             return A_IN_PLACE
         if self.fused and self.plan.config.isa != "portable" and run > 0 and run % 4 == 0:
-            return A_BY_ADDRESS if self._addressing_pays() else A_IM2COL
+            return A_BY_ADDRESS
         return A_IM2COL
-
-    def _addressing_pays(self) -> bool:
-        """Whether reading A by address beats the im2col tile. K blocks end at
-        window rows then; each extra block end stores and reloads the
-        tile's int32 sums, which costs about as much as 4 bytes of im2col
-        per pixel and output channel, where the im2col tile is K bytes per
-        pixel. Calibrated on 56x56 3x3 convs with 64 output channels (one
-        thread, whole runs): over 8 to 32 input channels (two extra block
-        ends) 4-10 % slower by address, over 48 (one) even, over 64 (one)
-        1 % faster; ResNet-18's 28x28 stride-2 conv (128 outputs, one)
-        1-2 % faster; no extra block end (128 channels and more, 1x1
-        convs): 2-3 % faster in ResNet-18."""
-        kc, k4 = self.plan.config.kc, self.plan.k4
-        blocks = -(-k4 // kc)
-        by_rows = self.window_rows * -(-self.window_row_bytes // kc)
-        return (by_rows - blocks) * 4 * self.plan.n <= k4
 
     def im2col_kernel(self, geo) -> int:
         """The address of the im2col row kernel for this window (0 when A is
