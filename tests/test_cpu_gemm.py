@@ -11,6 +11,7 @@ remainder paths all run on small, fast shapes. The reference is
 from __future__ import annotations
 
 import ctypes
+import re
 
 import numpy as np
 import pytest
@@ -361,6 +362,19 @@ def test_avx2_path_is_compiled_without_avx512():
     assert "vpmaddubsw" in asm
     assert "zmm" not in asm and "%k1" not in asm
     assert not any(f"ymm{i}" in asm for i in range(16, 32))
+
+
+def test_vector_spills_are_aligned():
+    """The 6x64 qadd kernel spills vectors (its epilogue's constants): to
+    64-byte aligned stack slots, whatever the caller's stack alignment
+    (ukernels: alignstack), so no spill or reload splits a cache line."""
+    spec = ukernels.UkernelSpec("avx512_vnni", 6, 64, requant="qadd", a_by_address=True)
+    asm = llvmjit.assembly(ukernels.ukernel_ir(spec, 6), spec.isa)
+    offsets = re.findall(r"(-?\d*)\(%rsp\)[^\n]*zmm|zmm[^\n]*?(-?\d*)\(%rsp\)", asm)
+    offsets = [int(a or b or 0) for a, b in offsets]
+    assert offsets, "no spills: the check checks nothing"
+    assert "andq\t$-64, %rsp" in asm, "the stack is not realigned"
+    assert all(o % 64 == 0 for o in offsets), offsets
 
 
 # ---------------------------------------------------------------------------

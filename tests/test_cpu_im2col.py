@@ -116,7 +116,8 @@ def test_row_addresses_match_numpy(case):
     run above and below it, copies with pad bytes at the left and right
     borders; and the copies fit the scratch `border_runs` sizes, for tiles
     of one pixel, of odd sizes (starting and ending anywhere in a row), and
-    of a whole image."""
+    of a whole image; every run read lies in the input, the pad run or the
+    copies."""
     c, (h, w), kernel, strides, pads, dilations = case
     rng = np.random.default_rng(c * 1000 + kernel[1])
     x = rng.integers(0, 256, (2, h, w, c), dtype=np.uint8)
@@ -129,11 +130,14 @@ def test_row_addresses_match_numpy(case):
         geo[GPT] = tile
         table = np.zeros((kernel[0], tile), np.int64)
         border = np.empty(border_runs(geo, tile) * run, np.uint8)
+        buffers = [(b.ctypes.data, b.ctypes.data + b.size) for b in (x, pad_run, border)]
         for n in range(2):
             for p0 in range(0, pixels, tile):
                 rows = min(tile, pixels - p0)
                 used = _row_addresses(x, n, p0, rows, geo, pad_run, table.reshape(-1), border)
                 assert used * run <= border.size, "more border copies than border_runs allows"
+                for address in table[:, :rows].ravel():  # each run within one buffer
+                    assert any(lo <= address and address + run <= hi for lo, hi in buffers)
                 got = np.array([
                     [np.frombuffer((ctypes.c_uint8 * run).from_address(int(address)), np.uint8)
                      for address in table[:, i]]

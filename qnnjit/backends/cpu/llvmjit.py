@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ...diskcache import cache_dir, read_checked, write_checked
 from .features import host_cpu
 
-__all__ = ["JitModule", "compile_module", "target_machine"]
+__all__ = ["JitModule", "assembly", "compile_module", "target_machine"]
 
 _FORMAT = "qnnjit-ukernel-v1"
 _LOCK = threading.RLock()
@@ -99,7 +99,8 @@ def _key(ir_text: str, isa: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _optimize_and_emit(ir_text: str, isa: str) -> bytes:
+def _optimized(ir_text: str, isa: str):
+    """(module, target machine): ``ir_text`` parsed, verified and optimized."""
     llvm = _llvm()
     tm = target_machine(isa)
     module = llvm.parse_assembly(ir_text)
@@ -109,7 +110,18 @@ def _optimize_and_emit(ir_text: str, isa: str) -> bytes:
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(module, pb)
+    return module, tm
+
+
+def _optimize_and_emit(ir_text: str, isa: str) -> bytes:
+    module, tm = _optimized(ir_text, isa)
     return tm.emit_object(module)
+
+
+def assembly(ir_text: str, isa: str) -> str:
+    """The assembly that `compile_module` makes of ``ir_text`` (to read it)."""
+    module, tm = _optimized(ir_text, isa)
+    return tm.emit_assembly(module)
 
 
 def _load(obj: bytes, isa: str, names: tuple[str, ...]) -> dict[str, int]:
