@@ -37,6 +37,9 @@ from qnnjit.backends.cpu.kernels._gemm import (
     packs_exactly,
     plan_gemm,
     requant_args,
+    row_block,
+    row_block_sizes,
+    row_blocks,
 )
 from qnnjit.backends.cpu.ukernels import UkernelSpec
 
@@ -170,7 +173,8 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None)
     or not) where `ep_tile` looks it up per element."""
     b = rng.integers(-128, 128, (K, n)).astype(np.int8)
     plan = plan_gemm(b, ROWS)
-    plan.ensure_rows(ROWS, kind)
+    plan.ensure_rows(ROWS, kind)  # gemm_requant_rows' blocks
+    plan.ensure_rows(ROWS)  # the drivers' (the int32 sums below)
     gp = plan.gparams.copy()
     gp[G_KCG] = 64  # KC = 256: four K blocks, the last one partial
     a = np.zeros((ROWS, plan.k4), np.uint8)
@@ -294,3 +298,20 @@ def test_lookup_bytes_every_length_in_place_and_not(vbmi):
 @numba.njit
 def _lookup(src, dst, n, table, vbmi):
     lookup_bytes(src.ctypes.data, dst.ctypes.data, n, table, vbmi)
+
+
+def test_row_blocks_are_even():
+    """`gemm_requant_rows` cuts a tile's rows into the fewest blocks of at
+    most MR rows, as even as they come (sizes differ by at most one), in
+    order and without gaps; `row_block_sizes` names exactly their sizes
+    (the kernels `ensure_rows` compiles)."""
+    for mr in (1, 4, 6, 8):
+        for rows in range(1, 60):
+            blocks = [row_block(i, rows, mr) for i in range(row_blocks(rows, mr))]
+            assert len(blocks) == -(-rows // mr)
+            assert [b[0] for b in blocks] == list(np.cumsum([0] + [b[1] for b in blocks[:-1]]))
+            assert sum(b[1] for b in blocks) == rows
+            sizes = {b[1] for b in blocks}
+            assert max(sizes) <= mr and max(sizes) - min(sizes) <= 1
+            assert sizes == row_block_sizes(rows, mr)
+    assert [row_block(i, 19, 6)[1] for i in range(4)] == [5, 5, 5, 4]
