@@ -162,47 +162,85 @@ def _im2col_pixel(x, xf, n, oh, ow, geo, flip, pad, a, r):
 def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
     """a[r, :K] = the taps of output pixel p0 + r of image n (`_im2col_pixel`).
     With an im2col row kernel (`fptr`, unit horizontal dilation: see
-    `im2colkernels`), the pixels of each output row whose window lies inside
-    the image horizontally go to the kernel, in one call per output row; the
-    border pixels, and every pixel without a kernel, to `_im2col_pixel`."""
+    `im2colkernels`), every pixel goes to the kernel, in up to three calls
+    per output row: the pixels whose window lies inside the image
+    horizontally read the input; those on either border read copies of
+    their window rows with the pad byte outside the image (`_edge_rows`).
+    Without a kernel, `_im2col_pixel` per pixel."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
     PH, PW, DH, OW = geo[GPH], geo[GPW], geo[GDH], geo[GOW]
     lda = a.shape[1]
-    xf = x.reshape(x.size)
+    if fptr == 0:
+        xf = x.reshape(x.size)
+        for r in range(rows):
+            oh = (p0 + r) // OW
+            _im2col_pixel(x, xf, n, oh, p0 + r - oh * OW, geo, flip, pad, a, r)
+        return
     lo = (PW + SW - 1) // SW  # the first ow with iw0 >= 0
     hi = (W + PW - KW) // SW + 1 if W + PW >= KW else 0  # past the last inside one
-    if fptr == 0:
-        lo = hi = 0
     rowptrs = np.empty(KH, np.int64)
-    # window rows outside the image read this row (flipped, as the kernel flips it back)
-    pad_row = np.full(OW * SW * C + KW * C if fptr else 0, np.uint8(pad ^ flip))
+    # window rows outside the image read this row, and border pixels copies
+    # in `edge` (pad bytes flipped, as the kernel flips them back)
+    row_bytes = OW * SW * C + KW * C
+    pad_row = np.full(row_bytes, np.uint8(pad ^ flip))
+    edge = np.empty(KH * row_bytes, np.uint8)
     r = 0
     while r < rows:
         p = p0 + r
         oh = p // OW
         ow = p - oh * OW
         end = min(OW, ow + rows - r)  # this output row's pixels in the tile: ow..end
-        a0, a1 = max(ow, lo), min(end, hi)  # the kernel's pixels (none if a1 <= a0)
-        if a1 > a0:
-            for kh in range(KH):
-                ih = oh * SH - PH + kh * DH
-                if ih >= 0 and ih < H:
-                    rowptrs[kh] = x.ctypes.data + ((n * H + ih) * W + a0 * SW - PW) * C
-                else:
-                    rowptrs[kh] = pad_row.ctypes.data
-            dst = a.ctypes.data + (r + a0 - ow) * lda
-            call_im2col_row(fptr, rowptrs.ctypes.data, a1 - a0, dst, lda)
-        else:
-            a0 = a1 = end
-        # the border pixels, ow..a0 and a1..end, in one loop: one call site
-        # for the inlined helper, and no pass over the kernel's pixels (a
-        # scalar loop of 112 steps a row: 15 us of MobileNetV2's stem)
-        left = a0 - ow
-        for i in range(left + end - a1):
-            q = ow + i if i < left else a1 + i - left
-            _im2col_pixel(x, xf, n, oh, q, geo, flip, pad, a, r + q - ow)
+        a0 = max(ow, min(lo, end))  # ow..a0: left border; a0..a1: inside; a1..end: right
+        a1 = max(a0, min(hi, end))
+        for s, e in ((ow, a0), (a0, a1), (a1, end)):
+            if e <= s:
+                continue
+            if s == a0 and e == a1:  # inside: the input's own rows
+                for kh in range(KH):
+                    ih = oh * SH - PH + kh * DH
+                    if ih >= 0 and ih < H:
+                        rowptrs[kh] = x.ctypes.data + ((n * H + ih) * W + s * SW - PW) * C
+                    else:
+                        rowptrs[kh] = pad_row.ctypes.data
+            else:
+                _edge_rows(x, n, oh, s, e - s, geo, pad ^ flip, edge, row_bytes, rowptrs,
+                           pad_row)  # fmt: skip
+            call_im2col_row(fptr, rowptrs.ctypes.data, e - s, a.ctypes.data + (r + s - ow) * lda,
+                            lda)  # fmt: skip
         r += end - ow
+
+
+@jit(inline=True)
+def _edge_rows(x, n, oh, first, count, geo, pad, edge, row_bytes, rowptrs, pad_row):
+    """rowptrs[kh] = window row kh's bytes for output pixels first..first +
+    count of output row oh (unit horizontal dilation): a copy in `edge`
+    (`row_bytes` apart) of the input row's bytes those pixels' windows span,
+    the byte `pad` outside the image; `pad_row` for rows above or below it.
+    For the pixels on the borders: a row kernel then copies their taps as
+    it does inside pixels'. (Copying them tap by tap, a byte at a time,
+    took half of ResNet-18's stem im2col: 3 pixels of 112 a row.)"""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
+    PH, PW, DH = geo[GPH], geo[GPW], geo[GDH]
+    xf = x.reshape(x.size)
+    b0 = (first * SW - PW) * C  # the first window's first byte in its input row
+    length = (count - 1) * SW * C + KW * C
+    j0 = min(length, max(0, -b0))  # bytes before the image
+    j1 = max(j0, min(length, W * C - b0))  # ... and up to its end
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        if ih < 0 or ih >= H:
+            rowptrs[kh] = pad_row.ctypes.data
+            continue
+        dst, src = kh * row_bytes, (n * H + ih) * W * C + b0
+        for j in range(j0):
+            edge[U(dst + j)] = pad
+        for j in range(j0, j1):
+            edge[U(dst + j)] = xf[U(src + j)]
+        for j in range(j1, length):
+            edge[U(dst + j)] = pad
+        rowptrs[kh] = edge.ctypes.data + dst
 
 
 @jit(inline=True)
