@@ -315,3 +315,26 @@ def test_row_blocks_are_even():
             assert max(sizes) <= mr and max(sizes) - min(sizes) <= 1
             assert sizes == row_block_sizes(rows, mr)
     assert [row_block(i, 19, 6)[1] for i in range(4)] == [5, 5, 5, 4]
+
+
+@pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
+def test_a_kernel_not_compiled_is_an_error_not_a_crash(monkeypatch):
+    """A row count whose kernel `ensure_rows` did not compile (the tables
+    here lack the kernel of the smallest of the blocks 13 rows are cut
+    into) raises instead of calling address 0."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    rng = np.random.default_rng(0)
+    plan = plan_gemm(rng.integers(-128, 128, (64, 64)).astype(np.int8), 13)
+    plan.ensure_rows(13, "packed")
+    fptrs, rq_fptrs = plan.kernels("").copy(), plan.kernels("packed").copy()
+    missing = min(row_block_sizes(13, plan.mr)) - 1
+    fptrs[missing] = rq_fptrs[missing] = 0
+    ep = requant_args(np.zeros((4, 64), np.float32), np.zeros(16, np.int64),
+                      np.zeros(8, np.float32))  # fmt: skip
+    a, out = np.zeros((13, 64), np.uint8), np.zeros(13 * 64, np.uint8)
+    with pytest.raises(RuntimeError, match="no microkernel"):
+        gemm_requant_rows(
+            a.ctypes.data, 64, 13, fptrs, rq_fptrs, plan.data, plan.init, plan.gparams,
+            np.zeros((13, 64), np.int32), 0, 64, ep, out.ctypes.data, out.ctypes.data, 64,
+            np.zeros(0, np.uint8), 0,
+        )  # fmt: skip

@@ -92,7 +92,10 @@ us without the prefetch, 546-570 with, 518-527 with warm caches; a whole
 ResNet-18 at one thread took ~2% less time, the two alternated in one
 tree (the model benchmark's ratios do not resolve that). Every row tile of
 a panel block prefetches it again: the redundant prefetches hit L1/L2 and
-cost nothing measurable with warm caches.
+cost nothing measurable with warm caches. With AVX-512 most GEMMs now run
+K in one block (`gemm._B_PANEL_BYTES`), so a kernel prefetches the next
+panel's same groups (past the last panel, bytes outside B): removing the
+prefetch changed nothing that ResNet-18's per-step times resolved.
 
 REQUANT_DOC. A ``requant`` kernel (the last K block of a GEMM whose epilogue
 is the plain float requantize to bytes) takes one more argument, ``const

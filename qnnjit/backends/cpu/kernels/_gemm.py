@@ -210,13 +210,16 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
                 mm, r = row_block(i, rows, mr)
                 kdesc = desc if segment > 0 else desc | r
                 ap, cp, ip = a0 + mm * row_step, cb + (mm * ldc + nn - n0) * 4, ib + nn * 4
+                kernel = rq_fptrs[r - 1] if last else fptrs[r - 1]
+                if kernel == 0:  # not compiled (`ensure_rows`): an error, not a jump to 0
+                    raise RuntimeError("gemm_requant_rows: no microkernel for this row count")
                 if last:
                     ep[EP_OUT], ep[EP_OTHER] = out + mm * ldo + nn, other + mm * ldo + nn
-                    call_ukernel_requant(rq_fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
+                    call_ukernel_requant(kernel, ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
                                          accumulate, kdesc, ep.ctypes.data)  # fmt: skip
                 else:
-                    call_ukernel(fptrs[r - 1], ap, a_arg, bp, kg, cp, ldc, ip, nvalid,
-                                 accumulate, kdesc)  # fmt: skip
+                    call_ukernel(kernel, ap, a_arg, bp, kg, cp, ldc, ip, nvalid, accumulate,
+                                 kdesc)  # fmt: skip
         k0 += kg
         if last:
             break
