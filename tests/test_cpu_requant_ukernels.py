@@ -99,7 +99,7 @@ def _epilogue(rng, post: str, signed_out: bool, n: int = N, clamp: str = "none",
 def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_out, monkeypatch):
     monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
     rng = np.random.default_rng(zlib.crc32(f"{isa} {post} {signed_out}".encode()))  # fixed per case
-    kind = "plain" if post == "plain" else "qadd"
+    kind = "plain" if post == "plain" else "qadd_s8" if signed_out else "qadd"
     _check_requant_rows(rng, kind, N, _epilogue(rng, post, signed_out), post == "qadd_overflow")
 
 
@@ -115,7 +115,7 @@ def test_ymm_panels_store_the_epilogues_bytes(post, signed_out, monkeypatch):
     monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
     monkeypatch.setattr(gemm, "default_config", functools.partial(gemm.default_config, nr=24))
     rng = np.random.default_rng(zlib.crc32(f"ymm {post} {signed_out}".encode()))
-    kind = "plain" if post == "plain" else "qadd"
+    kind = "plain" if post == "plain" else "qadd_s8" if signed_out else "qadd"
     n = 2 * 24 + 5
     plan = plan_gemm(np.zeros((K, n), np.int8), ROWS)  # what `_check_requant_rows` runs
     assert plan.config.nr == 24 and UkernelSpec("avx512_vnni", 8, 24).lanes == 8

@@ -272,13 +272,14 @@ def lookup_rows(out, rows, width, ldo, table, vbmi):
 def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
     """The requantizing microkernels (ukernels REQUANT_DOC) that can store the
     result of `plan`'s GEMM followed by epilogue `ep` straight from their
-    registers (`gemm_requant_rows`): "plain", "packed" or "qadd"; "" when
-    none can. They need the float requantize to 8 bits, alone or followed by
-    a qadd or an 8-bit lookup (the table stage), and nothing between the
-    GEMM and it (`need_rowsum`: a per-row term of a weight zero point). A
-    plain requantize takes the "packed" kernels where `packs_exactly`
-    allows and panels are 32 columns or wider (one vector a row: the plain
-    store is as fast as the packs)."""
+    registers (`gemm_requant_rows`): "plain", "packed", "qadd" or "qadd_s8"
+    (the residual's codes int8); "" when none can. They need the float
+    requantize to 8 bits, alone or followed by a qadd or an 8-bit lookup
+    (the table stage), and nothing between the GEMM and it (`need_rowsum`:
+    a per-row term of a weight zero point). A plain requantize takes the
+    "packed" kernels where `packs_exactly` allows and panels are 32
+    columns or wider (one vector a row: the plain store is as fast as the
+    packs)."""
     sc = ep.sc_i
     kinds = {P_NONE: "plain", P_QADD: "qadd", P_LOOKUP: "plain"}  # lookup: + `byte_table`
     if (
@@ -292,6 +293,9 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
     kind = kinds[int(sc[I_POST])]
     if kind == "plain" and _packs(plan.config) and packs_exactly(plan.config.isa, ep.chan_f):
         return "packed"
+    if kind == "qadd":  # the residual's bytes as codes: uint8 ones, or int8 ones
+        codes = (int(sc[I_OFLIP]), int(sc[I_OOFF]))
+        return {(0, 0): "qadd", (0x80, 0x80): "qadd_s8"}.get(codes, "")
     return kind
 
 
