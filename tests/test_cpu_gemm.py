@@ -170,6 +170,20 @@ def test_default_tile_takes_the_widest_unpadded_panel_at_small_k(cpu, monkeypatc
     }  # fmt: skip
 
 
+def test_k_blocks_are_sized_for_l2_on_avx512_only():
+    """`_B_PANEL_BYTES`: AVX-512 K blocks keep a 256 KiB B panel (in L2):
+    ResNet-18's 3x3 convs run K in one block, or two for 4608 deep; AVX2's
+    16-column panels keep 24 KiB (in L1): K = 4608 in three blocks."""
+
+    def kc(isa, m, n, k):
+        return gemm.default_config(m, n, k, isa=isa, threads=1).kc
+
+    assert kc("avx512_vnni", 3136, 64, 576) == 576
+    assert kc("avx512_vnni", 196, 256, 2304) == 2304
+    assert kc("avx512_vnni", 49, 512, 4608) == 2304
+    assert kc("avx2", 49, 512, 4608) == 1536
+
+
 @pytest.mark.parametrize("backend", ["pool", "numba"])
 def test_parallel_backends(backend, monkeypatch):
     monkeypatch.setenv("QNNJIT_GEMM_PARALLEL", backend)

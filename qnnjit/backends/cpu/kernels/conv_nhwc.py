@@ -193,10 +193,10 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
         end = min(OW, ow + rows - r)  # this output row's pixels in the tile: ow..end
         a0 = max(ow, min(lo, end))  # ow..a0: left border; a0..a1: inside; a1..end: right
         a1 = max(a0, min(hi, end))
-        for s, e in ((ow, a0), (a0, a1), (a1, end)):
+        for part, (s, e) in enumerate(((ow, a0), (a0, a1), (a1, end))):
             if e <= s:
                 continue
-            if s == a0 and e == a1:  # inside: the input's own rows
+            if part == 1:  # inside: the input's own rows
                 for kh in range(KH):
                     ih = oh * SH - PH + kh * DH
                     if ih >= 0 and ih < H:
@@ -782,7 +782,6 @@ class ChannelsLastConv:
         self.zw = np.ascontiguousarray(zw, dtype=np.int64)
         self.need_rowsum = bool(np.any(self.zw != 0))
         self.channels = c
-        self.window_rows = kh
         self.window_row_bytes = kw * c if unit_dilation else 0  # 0: not contiguous
         self.flip, self.pad_byte = flip, pad_byte
         self.pixel_rows = pointwise and c % 4 == 0
