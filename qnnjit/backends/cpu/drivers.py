@@ -12,7 +12,7 @@ synchronization beyond taking distinct tasks: ``run_tasks`` (a range),
 the loop order is
 
     for k0 in KC blocks:              # C block re-read from L1/L2 when k0 > 0
-        for n0 in NR panels:          # B micro-panel (KC x NR, contiguous) stays in L1
+        for n0 in NR panels:          # B micro-panel (KC x NR, contiguous) stays in L1/L2
             for m0 in MR row tiles:   # A rows (MR x KC, strided, unpacked) from L2
                 ukernel(rows, ...)
 
