@@ -368,7 +368,7 @@ def microkernels(
     weights (compiled for ``m`` rows if given). On AVX2 the saturating
     ``vpmaddubsw`` kernel is chosen only when ``packed.i16_pairs_safe`` proves it
     exact for ``a_range`` (A's own values; default its whole dtype range).
-    ``requant`` ("plain" / "qadd" / "packed"): the kernels that store requantized bytes
+    ``requant`` ("plain" / "qadd" / "qadd_s8" / "packed"): the kernels that store bytes
     (``ukernels`` REQUANT_DOC; not on the portable path). ``a_by_address``:
     the kernels that take A's rows as a table of addresses (ADDRESS_DOC;
     not on the portable path either)."""

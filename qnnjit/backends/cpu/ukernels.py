@@ -127,8 +127,8 @@ path, so the bytes are identical. The tile never goes through memory as int32.
   and one store per row of up to 64 columns.
 - ``"qadd"`` then adds the residual operand's byte at ``other[r*ldo + n]`` as
   ``requant._fast_post`` does: its code ``o`` (the byte as uint8; as int8
-  for ``"qadd_s8"``: one extension rather than ep's ``(byte ^ oflip) -
-  ooff``, two operations a vector more, ResNet-18's 56x56 residual steps
+  for ``"qadd_s8"``: one extension rather than ``(byte ^ flip) -
+  offset``, two operations a vector more, ResNet-18's 56x56 residual steps
   6 us each), MLAS's
   ``fma(A, rA, fma(B, rB, fixed))`` (``yfirst``: the code is A; ``ratios``
   points at float32 {ry, ro, fixed}), rint, out-of-int32-range -> ``plo``,
@@ -162,7 +162,7 @@ UNROLL = 4  # k-groups per main-loop iteration
 # (REQUANT_DOC); the qadd fields only for the qadd kinds.
 REQUANT_FIELDS = (
     "f", "ldf", "out", "ldo",
-    "other", "oflip", "ooff", "yfirst", "plo", "phi", "ratios",
+    "other", "yfirst", "plo", "phi", "ratios",
     "ylo", "yhi", "yflip",
 )  # fmt: skip
 
@@ -800,7 +800,7 @@ class _Emitter:
         e(f"{t}.ab = call <{lanes} x i8> @llvm.masked.load.v{lanes}i8.p0(ptr {t}.ap, i32 1, "
           f"{i1} %mask{j}, <{lanes} x i8> zeroinitializer)")  # fmt: skip
         # the residual's codes: its bytes as uint8, or as int8 ("qadd_s8"),
-        # one extension (not ep's oflip and ooff: two operations more)
+        # one extension (not (byte ^ flip) - offset: two operations more)
         ext = "sext" if self.spec.requant == "qadd_s8" else "zext"
         e(f"{t}.ai = {ext} <{lanes} x i8> {t}.ab to {iv}")
         e(f"{t}.of = sitofp {iv} {t}.ai to {fv}")

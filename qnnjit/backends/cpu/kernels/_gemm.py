@@ -53,8 +53,8 @@ from .requant import (
 )  # fmt: skip
 
 # the requantizing microkernels' epilogue argument slots (ukernels.REQUANT_FIELDS)
-(EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_OFLIP, EP_OOFF, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS,
- EP_YLO, EP_YHI, EP_YFLIP) = range(len(REQUANT_FIELDS))  # fmt: skip
+(EP_F, EP_LDF, EP_OUT, EP_LDO, EP_OTHER, EP_YFIRST, EP_PLO, EP_PHI, EP_RATIOS, EP_YLO, EP_YHI,
+ EP_YFLIP) = range(len(REQUANT_FIELDS))  # fmt: skip
 # gparams slots; G_VBMI: byte tables may use vpermi2b (`_bytetable.vbmi_lookups`)
 G_DESC, G_K4, G_KG, G_NR, G_MR, G_KCG, G_PANEL_BYTES, G_NC, G_VBMI = range(9)
 G_SLOTS = 9
@@ -319,8 +319,8 @@ def requant_args(chan_f, sc_i, sc_f):
     """The requantizing microkernels' `ep` (ukernels.REQUANT_FIELDS) at column 0."""
     ep = np.zeros(EP_YFLIP + 1, np.int64)
     ep[EP_F], ep[EP_LDF] = chan_f.ctypes.data, chan_f.shape[1]
-    ep[EP_OFLIP], ep[EP_OOFF], ep[EP_YFIRST] = sc_i[I_OFLIP], sc_i[I_OOFF], sc_i[I_YFIRST]
-    ep[EP_PLO], ep[EP_PHI] = sc_i[I_PLO], sc_i[I_PHI]
+    # (the residual's byte codes are the kernel kind's: "qadd" or "qadd_s8")
+    ep[EP_YFIRST], ep[EP_PLO], ep[EP_PHI] = sc_i[I_YFIRST], sc_i[I_PLO], sc_i[I_PHI]
     ep[EP_RATIOS] = sc_f.ctypes.data + 4 * F_RY  # ry, ro, fixed: consecutive float32
     # "packed" kernels: signed codes go through the unsigned byte range + 128
     flip = 128 if sc_i[I_YQMIN] < 0 else 0
