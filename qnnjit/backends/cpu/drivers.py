@@ -16,6 +16,9 @@ the loop order is
             for m0 in MR row tiles:   # A rows (MR x KC, strided, unpacked) from L2
                 ukernel(rows, ...)
 
+(The convolutions' requantizing loops, `kernels/_gemm.gemm_requant_rows`,
+put the panels outermost instead: ukernels PREFETCH_DOC.)
+
 A is read in place (row stride ``lda``), never packed: its four k per
 broadcast are already contiguous in a row-major A, and packing would cost a
 full pass over A (up to a third of the run time for N = 64 layers).

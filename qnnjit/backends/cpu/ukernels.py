@@ -79,23 +79,23 @@ than im2col from 4 channels up, and ResNet-18's 56x56 3x3 convs 1.3-1.7 %
 faster than before.
 
 PREFETCH_DOC. The packed B is one contiguous panel per NR columns over all of
-K, and the drivers run every panel's K block k0 before any panel's next one.
-So while a kernel runs groups g.. of its block, it prefetches into L2
-(``prefetcht1``) the same groups of the next block of its panel, ``kg``
-groups on: needed once the other panels have run this block, they are in L2
-by then. (After a panel's last block the address is the next panel's first
-block, already used; past the last panel it is outside B, which a prefetch
-may touch.) Between two runs of a model the weights of ResNet-18's last
-stage (2.4 MB a conv) leave the caches, and its convs waited on memory:
-measured with the caches flushed first, one 512x512x3x3 conv took 587-616
-us without the prefetch, 546-570 with, 518-527 with warm caches; a whole
-ResNet-18 at one thread took ~2% less time, the two alternated in one
-tree (the model benchmark's ratios do not resolve that). Every row tile of
-a panel block prefetches it again: the redundant prefetches hit L1/L2 and
-cost nothing measurable with warm caches. With AVX-512 most GEMMs now run
-K in one block (`gemm._B_PANEL_BYTES`), so a kernel prefetches the next
-panel's same groups (past the last panel, bytes outside B): removing the
-prefetch changed nothing that ResNet-18's per-step times resolved.
+K. While a kernel runs groups g.. of its block, it prefetches into L2
+(``prefetcht1``) the bytes ``kg`` groups on: the same groups of its
+panel's next K block or, after the panel's last block, of the next
+panel's first (past the last panel, bytes outside B, which a prefetch may
+touch). The convolutions' loops (`kernels/_gemm.gemm_requant_rows`) run
+the panels outermost, so that is the block they run next; the drivers'
+(`drivers._task`) run every panel's block k0 before any panel's next,
+which the prefetch serves while the blocks of all panels fit in L2 (the
+L1-sized blocks of AVX2). Between two runs of a model the weights of
+ResNet-18's last stage (2.4 MB a conv) leave the caches, and its convs
+wait on memory: with the caches flushed first, one 512x512x3x3 conv took
+587-616 us without the prefetch, 546-570 with, 518-527 with warm caches
+(measured with L1-sized K blocks; again 581-605, 554-568 and 504 with
+AVX-512's L2-sized ones, before and after the conv loops put the panels
+outermost). Every row tile of a panel block prefetches it again: the
+redundant prefetches hit L1/L2 and cost nothing measurable with warm
+caches.
 
 REQUANT_DOC. A ``requant`` kernel (the last K block of a GEMM whose epilogue
 is the plain float requantize to bytes) takes one more argument, ``const
