@@ -178,13 +178,14 @@ def gemm_requant_rows(a, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, 
     panel's, and left L2 meanwhile: ResNet-18's 512x512x3x3 convs (two K
     blocks of 147 KB a panel, eight panels) took 581-605 us with cold
     caches, now 554-568 (warm: 504). The tile's rows x K of A stay in L2
-    either way (the tile is sized for its int32 sums, `c`). `segment` > 0: A's rows come by address (kernels that take
-    them so, ukernels ADDRESS_DOC): K is cut into segments of `segment`
-    groups of 4 k, and `a` is the address of int64 [segments, lda]: row r's
-    address for segment s at [s, r]. A K block may cross segments: the
-    kernels walk them, keeping their sums in registers.
-    `c` (int32 [>= rows, >= n1 - n0], column j - n0 for column j)
-    holds the sums between K blocks,
+    either way (the tile is sized for its int32 sums, `c`).
+
+    `segment` > 0: A's rows come by address (kernels that take them so,
+    ukernels ADDRESS_DOC): K is cut into segments of `segment` groups of 4
+    k, and `a` is the address of int64 [segments, lda]: row r's address for
+    segment s at [s, r]. A K block may cross segments: the kernels walk
+    them, keeping their sums in registers. `c` (int32 [>= rows, >= n1 -
+    n0], column j - n0 for column j) holds the sums between K blocks,
     `init` (`init_with`) their start: the bias; `ep` (int64,
     ukernels.REQUANT_FIELDS) the kernels' epilogue arguments, with f at
     column 0 and the qadd scalars set by the caller; `other` the residual
