@@ -58,7 +58,7 @@ import numpy as np
 from ...errors import QnnjitError
 from ...ir import ops
 from ...ir.graph import Graph, Node
-from . import replay
+from . import replay, weight_arena
 from .compile_jobs import helped_warmup, share_caches
 from .kernels import Decline, Kernel, LowerContext
 from .kernels._lowering import numpy_kernel
@@ -104,7 +104,9 @@ class CpuExecutor:
         self._bindings: dict[tuple, list[replay.Binding]] = {}  # input shapes -> free bindings
         self._seen: set[tuple] = set()  # input shapes run once
         start = time.perf_counter()
-        self._lower_all()
+        self.weights = weight_arena.WeightArena()
+        with weight_arena.filling(self.weights):  # packed in the order the steps run
+            self._lower_all()
         self.lower_seconds = time.perf_counter() - start
         self._plan()
         if warmup:
@@ -316,7 +318,8 @@ class CpuExecutor:
         lines = [
             f"cpu kernels ({len(self.steps)} steps for {len(self.graph)} nodes, "
             f"{self.num_threads} thread(s); lowering {self.lower_seconds:.2f} s, "
-            f"kernel compile/load + warm-up run {self.warmup_seconds:.2f} s{self._helped()}):"
+            f"kernel compile/load + warm-up run {self.warmup_seconds:.2f} s{self._helped()}; "
+            f"{self.weights.describe()}):"
         ]
         for step in self.steps:
             covered = ", ".join(n.name for n in step.nodes)

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import weight_arena
+
 __all__ = ["PackedB", "pack_b", "aligned_empty", "wrap_int32"]
 
 I16_MIN, I16_MAX = -(1 << 15), (1 << 15) - 1
@@ -159,7 +161,7 @@ def pack_b(b: np.ndarray, nr: int, layout: str = "k4n") -> PackedB:
     # in order.
     rows = np.zeros((panels * nr, k_groups * 4), dtype=np.int8)
     rows[:n, :k] = b.T
-    data = aligned_empty((panels, k_groups, nr * 4), np.int8)
+    data = weight_arena.empty((panels, k_groups, nr * 4), np.int8)  # the model's arena, if any
     if layout == "k4n":  # [p, n, g] int32s -> [p, g, n]
         quads = rows.view(np.int32).reshape(panels, nr, k_groups)
         data.view(np.int32).reshape(panels, k_groups, nr)[...] = quads.transpose(0, 2, 1)
