@@ -9,8 +9,8 @@ microkernel prefetches the B bytes ``kg`` groups past its block
 (ukernels PREFETCH_DOC); past a GEMM's last panel that lands on the bytes
 that follow its weights in memory, which here are the next GEMM's first
 panel, so a step's first weights arrive while the step before it finishes.
-And 4 KiB pages give the weights one TLB entry each (2900 for ResNet-18,
-about the whole second-level TLB of the host's cores), 2 MiB pages six.
+And on 4 KiB pages the weights need a TLB entry each (2900 for ResNet-18,
+as many as a core's second-level TLB holds), on 2 MiB pages six.
 ResNet-18 at one thread, end to end, minimum of 200 runs, four processes
 each, alternated: 8.59-8.83 ms with each weight its own allocation,
 8.56-8.68 contiguous on 4 KiB pages, 8.55-8.62 contiguous on huge pages;
