@@ -161,7 +161,9 @@ def pack_b(b: np.ndarray, nr: int, layout: str = "k4n") -> PackedB:
     # in order.
     rows = np.zeros((panels * nr, k_groups * 4), dtype=np.int8)
     rows[:n, :k] = b.T
-    data = weight_arena.empty((panels, k_groups, nr * 4), np.int8)  # the model's arena, if any
+    arena = weight_arena.current()  # the model's, while it is lowered
+    shape = (panels, k_groups, nr * 4)
+    data = aligned_empty(shape, np.int8) if arena is None else arena.empty(shape, np.int8)
     if layout == "k4n":  # [p, n, g] int32s -> [p, g, n]
         quads = rows.view(np.int32).reshape(panels, nr, k_groups)
         data.view(np.int32).reshape(panels, k_groups, nr)[...] = quads.transpose(0, 2, 1)

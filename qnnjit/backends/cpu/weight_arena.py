@@ -17,10 +17,10 @@ each, alternated: 8.59-8.83 ms with each weight its own allocation,
 the median of the 200 runs fell more (8.96-9.61 -> 8.71-8.89 ms).
 
 Use. The executor lowers a model inside ``filling(arena)``; ``packing``
-takes the packed weights' arrays from `empty`, which carves them out of
-that arena, each 64-byte aligned right after the one before, or makes a
-plain aligned array outside it (a GEMM packed on its own: tests, the
-tuner). Arrays are views of the arena's chunks and keep them alive.
+takes the packed weights' arrays from the `current` arena, each 64-byte
+aligned right after the one before (outside, an allocation of their own:
+a GEMM packed alone, in tests or the tuner). Arrays are views of the
+arena's chunks and keep them alive.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["WeightArena", "filling", "empty"]
+__all__ = ["WeightArena", "filling", "current"]
 
 _ALIGN = 64  # bytes: a cache line, and a whole AVX-512 vector
 _HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
@@ -58,6 +58,12 @@ class WeightArena:
         self._used = start + nbytes
         self.nbytes += nbytes
         return self.chunks[-1][start : start + nbytes]
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        """An uninitialized C-contiguous array of `take`'s bytes."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return self.take(nbytes).view(dtype).reshape(shape)
 
     def describe(self) -> str:
         return f"packed weights: {self.nbytes / 2**20:.1f} MiB in {len(self.chunks)} arena chunk(s)"
@@ -90,8 +96,8 @@ _current = threading.local()
 
 @contextlib.contextmanager
 def filling(arena: WeightArena):
-    """Within the block, on this thread, `empty` takes its arrays from `arena`."""
-    saved = getattr(_current, "arena", None)
+    """Within the block, on this thread, `current` is `arena`."""
+    saved = current()
     _current.arena = arena
     try:
         yield arena
@@ -99,16 +105,6 @@ def filling(arena: WeightArena):
         _current.arena = saved
 
 
-def empty(shape, dtype) -> np.ndarray:
-    """An uninitialized C-contiguous array, 64-byte aligned: from the arena
-    being filled (`filling`) if any, else an allocation of its own."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    arena = getattr(_current, "arena", None)
-    if arena is not None:
-        raw = arena.take(nbytes)
-    else:
-        raw = np.empty(nbytes + _ALIGN, np.uint8)
-        offset = -raw.ctypes.data % _ALIGN
-        raw = raw[offset : offset + nbytes]
-    return raw.view(dtype).reshape(shape)
+def current() -> WeightArena | None:
+    """The arena being filled on this thread (`filling`), if any."""
+    return getattr(_current, "arena", None)
