@@ -33,6 +33,7 @@ def test_arrays_are_taken_back_to_back_and_aligned():
     assert a.shape == (3, 7) and b.dtype == np.int32 and c.flags.c_contiguous
     assert len(arena.chunks) == 1 and arena.chunks[0].ctypes.data % (2 * MiB) == 0
     assert arena.nbytes == 21 + 20 + 128
+    assert arena.describe() == "packed weights: 169 bytes in 1 arena chunk(s)"
 
 
 def test_a_full_chunk_is_followed_by_one_twice_its_size():

@@ -66,7 +66,8 @@ class WeightArena:
         return self.take(nbytes).view(dtype).reshape(shape)
 
     def describe(self) -> str:
-        return f"packed weights: {self.nbytes / 2**20:.1f} MiB in {len(self.chunks)} arena chunk(s)"
+        size = f"{self.nbytes / 2**20:.1f} MiB" if self.nbytes >= 2**20 else f"{self.nbytes} bytes"
+        return f"packed weights: {size} in {len(self.chunks)} arena chunk(s)"
 
 
 def _huge_page_chunk(nbytes: int) -> np.ndarray:
