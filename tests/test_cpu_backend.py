@@ -355,8 +355,11 @@ def test_conv_uses_depthwise_nhwc_and_grouped_gemm_kernels():
     depthwise = check_model(*_conv_model(dict(base, groups=4, cin_g=1, m_g=1)))
     dense = check_model(*_conv_model(dict(base, groups=1, cin_g=3, m_g=4)))
     grouped = check_model(*_conv_model(dict(base, groups=2, cin_g=3, m_g=4)))
+    # one input channel (a grayscale image's first conv): a GEMM with K = 9
+    one_channel = check_model(*_conv_model(dict(base, groups=1, cin_g=1, m_g=4)))
     assert "conv_depthwise" in kernel_names(depthwise._executor)
     assert "conv_nhwc" in kernel_names(dense._executor)
+    assert "conv_nhwc[uint8xint8 4x1x3x3]" in kernel_names(one_channel._executor)
     assert "conv_gemm" in kernel_names(grouped._executor)
 
 

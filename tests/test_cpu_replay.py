@@ -246,6 +246,27 @@ def test_a_step_that_is_not_safe_to_repeat_is_not_replayed(why):
     assert not _replayable(run, [np.zeros((3, 4), np.uint8)])
 
 
+def test_the_demo_model_replays_every_step():
+    """The digits CNN's first conv has one input channel. As an NHWC GEMM conv
+    it hands the conv after it NHWC bytes, which that conv reads as they
+    are; as an NCHW kernel it made that conv copy them on each call, and so
+    re-run on every replay (batch 1: 26 -> 16 us a run)."""
+    from importlib import resources
+
+    from qnnjit.demo import DATA
+
+    with resources.as_file(DATA / "digits_int8.onnx") as path:
+        cpu = qnnjit.compile(str(path), target="cpu", num_threads=1)
+        ref = qnnjit.compile(str(path), target="reference")
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        x = rng.random((1, 1, 8, 8), dtype=np.float32) * 16
+        np.testing.assert_array_equal(cpu(x), ref(x))
+    binding = _binding(cpu, 1)
+    reruns = [step.name for step in binding.rerun_steps]
+    assert binding.replayed_steps == len(cpu._executor.steps) and not reruns, reruns
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_step_that_reads_a_graph_input_replays_on_each_runs_array(model_zoo, monkeypatch,
                                                                     threads):  # fmt: skip

@@ -79,7 +79,7 @@ def test_a_model_runs_on_weights_packed_in_the_order_its_steps_run():
         if isinstance(a, np.ndarray) and any(np.shares_memory(a, c) for c in chunks)
     ]
     gemm_steps = [s for s in executor.steps if "conv_nhwc" in s.name or "matmul_gemm" in s.name]
-    assert len(read) == len(gemm_steps) == 3
+    assert len(read) == len(gemm_steps) == 4  # three convs and the FC
     assert read[0].ctypes.data == chunks[0].ctypes.data
     for before, after in zip(read, read[1:]):
         assert after.ctypes.data == -(-_end(before) // 64) * 64  # right after it

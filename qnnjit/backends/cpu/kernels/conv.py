@@ -87,8 +87,10 @@ def conv_kind(x_dt, w_dt, group: int, weight_shape) -> str:
     taps = math.prod(weight_shape[2:])
     if x_dt.bits != 8 or w_dt.bits != 8:
         return "conv_direct"
+    if group == 1:  # one input channel included: a GEMM with K = taps, NHWC out
+        return "conv_nhwc"
     if cg > 1:
-        return "conv_nhwc" if group == 1 else "conv_gemm"
+        return "conv_gemm"
     if group == m and ChannelsLastDepthwise.fits(taps):
         return "conv_depthwise_nhwc"
     return "conv_depthwise"
