@@ -63,10 +63,13 @@ def _sessions(tmp_path, helper_alive):
 
 
 def test_one_process_compiles_a_claim_the_other_waits_then_loads(tmp_path):
+    """Met in the middle of a compile of its own (a callee), a claimed
+    function is waited for."""
     main, helper = _sessions(tmp_path, lambda: True)
     starts = []
     main.on_first_miss = lambda: starts.append(1)
     assert main.claim_or_wait("k", load=lambda: pytest.fail("the claimer loads nothing")) is None
+    assert helper.claim_or_wait("caller", load=lambda: None) is None  # compiling "caller"
     got = {}
     waiter = threading.Thread(target=lambda: got.update(r=helper.claim_or_wait("k", lambda: "K")))
     waiter.start()
@@ -74,11 +77,101 @@ def test_one_process_compiles_a_claim_the_other_waits_then_loads(tmp_path):
     assert waiter.is_alive(), "the helper must wait while the claim is not done"
     main.done("k")
     waiter.join(10)
+    helper.done("caller")
     assert got == {"r": "K"}
-    assert (main.compiled, helper.received, helper.compiled) == (1, 1, 0)
+    assert (main.compiled, helper.received, helper.compiled) == (1, 1, 1)
     assert main.claim_or_wait("k2", load=lambda: None) is None
     assert starts == [1], "the helper is started once, at the first miss"
-    assert helper.helper_compiled() == 0
+    assert helper.helper_compiled() == 1
+
+
+def test_between_compiles_a_claimed_function_is_skipped_until_nothing_else_is_left(tmp_path):
+    """Between compiles of its own, a process meeting the other's claim
+    raises `_Busy` at once (the helper goes on to its next step, the
+    parent runs ahead); the parent, once it stops skipping, waits; a claim
+    already done is loaded either way."""
+    main, helper = _sessions(tmp_path, lambda: True)
+    assert main.claim_or_wait("m", load=lambda: None) is None
+    main.done("m")
+    assert helper.claim_or_wait("h", load=lambda: None) is None
+    helper.done("h")
+    assert main.claim_or_wait("m2", load=lambda: None) is None
+    start = time.monotonic()
+    with pytest.raises(compile_jobs._Busy):
+        helper.claim_or_wait("m2", load=lambda: pytest.fail("not done"))
+    assert helper.claim_or_wait("m", load=lambda: "M") == "M"
+    assert main.claim_or_wait("h", load=lambda: "H") == "H"
+    assert helper.claim_or_wait("h2", load=lambda: None) is None
+    main.done("m2")
+    with pytest.raises(compile_jobs._Busy):
+        main.claim_or_wait("h2", load=lambda: pytest.fail("not done"))
+    assert time.monotonic() - start < 1, "no waiting"
+    main.skip_busy = False
+    threading.Timer(0.2, helper.done, ["h2"]).start()
+    assert main.claim_or_wait("h2", load=lambda: "H2") == "H2"
+    assert time.monotonic() - start >= 0.2
+
+
+def test_the_parents_warmup_runs_ahead_of_a_function_the_helper_is_compiling(tmp_path):
+    """At the helper's claim, the parent's recorded run stops, the steps run
+    on zeros (compiling the unclaimed third step's function before the
+    helper's is done) and the run starts again, waiting for the helper."""
+    main, helper = _sessions(tmp_path, lambda: True)
+    cache, events = set(), []
+
+    class Step:
+        inputs, strided_inputs = [], False
+
+        def __init__(self, function):
+            self.function = function
+
+        def run(self):
+            if self.function in cache:
+                return
+            loaded = main.claim_or_wait(self.function, load=lambda: self.function)
+            if loaded is None:
+                events.append(f"compiled {self.function}")
+                cache.add(self.function)
+                main.done(self.function)
+
+    class Executor:
+        steps = [Step("a"), Step("b"), Step("c")]
+
+        def _record(self, arrays):
+            events.append("record")
+            for step in self.steps:
+                step.run()
+            return "outputs"
+
+    assert helper.claim_or_wait("b", load=lambda: None) is None
+
+    def helper_done():
+        events.append("helper compiled b")
+        cache.add("b")
+        helper.done("b")
+
+    threading.Timer(0.3, helper_done).start()
+    assert compile_jobs._record_running_ahead(Executor(), main, [np.zeros(1)]) == "outputs"
+    assert events == [
+        "record", "compiled a", "compiled c", "record", "helper compiled b",
+    ]  # fmt: skip
+
+
+def test_the_helper_takes_the_most_common_kinds_of_steps_first():
+    from types import SimpleNamespace
+
+    def step(name, *ops):
+        return SimpleNamespace(name=name, nodes=[SimpleNamespace(op=op) for op in ops])
+
+    steps = [
+        step("quantize", "quantize"), step("stem", "qconv", "requantize"),
+        step("dw+pw", "qconv", "requantize", "qconv", "requantize"),
+        step("pw", "qconv", "requantize"),
+        step("dw+pw 2", "qconv", "requantize", "qconv", "requantize"),
+        step("pw 2", "qconv", "requantize"), step("pool", "qreduce_sum"), step("fc", "qmatmul"),
+    ]  # fmt: skip
+    order = [s.name for s in compile_jobs._longest_first(steps)]
+    assert order == ["pw 2", "pw", "stem", "dw+pw 2", "dw+pw", "fc", "pool", "quantize"]
 
 
 def test_a_claim_whose_compile_raised_or_whose_process_died_is_not_waited_for(tmp_path):
@@ -90,6 +183,7 @@ def test_a_claim_whose_compile_raised_or_whose_process_died_is_not_waited_for(tm
     assert helper.compiled == 0
     assert helper.claim_or_wait("dies", load=lambda: None) is None
     alive[0] = False
+    main.skip_busy = False  # as once the parent has run ahead
     start = time.monotonic()
     assert main.claim_or_wait("dies", load=lambda: pytest.fail("nothing to load")) is None
     assert time.monotonic() - start < 5

@@ -216,8 +216,8 @@ class CpuExecutor:
     def _warmup(self):
         """Run on zero inputs (symbolic dims = 1) so every kernel is compiled,
         or loaded from the disk cache, now rather than on the first real
-        inference, with a helper process compiling from the plan's other end
-        when the cache is cold (`compile_jobs`). The run is recorded
+        inference, with a helper process compiling beside this one when the
+        cache is cold (`compile_jobs`). The run is recorded
         (`replay`). Inputs the graph cannot take this way are skipped."""
         arrays = []
         for value in self.graph.inputs:
@@ -227,9 +227,9 @@ class CpuExecutor:
             dims = tuple(1 if isinstance(d, str) else d for d in shape)
             arrays.append(np.zeros(dims, value.type.dtype.numpy))
         start = time.perf_counter()
-        with helped_warmup(self, self.compile_stats):
+        with helped_warmup(self, self.compile_stats) as record:
             try:
-                self._record(arrays)  # so the first real run on these shapes replays
+                record(arrays)  # so the first real run on these shapes replays
             except Exception:  # noqa: BLE001 - the real inputs may still run; compile lazily
                 pass
         self.warmup_seconds = time.perf_counter() - start
