@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 
+import numba
 import numpy as np
 import pytest
 
@@ -112,6 +113,21 @@ def test_between_compiles_a_claimed_function_is_skipped_until_nothing_else_is_le
     assert time.monotonic() - start >= 0.2
 
 
+def test_other_threads_wait_for_a_claimed_function(tmp_path):
+    """A spin team's thread compiles its loop as it starts: met there, a
+    claimed function is waited for, never raised (it would end the thread)."""
+    main, helper = _sessions(tmp_path, lambda: True)
+    assert helper.claim_or_wait("serve", load=lambda: None) is None
+    got = {}
+    team = threading.Thread(target=lambda: got.update(r=main.claim_or_wait("serve", lambda: "S")))
+    team.start()
+    time.sleep(0.1)
+    assert team.is_alive(), "the thread must wait while the claim is not done"
+    helper.done("serve")
+    team.join(10)
+    assert got == {"r": "S"}
+
+
 def test_the_parents_warmup_runs_ahead_of_a_function_the_helper_is_compiling(tmp_path):
     """At the helper's claim, the parent's recorded run stops, the steps run
     on zeros (compiling the unclaimed third step's function before the
@@ -201,7 +217,7 @@ _COMPILE = textwrap.dedent(
         compile_jobs._start_helper = lambda root, ex: subprocess.Popen(
             [sys.executable, "-c", "pass"])
     x = np.load(sys.argv[2])
-    cpu = qnnjit.compile(sys.argv[1], target="cpu", num_threads=1)
+    cpu = qnnjit.compile(sys.argv[1], target="cpu", num_threads=int(sys.argv[4]))
     got = cpu(x)
     # Numba's lowering registries: imported by a compile, not by a cache load
     registries = "numba.np.arraymath" in sys.modules
@@ -215,7 +231,7 @@ _COMPILE = textwrap.dedent(
 )
 
 
-def _compile_in_new_process(tmp_path, model, x, cache, mode="normal"):
+def _compile_in_new_process(tmp_path, model, x, cache, mode="normal", threads=1):
     np.save(tmp_path / "x.npy", x)
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
@@ -227,7 +243,7 @@ def _compile_in_new_process(tmp_path, model, x, cache, mode="normal"):
     )
     env.pop("NUMBA_CACHE_DIR", None)
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE, str(model), str(tmp_path / "x.npy"), mode],
+        [sys.executable, "-c", _COMPILE, str(model), str(tmp_path / "x.npy"), mode, str(threads)],
         env=env,
         capture_output=True,
         text=True,
@@ -246,19 +262,23 @@ def resnet(model_zoo):
     return model_zoo.build("resnet_style", variant), example_input("resnet_style", seed=3)
 
 
-def test_a_cold_compile_shares_the_kernels_with_a_helper(resnet, tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cold_compile_shares_the_kernels_with_a_helper(resnet, tmp_path, threads):
     """Cold: the helper compiles some functions, this process the others,
     and the model is bit-exact; warm (a new process): no helper, nothing
     compiled, Numba's lowering registries never imported, and the model
-    loaded that way is bit-exact too."""
+    loaded that way is bit-exact too. At two threads both processes' spin
+    teams compile their loops in threads of their own as well."""
+    if threads == 2 and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip(reason="one core")
     model, x = resnet
-    cold = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache")
+    cold = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache", threads=threads)
     assert cold["equal"]
     assert cold["steps"] >= compile_jobs.MIN_STEPS
     assert cold["helper_compiled"] >= 1 and cold["compiled"] >= 1, cold
     assert cold["reported"]
     assert cold["registries"]
-    warm = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache")
+    warm = _compile_in_new_process(tmp_path, model, x, tmp_path / "cache", threads=threads)
     assert warm["equal"]
     assert (warm["compiled"], warm["received"], warm["helper_compiled"]) == (0, 0, 0), warm
     assert not warm["reported"]

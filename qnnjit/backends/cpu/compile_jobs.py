@@ -58,6 +58,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -199,6 +200,9 @@ class _Session:
         self.received = 0  # functions it waited for and then loaded
         self.on_first_miss = None  # called once, at the first claim (starts the helper)
         self.skip_busy = True  # raise `_Busy` rather than wait, between compiles
+        # ... in the thread that runs the steps only: a spin team's threads
+        # compile their loop (`spinteam._serve`) as they start, and wait
+        self.stepping_thread = threading.get_ident()
 
     def claim_or_wait(self, name: str, load):
         """After a cache miss of claim `name`: None when this process is to
@@ -217,7 +221,10 @@ class _Session:
             self.held.add(name)
             return None
         done = self.claims / (name + ".done")
-        if self.skip_busy and not self.held and not done.exists():
+        if (
+            self.skip_busy and not self.held and not done.exists()
+            and threading.get_ident() == self.stepping_thread
+        ):  # fmt: skip
             raise _Busy(name)
         deadline = time.monotonic() + WAIT_LIMIT_S
         while not done.exists():
