@@ -33,6 +33,7 @@ from qnnjit.backends.cpu.kernels._gemm import (
     G_NR,
     G_PANEL_BYTES,
     G_VBMI,
+    GemmPlan,
     gemm_requant_rows,
     packs_exactly,
     plan_gemm,
@@ -165,6 +166,35 @@ def test_packed_kernels_are_exact_up_to_the_multiplier_bound(signed_out, monkeyp
     assert not packs_exactly("avx2", ep[1])
 
 
+@pytest.mark.parametrize("isa", SIMD)
+def test_a_single_k_block_gemm_compiles_only_the_requantizing_kernels(isa, monkeypatch):
+    """`gemm_requant_rows` runs the plain kernels for the K blocks before the
+    last only: for a GEMM of one block `ensure_rows` asks for none (each is
+    ~50 ms of a cold compile); for one of four blocks, for both kinds."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", isa)
+    asked = []
+    kernels = GemmPlan.kernels
+
+    def recording(self, requant="", **kwargs):
+        asked.append(requant)
+        return kernels(self, requant, **kwargs)
+
+    monkeypatch.setattr(GemmPlan, "kernels", recording)
+    b = np.random.default_rng(4).integers(-128, 128, (K, N)).astype(np.int8)
+    one_block = plan_gemm(b, ROWS)
+    assert one_block.k_blocks == 1
+    one_block.ensure_rows(ROWS, "plain")
+    assert set(asked) == {"plain"}
+    four_blocks = plan_gemm(b, ROWS)
+    four_blocks.gparams[G_KCG] = 64
+    asked.clear()
+    four_blocks.ensure_rows(ROWS, "plain")
+    assert set(asked) == {"", "plain"}
+    sizes = row_block_sizes(ROWS, four_blocks.mr)
+    for table in (kernels(four_blocks, "plain"), kernels(four_blocks)):
+        assert all(table[size - 1] for size in sizes)
+
+
 def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None):
     """One row block through `gemm_requant_rows` with `kind` kernels against
     the engine's int32 sums plus `ep_tile`; returns the expected bytes.
@@ -173,10 +203,11 @@ def _check_requant_rows(rng, kind, n, epilogue, overflow, table=None, vbmi=None)
     or not) where `ep_tile` looks it up per element."""
     b = rng.integers(-128, 128, (K, n)).astype(np.int8)
     plan = plan_gemm(b, ROWS)
-    plan.ensure_rows(ROWS, kind)  # gemm_requant_rows' blocks
+    plan.gparams[G_KCG] = 64  # KC = 256: four K blocks, the last one partial
+    assert plan.k_blocks == 4
+    plan.ensure_rows(ROWS, kind)  # gemm_requant_rows' blocks (plain ones too: 4 K blocks)
     plan.ensure_rows(ROWS)  # the drivers' (the int32 sums below)
     gp = plan.gparams.copy()
-    gp[G_KCG] = 64  # KC = 256: four K blocks, the last one partial
     a = np.zeros((ROWS, plan.k4), np.uint8)
     a[:, :K] = rng.integers(0, 256, (ROWS, K))
     other = rng.integers(0, 256, ROWS * n).astype(np.uint8)

@@ -81,15 +81,26 @@ class GemmPlan:
     def mr(self) -> int:
         return self.config.mr
 
+    @property
+    def k_blocks(self) -> int:
+        """The K blocks `gemm_requant_rows` cuts K into."""
+        kcg = int(self.gparams[G_KCG])
+        return -(-int(self.gparams[G_KG]) // kcg)
+
     def ensure_rows(self, rows: int, requant: str = "", *, by_address: bool = False,
                     a_signed: bool = False) -> None:  # fmt: skip
         """Compile (or load) the microkernels a tile of `rows` rows runs: the
         drivers' (MR-row blocks and a remainder), or with `requant` those of
-        `gemm_requant_rows` (`row_block`'s blocks), the requantizing ones
-        of the last K block too; with `by_address` and `a_signed`, the
-        variants `kernels` describes."""
+        `gemm_requant_rows` (`row_block`'s blocks): the requantizing ones
+        of the last K block, and the plain ones of the others if there are
+        others; with `by_address` and `a_signed`, the variants `kernels`
+        describes. (Plain kernels for single-block GEMMs were a third of
+        MobileNetV2's microkernels, each ~50 ms of a cold compile.)"""
         sizes = row_block_sizes(rows, self.mr) if requant else {rows} if rows > 0 else set()
-        for stage in ("", requant) if requant else ("",):
+        stages = ("",)
+        if requant:
+            stages = ("", requant) if self.k_blocks > 1 else (requant,)
+        for stage in stages:
             for size in sizes:
                 self.kernels(stage, by_address=by_address, a_signed=a_signed, rows=size)
 
