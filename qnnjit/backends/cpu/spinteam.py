@@ -128,6 +128,10 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 # `_ARGS`; TRAMP, ENTRY, the trampoline and kernel addresses of its work (0: from Python); T0, T1
 # its task range (in ENTRY's row: ENTRY is in the caller's `_team_call` too).
 _GEN, _DONE, _ERROR, _SLEEPING, _READY, _TRAMP, _T0, _T1 = range(8)
+# Constants passed to another compiled function go through `_I64`: as literals, Numba would
+# compile that function again for each constant (`_team_call_work` ~0.5 s, in a cold compile at
+# two threads: its Python callers pass int64s).
+_I64 = np.int64
 _STATES = np.zeros((MAX_THREADS - 1, 16), np.int64)  # 128 bytes a row: no false sharing
 _ENTRY = 8
 # CLAIM: the latest generation whose range someone started (the helper, or the caller taking it
@@ -290,7 +294,7 @@ def _serve(state, buf, seen, checks, complete):
     if complete:  # here, not from Python: the caller, spinning on it, must find the GIL free
         _fetch_add(state[_DONE:], 1)
     while True:
-        gen = _spin_until_changed(state, _GEN, seen, checks)
+        gen = _spin_until_changed(state, _I64(_GEN), seen, checks)
         if gen == seen:
             return seen, gen
         if not _claims(state, gen):
@@ -393,7 +397,7 @@ def _await_helpers(states, helpers, buf):
             row[_TAKEN] += 1  # one caller at a time (`_LOCK_CALL`)
             _fetch_add(row[_DONE:], 1)
             continue
-        if _spin_until_changed(row, _DONE, gen - 1, _LEAD_CHECKS) != gen:
+        if _spin_until_changed(row, _I64(_DONE), gen - 1, _I64(_LEAD_CHECKS)) != gen:
             if _load_acquire(row, _DONE) != gen:
                 return 2
     return 0
@@ -876,7 +880,7 @@ def _run_calls(table, works, packs, states, buf, start):
                 return 8 * i
         w0, p0, p1 = table[i, 1], table[i, 2], table[i, 3]
         work, packed = works[w0 : w0 + helpers + 1], packs[p0:p1]
-        status = _team_call_work(states, helpers, 0, work, packed, buf)
+        status = _team_call_work(states, helpers, _I64(0), work, packed, buf)
         if status:
             return 8 * i + status
     return -1
