@@ -443,6 +443,42 @@ def test_a_sequence_runs_serial_and_team_calls_in_order(threads):
         assert a.tolist() == [k] * 9 and b.tolist() == [2 * k + 1] * 9
 
 
+@njit(nogil=True)
+def _compiled_mark(t0, t1, hits):
+    for t in range(t0, t1):
+        hits[t] += 1
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_call_whose_hand_off_cannot_compile_wakes_no_helper(packed, monkeypatch):
+    """The hand-off is compiled when the call is bound, before any helper is
+    woken: a compile that raised there (in a cold compile, a function the
+    other process is compiling) once left a woken helper spinning for
+    arguments that never came, until the process ended."""
+    hits = np.zeros(9, np.int64)
+    spinteam.run_ranges_spinning(_compiled_mark, 9, 2, hits)  # the team exists
+    time.sleep(spinteam.SPIN_SECONDS * 20)  # long past the spin: the helpers sleep
+    assert spinteam._TEAM[0].asleep
+
+    class Busy:
+        """A hand-off whose compile raises (its first call compiles it)."""
+
+        def compile(self, *signature):
+            raise RuntimeError("being compiled elsewhere")
+
+        __call__ = compile
+
+    monkeypatch.setattr(spinteam, "_team_call_work", Busy())
+    monkeypatch.setattr(spinteam, "_team_call", Busy())
+    with pytest.raises(RuntimeError, match="elsewhere"):
+        spinteam.run_ranges_spinning(_compiled_mark, 9, 2, hits)
+    time.sleep(0.05)  # time for a woken helper to wake
+    assert spinteam._TEAM[0].asleep and hits.tolist() == [1] * 9, "nobody was woken"
+    monkeypatch.undo()
+    spinteam.run_ranges_spinning(_compiled_mark, 9, 2, hits)
+    assert hits.tolist() == [2] * 9
+
+
 def test_the_teams_compiled_functions_are_compiled_once_each():
     """Python and compiled callers call the team's functions with the same
     types (constants go through `_I64`): as literals, a compiled caller's

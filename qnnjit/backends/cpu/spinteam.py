@@ -667,6 +667,11 @@ def bind_ranges(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], N
 
 
 def _bound(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], None]:
+    """The call, with everything it compiles compiled now (the kernel, its
+    trampoline, the hand-off), before any helper is woken: a compile that
+    raised between a helper's bump and the hand-off (in a cold compile,
+    `compile_jobs._Busy`) left that helper spinning for arguments that
+    never came, until the process ended."""
     bounds = task_ranges(tasks, min(threads, MAX_THREADS))
     helpers = _team(len(bounds) - 2)
     address, trampoline = _entries(kernel, args)
@@ -687,9 +692,11 @@ def _bound(kernel, tasks: int, threads: int, args: tuple) -> Callable[[], None]:
     packed = pack_arguments(kernel.targetctx, args) if trampoline else None
     if packed is not None:
         return TeamCall(_PackedCall(kernel, bounds, helpers, address, trampoline, packed), args)
+    signature = _types((_STATES, count, 0, address, t1, args, _ARGS))
+    team_call = _compiled_overload(_team_call, signature)
 
     def hand_off(skip: int) -> int:
-        return _team_call(_STATES, count, skip, address, t1, args, _ARGS)
+        return team_call(_STATES, count, skip, address, t1, args, _ARGS)
 
     def call() -> None:
         with _LOCK_CALL:
@@ -907,6 +914,15 @@ _CALLS = (  # `_run_calls`'
     types.int64[:, ::1], types.int64[:, ::1], types.uint8[::1], types.int64[:, ::1],
     types.uint8[::1], types.int64,
 )  # fmt: skip
+_TEAM_CALL_WORK = (  # `_team_call_work`'s
+    types.int64[:, ::1], types.int64, types.int64, types.int64[:, ::1], types.uint8[::1],
+    types.uint8[::1],
+)  # fmt: skip
+
+
+def _types(values: tuple) -> tuple:
+    """The Numba types of `values` as call arguments."""
+    return tuple(typeof(v, Purpose.argument) for v in values)
 
 
 def bind_moving_ranges(
@@ -942,6 +958,7 @@ class _PackedCall:
         self.bounds, self.address, self.trampoline = bounds, address, trampoline
         rows = [(trampoline, address, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         self.work = np.array(rows, np.int64)
+        self.hand_off = _compiled_overload(_team_call_work, _TEAM_CALL_WORK)  # see `_bound`
 
     def __call__(self, args: tuple) -> None:
         """Run the call on `args` (those `packed` holds, as Python objects:
@@ -961,7 +978,7 @@ class _PackedCall:
                 h.assign(self._work(i, args), self.trampoline)
                 if h.bump_if_sleeping():
                     skip |= 1 << i
-        return _team_call_work(_STATES, len(self.helpers), skip, self.work, self.packed, _ARGS)
+        return self.hand_off(_STATES, len(self.helpers), skip, self.work, self.packed, _ARGS)
 
     def finish(self, args: tuple, status: int) -> None:
         """After a hand-off with a nonzero `status` (`_LOCK_CALL` held): wait
