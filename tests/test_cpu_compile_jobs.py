@@ -71,15 +71,8 @@ def test_one_process_compiles_a_claim_the_other_waits_then_loads(tmp_path):
     main.on_first_miss = lambda: starts.append(1)
     assert main.claim_or_wait("k", load=lambda: pytest.fail("the claimer loads nothing")) is None
     assert helper.claim_or_wait("caller", load=lambda: None) is None  # compiling "caller"
-    got = {}
-    waiter = threading.Thread(target=lambda: got.update(r=helper.claim_or_wait("k", lambda: "K")))
-    waiter.start()
-    time.sleep(0.1)
-    assert waiter.is_alive(), "the helper must wait while the claim is not done"
-    main.done("k")
-    waiter.join(10)
+    assert _waited_for(helper, "k", then=lambda: main.done("k"), stepping=True) == "k loaded"
     helper.done("caller")
-    assert got == {"r": "K"}
     assert (main.compiled, helper.received, helper.compiled) == (1, 1, 1)
     assert main.claim_or_wait("k2", load=lambda: None) is None
     assert starts == [1], "the helper is started once, at the first miss"
@@ -118,14 +111,28 @@ def test_other_threads_wait_for_a_claimed_function(tmp_path):
     claimed function is waited for, never raised (it would end the thread)."""
     main, helper = _sessions(tmp_path, lambda: True)
     assert helper.claim_or_wait("serve", load=lambda: None) is None
+    assert _waited_for(main, "serve", then=lambda: helper.done("serve")) == "serve loaded"
+
+
+def _waited_for(session, name, then, stepping=False):
+    """`session.claim_or_wait(name)` in a thread of its own (made the
+    session's stepping thread if `stepping`): it must still wait 0.1 s
+    later; `then()` (the other side's `done`) ends the wait. Returns what
+    the wait returned."""
     got = {}
-    team = threading.Thread(target=lambda: got.update(r=main.claim_or_wait("serve", lambda: "S")))
-    team.start()
+
+    def wait():
+        if stepping:
+            session.stepping_thread = threading.get_ident()
+        got["r"] = session.claim_or_wait(name, lambda: f"{name} loaded")
+
+    thread = threading.Thread(target=wait)
+    thread.start()
     time.sleep(0.1)
-    assert team.is_alive(), "the thread must wait while the claim is not done"
-    helper.done("serve")
-    team.join(10)
-    assert got == {"r": "S"}
+    assert thread.is_alive(), "the claim is not done: it must wait"
+    then()
+    thread.join(10)
+    return got["r"]
 
 
 def test_the_parents_warmup_runs_ahead_of_a_function_the_helper_is_compiling(tmp_path):

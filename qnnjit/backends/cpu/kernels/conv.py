@@ -87,7 +87,7 @@ def conv_kind(x_dt, w_dt, group: int, weight_shape) -> str:
     taps = math.prod(weight_shape[2:])
     if x_dt.bits != 8 or w_dt.bits != 8:
         return "conv_direct"
-    if group == 1:  # one input channel included: a GEMM with K = taps, NHWC out
+    if group == 1:  # a single input channel too: a GEMM with K = the taps, NHWC out
         return "conv_nhwc"
     if cg > 1:
         return "conv_gemm"
