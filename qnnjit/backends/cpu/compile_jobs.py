@@ -20,8 +20,11 @@ to this process and goes on to its next one; this process, the first time,
 stops its warm-up run, runs the plan's steps on zeros, compiling what
 nobody has claimed, and starts the run again, waiting from then on
 (`_record_running_ahead`). So neither sits idle while there is work left.
-(Before, with the helper going last to first and both waiting: cold
-MobileNetV2 7.8-8.9 s, now 6.5-6.8 s; ResNet-18 within noise, 5.8-6.6 s.)
+(Before, the helper went last to first and both waited. Cold MobileNetV2
+u8 at one thread, this alone, alternated with that: 7.8-8.9 -> 6.5-6.8 s;
+ResNet-18 within noise. With the session's other cold-compile changes, at
+two threads: MobileNetV2 u8 8.8-10.2 -> 7.2-7.7 s, s8 10.1-10.6 -> 9.0-9.4,
+ResNet-18 u8 7.3-9.4 -> 6.8-8.0; benchmarks/RESULTS.md.)
 A process whose compile raised marks its claims done (the other then
 compiles for itself). Waits end early when the other process is gone, or
 after `WAIT_LIMIT_S`. When this process's warm-up run ends it stops the
