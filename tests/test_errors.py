@@ -148,6 +148,49 @@ def test_wrong_positional_count(add_model):
         add_model(np.zeros((1, 3), np.float32))
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_symbol_shared_by_two_inputs_must_agree(target):
+    # The declared-inputs check of a run (`CompiledModel._as_declared`) looks
+    # at each input alone; a symbol two dimensions share is left to the full
+    # checks.
+    model = qnnjit.compile(
+        _model(
+            [helper.make_node("Add", ["x", "y"], ["z"], name="the_add")],
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+                helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+            ],
+            [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])],
+        ),
+        target=target,
+    )
+    x, y = np.ones((2, 3), np.float32), np.ones((3, 3), np.float32)
+    with pytest.raises(qnnjit.InputError, match="dimension 'N' is 2 in another input"):
+        model(x, y)
+    with pytest.raises(qnnjit.InputError, match="dimension 'N' is 2 in another input"):
+        model.run({"x": x, "y": y})
+    np.testing.assert_array_equal(model(y, y), y + y)
+
+
+def test_inputs_as_declared_take_any_size_of_a_symbolic_dimension(add_model):
+    y = np.ones((1, 3), np.float32)
+    for n in (0, 1, 5):
+        x = np.full((n, 3), 2, np.float32)
+        np.testing.assert_array_equal(add_model(x, y), x + y)
+        np.testing.assert_array_equal(add_model.run({"x": x, "y": y})["z"], x + y)
+
+
+def test_an_ndarray_subclass_is_checked_and_run(add_model):
+    class Tagged(np.ndarray):
+        pass
+
+    x = np.zeros((2, 3), np.float32).view(Tagged)
+    y = np.ones((1, 3), np.float32)
+    np.testing.assert_array_equal(add_model(x, y), np.ones((2, 3), np.float32))
+    with pytest.raises(qnnjit.InputError, match="input 'x' has dtype float64"):
+        add_model(x.astype(np.float64), y)
+
+
 def test_reading_an_undefined_value_names_the_node():
     # onnx.checker accepts a graph whose node reads a value defined later only
     # in some versions; either way qnnjit names the node.

@@ -240,7 +240,7 @@ class CpuExecutor:
         """The graph outputs for `arrays`. The first run on some input shapes
         runs the plan step by step; the second records it (`replay`); later
         ones replay the recording."""
-        key = tuple((a.shape, a.dtype) for a in arrays)
+        key = tuple([(a.shape, a.dtype) for a in arrays])  # (a list is built faster)
         free = self._bindings.get(key)
         binding = _take(free)
         if binding is not None:

@@ -351,6 +351,4 @@ def step_error(step, exc: Exception) -> QnnjitError:
 
 def _output_copies(env, outputs) -> list[np.ndarray]:
     """The graph outputs as C-contiguous copies: the buffers are the binding's."""
-    return [
-        np.array(env[s], order="C", copy=True) if s is not None else const for s, const in outputs
-    ]
+    return [env[s].copy() if s is not None else const for s, const in outputs]  # order "C"
