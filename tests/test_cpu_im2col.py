@@ -58,6 +58,7 @@ CASES = [
     (64, (7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # 192-byte runs: 64-byte moves
     (20, (6, 7), (2, 4), (3, 1), (2, 3), (1, 1)),  # padding wider than a stride
     (5, (4, 3), (5, 5), (1, 1), (2, 2), (1, 1)),  # no pixel inside: all border
+    (24, (5, 6), (3, 3), (1, 1), (3, 3), (1, 1)),  # 72-byte runs wholly in the padding
     (8, (10, 10), (3, 3), (2, 2), (1, 1), (1, 2)),  # horizontal dilation: no kernel
 ]
 
@@ -78,10 +79,10 @@ def test_im2col_rows_match_numpy(isa, case, flip):
         *kernel, *strides, *pads, *dilations, oh, ow,
     )  # fmt: skip
     run = kernel[1] * c
-    fptr = 0
+    kernels = {(0, False)}  # the Numba loop
     if dilations[1] == 1 and im2colkernels.fits(isa, run):
         spec = im2colkernels.Im2colSpec(isa, kernel[0], run, strides[1] * c, flip != 0)
-        fptr = im2colkernels.im2col_kernel(spec)
+        kernels.add((im2colkernels.im2col_kernel(spec), spec.masked))
     K = want.shape[1]
     pixels = oh * ow
     # tiles of an odd size: they start and end at every position in a row
@@ -89,9 +90,9 @@ def test_im2col_rows_match_numpy(isa, case, flip):
     for n in range(2):
         for p0 in range(0, pixels, tile):
             rows = min(tile, pixels - p0)
-            for kernel_address in {0, fptr}:
+            for kernel_address, masked in kernels:
                 a = np.full((tile, K + 4), 0xEE, np.uint8)  # + 4: the K..K4 columns
-                _im2col_rows(x, n, p0, rows, geo, flip, pad, kernel_address, a)
+                _im2col_rows(x, n, p0, rows, geo, flip, pad, kernel_address, masked, a)
                 got = a[:rows, :K]
                 np.testing.assert_array_equal(got, want[n * pixels + p0 : n * pixels + p0 + rows])
                 assert (a[:, K:] == 0xEE).all(), "wrote past a row's K bytes"

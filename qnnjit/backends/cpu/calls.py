@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "call_ukernel", "call_ukernel_requant", "call_depthwise_row", "call_im2col_row",
-    "call_pair_row", "call_quad_row",
+    "call_im2col_masked_row", "call_pair_row", "call_quad_row",
 ]  # fmt: skip
 
 
@@ -68,6 +68,13 @@ def call_depthwise_row(typingctx, fptr, rows, w, cp, ow, out, ep):
 def call_im2col_row(typingctx, fptr, rows, count, dst, lda):
     """``(*fptr)(rows, count, dst, lda)``: an im2col row kernel (ABI in ``im2colkernels``)."""
     return _typed((fptr, rows, count, dst, lda), "pipi")
+
+
+@intrinsic
+def call_im2col_masked_row(typingctx, fptr, rows, count, dst, lda, b0, row_bytes, pad):
+    """``(*fptr)(rows, count, dst, lda, b0, row_bytes, pad)``: a masked im2col
+    row kernel (``im2colkernels`` MASKED_DOC)."""
+    return _typed((fptr, rows, count, dst, lda, b0, row_bytes, pad), "pipiiii")
 
 
 @intrinsic

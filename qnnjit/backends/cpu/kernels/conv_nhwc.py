@@ -26,8 +26,11 @@ channels contiguously, like a matmul's row.
 - Anything else builds an im2col tile of A, one row per pixel, from the NHWC
   input: each tap is a run of C contiguous bytes (the pad byte outside the
   image), flipped to u8 on the way for signed activations. A row kernel
-  generated per run length (`im2colkernels`) copies the pixels whose window
-  lies inside the image horizontally; border pixels take a Numba loop.
+  generated per run length (`im2colkernels`) copies each window row's run:
+  on AVX-512 with byte-masked moves, which take the pad byte outside the
+  image, so one call covers an output row, borders included; on AVX2 the
+  pixels whose window lies inside the image horizontally, border pixels
+  reading padded copies of their window rows.
 
 Zero points (`x` the activation as u8: stored byte ^ flip = code + off,
 `zab` its zero point likewise, `w` int8 weights, `zw` their zero point):
@@ -69,7 +72,13 @@ import math
 import numpy as np
 
 from .. import drivers, dwkernels, im2colkernels
-from ..calls import call_depthwise_row, call_im2col_row, call_pair_row, call_quad_row
+from ..calls import (
+    call_depthwise_row,
+    call_im2col_masked_row,
+    call_im2col_row,
+    call_pair_row,
+    call_quad_row,
+)  # fmt: skip
 from ..features import select_isa
 from ..spinteam import task_ranges
 from ._conv_geometry import (
@@ -159,14 +168,15 @@ def _im2col_pixel(x, xf, n, oh, ow, geo, flip, pad, a, r):
 
 
 @jit()
-def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
+def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, masked, a):
     """a[r, :K] = the taps of output pixel p0 + r of image n (`_im2col_pixel`).
     With an im2col row kernel (`fptr`, unit horizontal dilation: see
-    `im2colkernels`), every pixel goes to the kernel, in up to three calls
-    per output row: the pixels whose window lies inside the image
-    horizontally read the input; those on either border read copies of
-    their window rows with the pad byte outside the image (`_edge_rows`).
-    Without a kernel, `_im2col_pixel` per pixel."""
+    `im2colkernels`), every pixel goes to the kernel: a `masked` one takes
+    each output row's pixels in one call (`_masked_rows`); another in up to
+    three: the pixels whose window lies inside the image horizontally read
+    the input; those on either border read copies of their window rows
+    with the pad byte outside the image (`_edge_rows`). Without a kernel,
+    `_im2col_pixel` per pixel."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     KH, KW, SH, SW = geo[GKH], geo[GKW], geo[GSH], geo[GSW]
     PH, PW, DH, OW = geo[GPH], geo[GPW], geo[GDH], geo[GOW]
@@ -176,6 +186,9 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
         for r in range(rows):
             oh = (p0 + r) // OW
             _im2col_pixel(x, xf, n, oh, p0 + r - oh * OW, geo, flip, pad, a, r)
+        return
+    if masked:
+        _masked_rows(x, n, p0, rows, geo, pad ^ flip, fptr, a)
         return
     lo = (PW + SW - 1) // SW  # the first ow with iw0 >= 0
     hi = (W + PW - KW) // SW + 1 if W + PW >= KW else 0  # past the last inside one
@@ -209,6 +222,33 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, a):
             call_im2col_row(fptr, rowptrs.ctypes.data, e - s, a.ctypes.data + (r + s - ow) * lda,
                             lda)  # fmt: skip
         r += end - ow
+
+
+@jit(inline=True)
+def _masked_rows(x, n, p0, rows, geo, stored_pad, fptr, a):
+    """`_im2col_rows` with a masked row kernel (`im2colkernels` MASKED_DOC):
+    one call per output row, its window rows outside the image pointing at
+    a row of pad bytes (flipped as the kernel flips them back)."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    KH, SH, SW = geo[GKH], geo[GSH], geo[GSW]
+    PH, PW, DH, OW = geo[GPH], geo[GPW], geo[GDH], geo[GOW]
+    lda = a.shape[1]
+    rowptrs = np.empty(KH, np.int64)
+    pad_row = np.full(W * C, np.uint8(stored_pad))
+    r = 0
+    while r < rows:
+        oh = (p0 + r) // OW
+        ow = p0 + r - oh * OW
+        count = min(OW - ow, rows - r)  # this output row's pixels in the tile
+        for kh in range(KH):
+            ih = oh * SH - PH + kh * DH
+            if ih >= 0 and ih < H:
+                rowptrs[kh] = x.ctypes.data + (n * H + ih) * W * C
+            else:
+                rowptrs[kh] = pad_row.ctypes.data
+        call_im2col_masked_row(fptr, rowptrs.ctypes.data, count, a.ctypes.data + r * lda, lda,
+                               (ow * SW - PW) * C, W * C, stored_pad)  # fmt: skip
+        r += count
 
 
 @jit(inline=True)
@@ -266,21 +306,21 @@ def _row_sums(a, rows, K, rowsum):
 
 
 @jit(inline=True)
-def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col):
+def _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col, masked):
     """(address, row stride) of the A rows of output pixels p0.. p0 + rows of
     image n: the input itself (`direct`: pointwise, pixel p of image n is row
     n*P + p of x2) or the im2col tile `a`, filled here (with the row kernel
-    `im2col` where nonzero)."""
+    `im2col` where nonzero, `masked` or not)."""
     if direct:
         P = geo[GOH] * geo[GOW]
         return x2[n * P + p0 : n * P + p0 + rows].ctypes.data, x2.shape[1]
-    _im2col_rows(x, n, p0, rows, geo, flip, pad, im2col, a)
+    _im2col_rows(x, n, p0, rows, geo, flip, pad, im2col, masked, a)
     return a.ctypes.data, a.shape[1]
 
 
 @jit()
-def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, fptrs, data, init,
-                   gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
+def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, masked, zw, need_rowsum, fptrs, data,
+                   init, gp, out, chan_i, chan_f, sc_i, sc_f, table, other):  # fmt: skip
     """Tasks t0..t1 of (image, tile of GEMM_T output pixels): A rows in place
     (`direct`) or an im2col tile, the GEMM, the weight zero point's per-pixel
     term when `need_rowsum`, then the epilogue into the NHWC output."""
@@ -300,7 +340,7 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
         n = t // tiles
         p0 = (t - n * tiles) * Pt
         rows = min(Pt, P - p0)
-        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
+        a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col, masked)
         if need_rowsum:
             _row_sums(x2[n * P + p0 : n * P + p0 + rows] if direct else a, rows, K, rowsum)
         drivers.run_serial(
@@ -318,8 +358,8 @@ def conv_gemm_nhwc(t0, t1, x, geo, flip, pad, direct, im2col, zw, need_rowsum, f
 
 
 @jit()
-def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, rq_fptrs, data,
-                           init, gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
+def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, masked, M, fptrs, rq_fptrs,
+                           data, init, gp, out, chan_f, sc_i, sc_f, other, table):  # fmt: skip
     """`conv_gemm_nhwc` whose microkernels store the output bytes themselves
     (`_gemm.gemm_requant_rows`): no int32 tile pass, no epilogue loop (and
     none of their code to compile). Tasks as `_requant_task` cuts them."""
@@ -333,7 +373,7 @@ def conv_gemm_nhwc_requant(t0, t1, x, geo, flip, pad, direct, im2col, M, fptrs, 
     for t in range(t0, t1):
         n, p0, rows, n0, n1, o = _requant_task(t, N, M, geo, gp)
         if n0 < n1:
-            a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col)
+            a_ptr, lda = _a_rows(x, x2, a, direct, n, p0, rows, geo, flip, pad, im2col, masked)
             gemm_requant_rows(a_ptr, lda, rows, fptrs, rq_fptrs, data, init, gp, c, n0, n1, ep,
                               out.ctypes.data + o, other.ctypes.data + o, M, table,
                               no_segments)  # fmt: skip
@@ -849,8 +889,8 @@ class ChannelsLastConv:
     def prepare(self, geo, images: int) -> tuple:
         """Per input shape: the work split (tile size and column splits, into
         `geo`; only the requantizing kernel splits columns) and what `run`
-        takes: (the im2col row kernel's address (0: none, `im2col_kernel`)
-        or, with A's rows by address, the rows of border scratch a tile
+        takes: (the im2col row kernel (`im2col_kernel`) or, with A's rows
+        by address, the rows of border scratch a tile
         needs (`border_runs`); the microkernels' tables, compiled)."""
         pixels = int(geo[GOH] * geo[GOW])
         tile, splits = self.tile_pixels(pixels, images), 1
@@ -884,15 +924,17 @@ class ChannelsLastConv:
             return A_BY_ADDRESS
         return A_IM2COL
 
-    def im2col_kernel(self, geo) -> int:
-        """The address of the im2col row kernel for this window (0 when A is
-        read in place, or the window or ISA has none: the Numba loop)."""
+    def im2col_kernel(self, geo) -> tuple[int, bool]:
+        """(address, masked) of the im2col row kernel for this window: address
+        0 when A is read in place, or the window or ISA has none (the Numba
+        loop); masked where it takes border pixels too (`im2colkernels`
+        MASKED_DOC)."""
         isa, c = self.plan.config.isa, self.channels
         run = int(geo[GKW]) * c
         if self.in_place or geo[GDW] != 1 or not im2colkernels.fits(isa, run):
-            return 0
+            return 0, False
         spec = im2colkernels.Im2colSpec(isa, int(geo[GKH]), run, int(geo[GSW]) * c, self.flip != 0)
-        return im2colkernels.im2col_kernel(spec)
+        return im2colkernels.im2col_kernel(spec), spec.masked
 
     def work(self, geo, out_shape) -> int:
         """A call's `run_tasks` work: multiply-adds, im2col bytes, outputs."""
@@ -909,26 +951,26 @@ class ChannelsLastConv:
         work = self.work(geo, out_shape)
         plan = self.plan
         x = nhwc_bytes(x4)
+        if self.fused and self.a_mode == A_BY_ADDRESS:
+            border_rows, fptrs, rq_fptrs = prepared
+            stored_pad = self.pad_byte ^ self.flip  # the kernels flip it back
+            run_tasks(
+                conv_gemm_nhwc_by_address, tasks, work, self.num_threads, x, geo, stored_pad,
+                border_rows, m, fptrs, rq_fptrs, plan.data, self.rq_init, plan.gparams, flat,
+                ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
+            )  # fmt: skip
+            return out
+        (im2col, masked), fptrs, rq_fptrs = prepared
         if self.fused:
-            if self.a_mode == A_BY_ADDRESS:
-                border_rows, fptrs, rq_fptrs = prepared
-                stored_pad = self.pad_byte ^ self.flip  # the kernels flip it back
-                run_tasks(
-                    conv_gemm_nhwc_by_address, tasks, work, self.num_threads, x, geo, stored_pad,
-                    border_rows, m, fptrs, rq_fptrs, plan.data, self.rq_init, plan.gparams, flat,
-                    ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
-                )  # fmt: skip
-                return out
-            im2col, fptrs, rq_fptrs = prepared
             run_tasks(
                 conv_gemm_nhwc_requant, tasks, work, self.num_threads, x, geo, self.flip,
-                self.pad_byte, self.in_place, im2col, m, fptrs, rq_fptrs, plan.data,
+                self.pad_byte, self.in_place, im2col, masked, m, fptrs, rq_fptrs, plan.data,
                 self.rq_init, plan.gparams, flat, ep.chan_f, sc_i, sc_f, ob, ep.byte_table,
             )  # fmt: skip
             return out
         run_tasks(
             conv_gemm_nhwc, tasks, work, self.num_threads, x, geo, self.flip, self.pad_byte,
-            self.in_place, prepared[0], self.zw, self.need_rowsum, plan.fptrs, plan.data,
+            self.in_place, im2col, masked, self.zw, self.need_rowsum, plan.fptrs, plan.data,
             plan.init, plan.gparams, flat, ep.chan_i, ep.chan_f, sc_i, sc_f, ep.table, ob,
         )  # fmt: skip
         return out
