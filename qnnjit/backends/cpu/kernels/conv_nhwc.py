@@ -225,6 +225,15 @@ def _im2col_rows(x, n, p0, rows, geo, flip, pad, fptr, masked, a):
 
 
 @jit(inline=True)
+def _row_run(p, left, OW):
+    """(oh, ow, count): output pixel p's row and column, and how many of the
+    `left` pixels from p on (a tile's rest) lie in that output row."""
+    oh = p // OW
+    ow = p - oh * OW
+    return oh, ow, min(OW - ow, left)
+
+
+@jit(inline=True)
 def _masked_rows(x, n, p0, rows, geo, stored_pad, fptr, a):
     """`_im2col_rows` with a masked row kernel (`im2colkernels` MASKED_DOC):
     one call per output row, its window rows outside the image pointing at
@@ -237,9 +246,7 @@ def _masked_rows(x, n, p0, rows, geo, stored_pad, fptr, a):
     pad_row = np.full(W * C, np.uint8(stored_pad))
     r = 0
     while r < rows:
-        oh = (p0 + r) // OW
-        ow = p0 + r - oh * OW
-        count = min(OW - ow, rows - r)  # this output row's pixels in the tile
+        oh, ow, count = _row_run(p0 + r, rows - r, OW)
         for kh in range(KH):
             ih = oh * SH - PH + kh * DH
             if ih >= 0 and ih < H:
@@ -468,9 +475,7 @@ def _row_addresses(x, n, p0, rows, geo, pad_run, table_rows, border):
     copies = 0
     r = 0
     while r < rows:
-        oh = (p0 + r) // OW
-        ow = p0 + r - oh * OW
-        count = min(OW - ow, rows - r)  # this output row's pixels in the tile
+        oh, ow, count = _row_run(p0 + r, rows - r, OW)
         for kh in range(KH):
             ih = oh * SH - PH + kh * DH
             slot = kh * Pt + r  # output column ow + q's slot at slot + q
