@@ -8,6 +8,7 @@ kernels read rows by address (`conv_nhwc._row_addresses`)."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import numpy as np
 import pytest
@@ -156,3 +157,51 @@ def test_chunks_cover_each_run_exactly():
                 assert offset >= 0 and offset + size <= run and size <= widest
                 covered[offset : offset + size] = True
             assert covered[:run].all() and not covered[run:].any()
+
+
+def _between_guard_pages(nbytes: int, at_end: bool):
+    """A uint8 array of `nbytes` in a readable page whose neighbours are
+    inaccessible (PROT_NONE), flush against the start or (`at_end`) the end
+    of the readable region: a read one byte outside it faults. Returns
+    (the array, the mapping that holds it)."""
+    page = mmap.PAGESIZE
+    assert nbytes <= page
+    region = mmap.mmap(-1, 3 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (base, base + 2 * page):
+        assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()
+    offset = page + (page - nbytes if at_end else 0)
+    return np.frombuffer(region, np.uint8, nbytes, offset), region
+
+
+@pytest.mark.skipif(
+    not im2colkernels.MASKED_ISAS & set(runnable_isas()), reason="no masked kernels here"
+)
+@pytest.mark.parametrize("at_end", [False, True], ids=["image-first", "image-last"])
+def test_masked_kernels_never_read_outside_the_image(at_end):
+    """The masked kernels' runs start before the image's first byte (left
+    padding of the first row) and end past its last (right padding of the
+    last row): the bytes they leave out of their loads must not be read at
+    all. With the image against an inaccessible page, a read of one of
+    them would crash the test."""
+    (isa,) = im2colkernels.MASKED_ISAS & set(runnable_isas())
+    c, (h, w), kernel, strides, pads = 3, (9, 11), (7, 7), (2, 2), (3, 3)
+    rng = np.random.default_rng(7)
+    flat, region = _between_guard_pages(h * w * c, at_end)
+    x = flat.reshape(1, h, w, c)
+    x[...] = rng.integers(0, 256, x.shape, dtype=np.uint8)
+    pad = 0x5A
+    want, oh, ow = numpy_im2col(x, kernel, strides, pads, (1, 1), 0, pad)
+    geo = np.zeros(32, np.int64)
+    geo[[GKH, GKW, GSH, GSW, GPH, GPW, GDH, GDW, GOH, GOW]] = (
+        *kernel, *strides, *pads, 1, 1, oh, ow,
+    )  # fmt: skip
+    spec = im2colkernels.Im2colSpec(isa, kernel[0], kernel[1] * c, strides[1] * c, False)
+    assert spec.masked
+    a = np.full((oh * ow, want.shape[1] + 4), 0xEE, np.uint8)
+    _im2col_rows(x, 0, 0, oh * ow, geo, 0, pad, im2colkernels.im2col_kernel(spec), True, a)
+    np.testing.assert_array_equal(a[:, : want.shape[1]], want)
+    del x, flat
+    region.close()
