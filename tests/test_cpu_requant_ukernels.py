@@ -10,7 +10,9 @@ blocks (the last one requantizes, on top of the sums stored by the others).
 The values reach the edges of the formulas: biases that wrap int32,
 multipliers that clamp, both qadd operand orders (they round differently),
 and qadd ratios so large that the sum leaves int32 (-> the low bound), and
-qadd output bounds narrowed by a clamp (signed ones below and above 0)."""
+qadd output bounds narrowed by a clamp (signed ones below and above 0),
+which only the kernels that clamp take: the zmm ones saturate instead, and
+`requant_kind` gives them whole-range bounds only."""
 
 from __future__ import annotations
 
@@ -38,11 +40,13 @@ from qnnjit.backends.cpu.kernels._gemm import (
     packs_exactly,
     plan_gemm,
     requant_args,
+    requant_kind,
     row_block,
     row_block_sizes,
     row_blocks,
 )
 from qnnjit.backends.cpu.ukernels import UkernelSpec
+from qnnjit.ir import dtypes
 
 SIMD = [
     pytest.param(
@@ -92,9 +96,14 @@ def _epilogue(rng, post: str, signed_out: bool, n: int = N, clamp: str = "none",
     return chan_i, chan_f, sc_i, sc_f
 
 
-@pytest.mark.parametrize("isa", SIMD)
+NARROWED = ["qadd_clamped", "qadd_relu"]  # qadd bounds inside the codes' range
+POSTS = ["plain", "qadd", "qadd_other_first", "qadd_overflow"]
+
+
 @pytest.mark.parametrize(
-    "post", ["plain", "qadd", "qadd_other_first", "qadd_overflow", "qadd_clamped", "qadd_relu"]
+    "isa, post",
+    [pytest.param(isa.values[0], post, marks=isa.marks) for isa in SIMD for post in POSTS]
+    + [pytest.param("avx2", post, marks=SIMD[1].marks) for post in NARROWED],
 )
 @pytest.mark.parametrize("signed_out", [False, True])
 def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_out, monkeypatch):
@@ -105,9 +114,7 @@ def test_requantizing_microkernels_store_the_epilogues_bytes(isa, post, signed_o
 
 
 @pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
-@pytest.mark.parametrize(
-    "post", ["plain", "qadd", "qadd_other_first", "qadd_overflow", "qadd_clamped", "qadd_relu"]
-)
+@pytest.mark.parametrize("post", POSTS + NARROWED)
 @pytest.mark.parametrize("signed_out", [False, True])
 def test_ymm_panels_store_the_epilogues_bytes(post, signed_out, monkeypatch):
     """AVX-512 panels of 24 columns compute in ymm vectors (`ukernels.tile_lanes`)
@@ -120,7 +127,32 @@ def test_ymm_panels_store_the_epilogues_bytes(post, signed_out, monkeypatch):
     n = 2 * 24 + 5
     plan = plan_gemm(np.zeros((K, n), np.int8), ROWS)  # what `_check_requant_rows` runs
     assert plan.config.nr == 24 and UkernelSpec("avx512_vnni", 8, 24).lanes == 8
-    _check_requant_rows(rng, kind, n, _epilogue(rng, post, signed_out, n), post == "qadd_overflow")
+    epilogue = _epilogue(rng, post, signed_out, n)
+    assert _kind_chosen(plan, epilogue, signed_out) == kind  # ymm ones clamp: any bounds
+    _check_requant_rows(rng, kind, n, epilogue, post == "qadd_overflow")
+
+
+@pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")
+@pytest.mark.parametrize("post", ["qadd"] + NARROWED)
+@pytest.mark.parametrize("signed_out", [False, True])
+def test_zmm_qadd_kernels_take_whole_range_bounds_only(post, signed_out, monkeypatch):
+    """The zmm qadd kernels clamp by the packs' saturation alone (REQUANT_DOC):
+    `requant_kind` chooses them for bounds that are the codes' whole range
+    and declines narrower ones (the Numba epilogue runs those)."""
+    monkeypatch.setenv("QNNJIT_CPU_ISA", "avx512_vnni")
+    rng = np.random.default_rng(zlib.crc32(f"zmm bounds {post} {signed_out}".encode()))
+    plan = plan_gemm(np.zeros((K, N), np.int8), ROWS)
+    assert plan.config.nr % 16 == 0
+    want = "" if post in NARROWED else "qadd_s8" if signed_out else "qadd"
+    assert _kind_chosen(plan, _epilogue(rng, post, signed_out), signed_out) == want
+
+
+def _kind_chosen(plan, epilogue, signed_out) -> str:
+    """`requant_kind` for a GEMM `plan` followed by `epilogue` (`_epilogue`)."""
+    chan_i, chan_f, sc_i, sc_f = epilogue
+    out = dtypes.int8 if signed_out else dtypes.uint8
+    ep = rq.Epilogue(chan_i, chan_f, sc_i, sc_i, sc_f, sc_f, np.zeros(0, np.int64), out)
+    return requant_kind(plan, ep, False)
 
 
 @pytest.mark.skipif("avx512_vnni" not in features.runnable_isas(), reason="no AVX512-VNNI")

@@ -119,12 +119,13 @@ path, so the bytes are identical. The tile never goes through memory as int32.
   saturates while packing: ``vpackssdw`` pairs of vectors to int16, adds
   ``zp + yflip`` with int16 saturation, ``vpackuswb`` to bytes, restores the
   column order (one ``vpermd``), clamps the bytes to [ylo, yhi] when that is
-  narrower than [0, 255], and flips them back (``^ yflip``). ``yflip`` is 128
-  for signed codes (they go through the unsigned byte range as code + 128)
-  and ``ylo``, ``yhi`` are the code bounds plus it. A value saturated to int16
-  stays past both byte bounds after the zero point, so the bytes are those of
-  the clamp. Per 16 outputs, 2 to 3.5 vector operations fewer than "plain",
-  and one store per row of up to 64 columns.
+  narrower than [0, 255], and flips them back (``^ yflip``) when ``yflip``
+  is not 0: it is 128 for signed codes (they go through the unsigned byte
+  range as code + 128) and ``ylo``, ``yhi`` are the code bounds plus it. A
+  value saturated to int16 stays past both byte bounds after the zero
+  point, so the bytes are those of the clamp. Per 16 outputs, 2 to 3.5
+  vector operations fewer than "plain", and one store per row of up to 64
+  columns.
 - ``"qadd"`` then adds the residual operand's byte at ``other[r*ldo + n]`` as
   ``requant._fast_post`` does: its code ``o`` (the byte as uint8; as int8
   for ``"qadd_s8"``: one extension rather than ``(byte ^ flip) -
@@ -136,8 +137,11 @@ path, so the bytes are identical. The tile never goes through memory as int32.
   are emitted once per order, so each computes only its own. ``vcvtps2dq``
   does the rint and the range check at once (out of range it gives
   INT32_MIN, which the saturation makes ``plo``). With AVX-512 the codes
-  are stored like "packed"'s, up to 64 bytes a store (codes that can be
-  negative go through the unsigned byte range + 128): at ResNet-18's
+  are stored like "packed"'s, up to 64 bytes a store, and [plo, phi] must
+  be the codes' whole range: the packs' saturation is the clamp (int8
+  codes go through the unsigned byte range + 128; uint8 ones need neither
+  the add nor the xor back, 1.25 vector operations fewer per 16 outputs:
+  ResNet-18's 56x56 residual conv steps 535 -> 532 us). At ResNet-18's
   56x56 residual convs, the per-vector masked byte stores took 29% of the
   stage's samples. Its loads of the residual bytes waited on L2: the
   kernel prefetches its tile of them into L1 first thing, before the K
@@ -617,9 +621,13 @@ class _Emitter:
                 requantize_code(e, t, lanes, final[r, j], k)
                 codes[j] = self.qadd(t, j, yfirst)
             if yfirst is not None and lanes == 16:
+                # signed codes go through the unsigned byte range + 128
+                # (`qadd_pack_constants`); unsigned ones need neither step
+                signed = self.spec.requant == "qadd_s8"
+                add16 = (lambda h: "%qa.flip16") if signed else None
                 for g, js in enumerate(self.groups()):
-                    self.pack_store(f"{tag}{r}_g{g}", r, g, js, codes, lambda h: "%qa.flip16",
-                                    ("%qa.lo8v", "%qa.hi8v"), "%qa.flip8v")  # fmt: skip
+                    self.pack_store(f"{tag}{r}_g{g}", r, g, js, codes, add16, None,
+                                    "%qa.flip8v" if signed else None)  # fmt: skip
                 continue
             for j, code in codes.items():
                 t = f"{tag}{r}_{j}"
@@ -664,37 +672,49 @@ class _Emitter:
         for bound in ("ylo", "yhi", "yflip"):
             e(f"%pk.{bound}8 = trunc i64 %ep.{bound} to i8")
             self.splat(f"%pk.{bound}v", "i8", f"%pk.{bound}8", lanes=64)
+        # The stores come in three variants, chosen once a call: "bare" for
+        # unsigned codes of the whole byte range (the saturating packs alone:
+        # a ReLU's or a plain uint8 output), "flipped" for signed ones (the
+        # xor back from the unsigned range), "clamped" for narrower bounds.
         e("%pk.lo0 = icmp ne i64 %ep.ylo, 0")
         e("%pk.hi255 = icmp ne i64 %ep.yhi, 255")
         e("%pk.clamp = or i1 %pk.lo0, %pk.hi255")
-        e("br i1 %pk.clamp, label %pk.clamped, label %pk.saturated")
-        for clamp in (False, True):
-            self.label("pk.clamped" if clamp else "pk.saturated")
+        e("%pk.flips = icmp ne i64 %ep.yflip, 0")
+        e("br i1 %pk.clamp, label %pk.clamped, label %pk.full")
+        self.label("pk.full")
+        e("br i1 %pk.flips, label %pk.flipped, label %pk.bare")
+        for variant, clamp, flip in (("bare", False, False), ("flipped", False, True),
+                                     ("clamped", True, True)):  # fmt: skip
+            self.label(f"pk.{variant}")
             bounds = ("%pk.ylov", "%pk.yhiv") if clamp else None
             for r in range(self.rows):
                 for g, js in enumerate(groups):
-                    t, codes = f"%pk{int(clamp)}_{r}_{g}", {}
+                    t, codes = f"%pk.{variant}{r}_{g}", {}
                     for j in js:  # the rounded scaled sums (int32), before the zero point
                         _scaled_sums(e, f"{t}_{j}", 16, final[r, j], consts[j])
                         e(f"{t}_{j}.ri = call <16 x i32> {_CVT_RN[16][0]}(<16 x float> "
                           f"{t}_{j}.v{_CVT_RN[16][1]})")  # fmt: skip
                         codes[j] = f"{t}_{j}.ri"
                     self.pack_store(t, r, g, js, codes, lambda h, g=g: zp16[g, h], bounds,
-                                    "%pk.yflipv")  # fmt: skip
+                                    "%pk.yflipv" if flip else None)  # fmt: skip
             e("br label %pk.done")
         self.label("pk.done")
 
     def pack_store(self, t, r, g, js, codes, add16, bounds, flip) -> None:
         """Row r's int32 vectors `codes[j]` (j in `js`, group g) as one masked
         store of 16, 32 or 64 bytes: packed to int16 with saturation, plus
-        the int16 vector `add16(h)` (pair h's) with saturation, to bytes with
-        unsigned saturation, back in column order, clamped to the byte
-        vectors `bounds` (lo, hi; None: no clamp), `^ flip`."""
+        the int16 vector `add16(h)` (pair h's; None: nothing) with
+        saturation, to bytes with unsigned saturation, back in column order,
+        clamped to the byte vectors `bounds` (lo, hi; None: no clamp),
+        `^ flip` (None: as they are)."""
         e = self.emit
         halves = []
         for h, (a, b) in enumerate(_pack_pairs(js)):
             e(f"{t}.p{h} = call <32 x i16> @llvm.x86.avx512.packssdw.512("
               f"<16 x i32> {codes[a]}, <16 x i32> {codes[b]})")  # fmt: skip
+            if add16 is None:
+                halves.append(f"{t}.p{h}")
+                continue
             e(f"{t}.z{h} = call <32 x i16> @llvm.sadd.sat.v32i16(<32 x i16> {t}.p{h}, "
               f"<32 x i16> {add16(h)})")  # fmt: skip
             halves.append(f"{t}.z{h}")
@@ -711,7 +731,9 @@ class _Emitter:
             e(f"{t}.c1 = call <64 x i8> @llvm.umax.v64i8(<64 x i8> {y}, <64 x i8> {bounds[0]})")
             e(f"{t}.c2 = call <64 x i8> @llvm.umin.v64i8(<64 x i8> {t}.c1, <64 x i8> {bounds[1]})")
             y = f"{t}.c2"
-        e(f"{t}.yb = xor <64 x i8> {y}, {flip}")
+        if flip is not None:
+            e(f"{t}.yb = xor <64 x i8> {y}, {flip}")
+            y = f"{t}.yb"
         e(f"{t}.oo = mul i64 %ep.ldo, {r}")
         e(f"{t}.ooj = add i64 {t}.oo, {16 * js[0]}")
         e(f"{t}.op = getelementptr i8, ptr %ep.op, i64 {t}.ooj")
@@ -719,13 +741,13 @@ class _Emitter:
         width = _store_bytes(len(js))
         if width < 64:
             first = "<" + ", ".join(f"i32 {i}" for i in range(width)) + ">"
-            e(f"{t}.ys = shufflevector <64 x i8> {t}.yb, <64 x i8> poison, <{width} x i32> {first}")
+            e(f"{t}.ys = shufflevector <64 x i8> {y}, <64 x i8> poison, <{width} x i32> {first}")
             e(f"{t}.ms = shufflevector <64 x i1> %pk.mask{g}, <64 x i1> poison, "
               f"<{width} x i32> {first}")  # fmt: skip
             e(f"call void @llvm.masked.store.v{width}i8.p0(<{width} x i8> {t}.ys, ptr {t}.op, "
               f"i32 1, <{width} x i1> {t}.ms)")  # fmt: skip
         else:
-            e(f"call void @llvm.masked.store.v64i8.p0(<64 x i8> {t}.yb, ptr {t}.op, i32 1, "
+            e(f"call void @llvm.masked.store.v64i8.p0(<64 x i8> {y}, ptr {t}.op, i32 1, "
               f"<64 x i1> %pk.mask{g})")  # fmt: skip
 
     def splat(self, name: str, ty: str, scalar: str, lanes: int = 0) -> str:
@@ -770,23 +792,17 @@ class _Emitter:
             self.splat(f"%qa.{name}", "float", f"%qa.{name}s")
 
     def qadd_pack_constants(self) -> None:
-        """The AVX-512 qadd store's constants (`pack_store`): the int32 codes
-        go through the unsigned byte range + flip (128 where the bounds
-        [plo, phi] reach below 0: signed codes; else 0), saturated on the
-        way, then clamped to [plo, phi] + flip. Saturation is monotone and
-        the bounds lie inside each range, so these are the codes clamped
-        (INT32_MIN, an out-of-range sum, becomes plo)."""
-        e = self.emit
+        """The AVX-512 qadd store's constants (`pack_store`). Its bounds
+        [plo, phi] are the codes' whole range (`_gemm.requant_kind` checks),
+        which the saturating packs give without a clamp: uint8 codes
+        ("qadd") as they are, int8 codes ("qadd_s8") through the unsigned
+        byte range + 128 (a saturating int16 add before the unsigned pack,
+        the xor after it). Saturation is monotone, so these are the codes
+        clamped (INT32_MIN, an out-of-range sum, becomes plo)."""
         self.group_masks()
-        e("%qa.neg = icmp slt i64 %ep.plo, 0")
-        e("%qa.flip = select i1 %qa.neg, i64 128, i64 0")
-        e("%qa.flipi16 = trunc i64 %qa.flip to i16")
-        self.splat("%qa.flip16", "i16", "%qa.flipi16", lanes=32)
-        e("%qa.lof = add i64 %ep.plo, %qa.flip")
-        e("%qa.hif = add i64 %ep.phi, %qa.flip")
-        for name, value in (("flip8", "%qa.flip"), ("lo8", "%qa.lof"), ("hi8", "%qa.hif")):
-            e(f"%qa.{name} = trunc i64 {value} to i8")
-            self.splat(f"%qa.{name}v", "i8", f"%qa.{name}", lanes=64)
+        if self.spec.requant == "qadd_s8":
+            self.splat("%qa.flip16", "i16", "128", lanes=32)
+            self.splat("%qa.flip8v", "i8", "-128", lanes=64)
 
     def qadd(self, t: str, j: int, yfirst: bool) -> str:
         """The qadd of the code {t}.y with the other operand's byte at the

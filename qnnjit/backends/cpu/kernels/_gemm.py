@@ -298,7 +298,8 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
     a per-row term of a weight zero point). A plain requantize takes the
     "packed" kernels where `packs_exactly` allows and panels are 32
     columns or wider (one vector a row: the plain store is as fast as the
-    packs)."""
+    packs). A qadd on zmm vectors needs output bounds that are the codes'
+    whole range (its stores saturate instead of clamping: REQUANT_DOC)."""
     sc = ep.sc_i
     kinds = {P_NONE: "plain", P_QADD: "qadd", P_LOOKUP: "plain"}  # lookup: + `byte_table`
     if (
@@ -314,6 +315,10 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
         return "packed"
     if kind == "qadd":  # the residual's bytes as codes: uint8 ones, or int8 ones
         codes = (int(sc[I_OFLIP]), int(sc[I_OOFF]))
+        # zmm kernels clamp by saturation alone: to the codes' whole range
+        whole = (int(sc[I_PLO]), int(sc[I_PHI])) == (ep.out_dtype.qmin, ep.out_dtype.qmax)
+        if not whole and _zmm(plan.config):
+            return ""
         return {(0, 0): "qadd", (0x80, 0x80): "qadd_s8"}.get(codes, "")
     return kind
 
@@ -321,7 +326,13 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
 def _packs(config) -> bool:
     """Whether the "packed" kernels fit `config`'s panels: zmm vectors
     (`ukernels.tile_lanes`), two or more a row."""
-    return config.nr >= 32 and tile_lanes(config.isa, config.nr) == 16
+    return config.nr >= 32 and _zmm(config)
+
+
+def _zmm(config) -> bool:
+    """Whether `config`'s kernels compute in zmm vectors: AVX-512, a panel
+    width that is a multiple of 16 (`ukernels.tile_lanes`)."""
+    return config.isa == "avx512_vnni" and tile_lanes(config.isa, config.nr) == 16
 
 
 def packs_exactly(isa: str, chan_f: np.ndarray) -> bool:
