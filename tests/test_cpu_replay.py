@@ -510,3 +510,25 @@ def test_a_serial_packed_call_raises_its_kernels_error():
     call()
     with pytest.raises(ValueError, match="rows failed"):
         call()
+
+
+def test_a_replayed_run_names_the_failing_step_and_clears_its_inputs():
+    """`Binding.run`: a call that raises becomes its own step's error (the
+    calls after it do not run), and the input slots are cleared however the
+    run ends; a graph output that is an input comes back as a copy."""
+    ran = []
+
+    def fail():
+        raise ValueError("broken kernel")
+
+    steps = [_FakeStep(f"s{i}") for i in range(3)]
+    x = np.arange(4.0)
+    env = [None]
+    calls = [(lambda: ran.append(0), steps[0]), (fail, steps[1]), (lambda: ran.append(2), steps[2])]
+    failing = replay.Binding([0], env, calls, [(0, None)], 3, [], [], [])
+    with pytest.raises(QnnjitError, match="s1.*broken kernel"):
+        failing.run([x])
+    assert ran == [0] and env == [None]
+    echo = replay.Binding([0], env, [(lambda: ran.append(1), steps[0])], [(0, None)], 1, [], [], [])
+    (out,) = echo.run([x])
+    assert out is not x and np.array_equal(out, x) and env == [None] and ran == [0, 1]

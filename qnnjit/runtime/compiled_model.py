@@ -36,7 +36,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on named inputs; returns {output name: array}."""
         if type(inputs) is dict and len(inputs) == len(self._input_names):
-            arrays = [inputs.get(name) for name in self._input_names]
+            arrays = list(map(inputs.get, self._input_names))  # (no Python frame)
             if self._as_declared(arrays):
                 return dict(zip(self._output_names, self._executor.run(arrays)))
         if not isinstance(inputs, Mapping):

@@ -76,19 +76,27 @@ class Binding:
     input_steps: list  # the replayed steps that read graph inputs (`_on_run_inputs`)
 
     def run(self, arrays) -> list[np.ndarray]:
-        """The graph outputs for `arrays`."""
+        """The graph outputs for `arrays`.
+
+        Written for the fewest Python operations (RUN_DOC in `executor`):
+        one try for every call, and no comprehension (a function call of
+        its own in Python 3.11)."""
         env = self.env
         for s, array in zip(self.input_slots, arrays):
             env[s] = array
+        step = None
         try:
-            for call, step in self.calls:
-                try:
+            try:
+                for call, step in self.calls:  # noqa: B007 (the handler reads `step`)
                     call()
-                except QnnjitError:
-                    raise
-                except Exception as exc:
-                    raise step_error(step, exc) from exc
-            return _output_copies(env, self.outputs)
+            except QnnjitError:
+                raise
+            except Exception as exc:
+                raise step_error(step, exc) from exc
+            copies = []  # (before the inputs' slots are cleared: an output may be one)
+            for s, const in self.outputs:  # C-contiguous copies: the buffers are the binding's
+                copies.append(const if s is None else env[s].copy())
+            return copies
         finally:
             for s in self.input_slots:
                 env[s] = None
