@@ -270,8 +270,9 @@ def test_the_demo_model_replays_every_step():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_step_that_reads_a_graph_input_replays_on_each_runs_array(model_zoo, monkeypatch,
                                                                     threads):  # fmt: skip
-    """The first step reads the caller's array: its recorded calls replay on
-    views of each run's array. One that cannot be viewed alike (strided,
+    """The first step reads the caller's array: its recorded call replays on
+    each run's array itself (the image quantize takes it whole:
+    `replay._on_run_input`). One that cannot be viewed alike (strided,
     read-only, Fortran-ordered) runs the step again instead; the same bits
     either way, and the caller's arrays are left alone."""
     from modelzoo import example_input
@@ -284,6 +285,7 @@ def test_a_step_that_reads_a_graph_input_replays_on_each_runs_array(model_zoo, m
     steps = cpu._executor.steps
     binding = _binding(cpu, 1)
     assert binding.input_steps == [steps[0]] and binding.calls[0][1] is steps[0]
+    assert binding.calls[0][0].__name__ == "replay_on_input"
     assert binding.replayed_steps == len(steps) and not binding.rerun_steps
     assert not binding.constant_steps
     assert f"replayed: {binding.replayed_steps} of {len(steps)} steps" in cpu.report()

@@ -83,12 +83,13 @@ _NHWC_BLOCK = 256  # pixels per task of quantize_to_nhwc
 
 @jit()
 def quantize_to_nhwc(t0, t1, x, scale, zp, lims, out):
-    """Per-tensor quantize of x [N, C, P] (float32, P = H*W pixels) into the
-    channels-last out [N, P, C]: task t is a block of _NHWC_BLOCK pixels of
-    one image, quantized channel by channel into a small buffer (a vector
-    loop), then interleaved into out, so that both sides stay in cache. This
-    saves a channels-last reader `layout`'s byte transpose."""
-    N, C, P = x.shape
+    """Per-tensor quantize of x [N, C, H, W] (float32, C-contiguous: the
+    caller's array itself, `replay._on_run_input`) into the channels-last
+    out [N, H*W, C]: task t is a block of _NHWC_BLOCK pixels of one image,
+    quantized channel by channel into a small buffer (a vector loop), then
+    interleaved into out, so that both sides stay in cache. This saves a
+    channels-last reader `layout`'s byte transpose."""
+    C, P = x.shape[1], x.shape[2] * x.shape[3]
     blocks = (P + _NHWC_BLOCK - 1) // _NHWC_BLOCK
     s, z = scale[0], zp[0]
     params = code_params(lims, z)
@@ -193,9 +194,8 @@ def lower_quantize(node: Node, ctx: LowerContext) -> Kernel:
         n, c, h, w = xf.shape
         out, flat = channels_last_output(xf.shape, dtype.numpy)
         tasks = n * -(-h * w // _NHWC_BLOCK)
-        x3, out3 = xf.reshape(n, c, h * w), flat.reshape(n, h * w, c)
-        run_tasks(quantize_to_nhwc, tasks, 8 * xf.size, ctx.num_threads, x3, scale_c, zp_c, lims,
-                  out3)  # fmt: skip
+        run_tasks(quantize_to_nhwc, tasks, 8 * xf.size, ctx.num_threads, xf, scale_c, zp_c, lims,
+                  flat.reshape(n, h * w, c))  # fmt: skip
         return [out]
 
     def run(x_array):
