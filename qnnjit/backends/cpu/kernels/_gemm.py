@@ -315,12 +315,16 @@ def requant_kind(plan: GemmPlan, ep, need_rowsum: bool) -> str:
         return "packed"
     if kind == "qadd":  # the residual's bytes as codes: uint8 ones, or int8 ones
         codes = (int(sc[I_OFLIP]), int(sc[I_OOFF]))
+        kind = {(0, 0): "qadd", (0x80, 0x80): "qadd_s8"}.get(codes, "")
         # zmm kernels clamp by saturation alone: to the codes' whole range
-        whole = (int(sc[I_PLO]), int(sc[I_PHI])) == (ep.out_dtype.qmin, ep.out_dtype.qmax)
-        if not whole and _zmm(plan.config):
-            return ""
-        return {(0, 0): "qadd", (0x80, 0x80): "qadd_s8"}.get(codes, "")
+        # (the add's codes are the residual's type; a table may follow)
+        whole = (int(sc[I_PLO]), int(sc[I_PHI])) == _QADD_RANGES.get(kind)
+        return kind if whole or not _zmm(plan.config) else ""
     return kind
+
+
+# the codes of each qadd kind (its residual's and its result's type)
+_QADD_RANGES = {"qadd": (0, 255), "qadd_s8": (-128, 127)}
 
 
 def _packs(config) -> bool:
